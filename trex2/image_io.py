@@ -1,0 +1,192 @@
+"""The one place images are read from disk (DESIGN.md section 1).
+
+Every image read in the project goes through :func:`load_image`, which returns
+RGB ``uint8`` pixels of shape ``(H, W, 3)`` in the frame the user sees (EXIF
+orientation applied). Anything that cannot be read raises :class:`ImageLoadError`
+(a ``ValueError``) whose message names the file.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_PIXELS",
+    "ImageLoadError",
+    "image_size",
+    "is_image_file",
+    "list_images",
+    "load_image",
+]
+
+#: File extensions (lower case, with the dot) treated as images by :func:`list_images`.
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp",
+)
+
+#: Largest image accepted, in pixels (W * H). Guards against decompression bombs.
+MAX_PIXELS: int = 100_000_000
+
+# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+_EXIF_ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+# Modes that carry an alpha channel; composited onto white.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read (missing, empty, corrupt, not an image, too large)."""
+
+
+def is_image_file(name: str | os.PathLike) -> bool:
+    """True if ``name`` has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageLoadError(f"{path}: file not found")
+    if not path.is_file():
+        raise ImageLoadError(f"{path}: not a regular file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path}: empty file (0 bytes)")
+
+
+def _open(path: Path) -> Image.Image:
+    """Open lazily (header only) and enforce :data:`MAX_PIXELS`.
+
+    PIL's own decompression-bomb check is replaced by ours: its warning is
+    silenced while opening and its error becomes an :class:`ImageLoadError`.
+    """
+    _check_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(
+            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
+            f"limit is {MAX_PIXELS} pixels (trex2.image_io.MAX_PIXELS)") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageLoadError(f"{path}: not a recognised image file") from e
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise ImageLoadError(f"{path}: cannot open image ({type(e).__name__}: {e})") from e
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        im.close()
+        raise ImageLoadError(f"{path}: image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise ImageLoadError(
+            f"{path}: image too large ({w}x{h} = {w * h} pixels), refused as a possible "
+            f"decompression bomb; limit is {MAX_PIXELS} pixels (trex2.image_io.MAX_PIXELS)")
+    return im
+
+
+def _high_bit_depth_to_rgb(im: Image.Image) -> Image.Image:
+    """Single-channel modes I;16*, I (32-bit int) and F (float) -> 8-bit RGB.
+
+    I;16*: 0..65535 scaled to 0..255. I: treated as 16-bit if any value exceeds 255,
+    else as 8-bit. F: values in [0, 1] are scaled by 255, others clipped to 0..255.
+    """
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode.startswith("I;16"):
+        arr = arr / 257.0
+    elif im.mode == "I":
+        arr = np.clip(arr, 0, 65535)
+        if arr.size and arr.max() > 255:
+            arr = arr / 257.0
+    elif im.mode == "F":
+        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+        if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
+            arr = arr * 255.0
+    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode.startswith("I") or im.mode == "F":
+        return _high_bit_depth_to_rgb(im)
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    # L, 1, P, CMYK, YCbCr, LAB, HSV, ...
+    return im.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as RGB uint8 pixels, shape ``(H, W, 3)``, EXIF orientation applied.
+
+    Greyscale, palette, CMYK, 16-bit and float images are converted to RGB; alpha is
+    composited onto white; for multi-frame files the first frame is used.
+    Raises :class:`ImageLoadError` (naming the file) for a missing, empty, corrupt or
+    non-image file, or one with more than :data:`MAX_PIXELS` pixels.
+    """
+    path = Path(path)
+    im = _open(path)
+    try:
+        with im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+            arr = np.array(rgb, dtype=np.uint8)
+    except ImageLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
+        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ImageLoadError(f"{path}: decoded to unexpected shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(W, H)`` of the image as the user sees it (EXIF orientation applied).
+
+    Reads only the header (no pixel decoding). Raises :class:`ImageLoadError` like
+    :func:`load_image` for unreadable or over-large files.
+    """
+    path = Path(path)
+    im = _open(path)
+    with im:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION_TAG)
+        except Exception:  # noqa: BLE001 - malformed EXIF: no orientation
+            orientation = None
+    if orientation in _SWAPPING_ORIENTATIONS:
+        w, h = h, w
+    return int(w), int(h)
+
+
+def list_images(root: str | os.PathLike) -> list[str]:
+    """Image files under ``root``, recursively, as sorted POSIX paths relative to ``root``.
+
+    Only files with :data:`IMAGE_EXTENSIONS` are listed; hidden files and folders
+    (names starting with ".", e.g. macOS "._x.jpg" resource forks) are skipped.
+    Raises ``FileNotFoundError`` / ``NotADirectoryError`` if ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if name.startswith(".") or not is_image_file(name):
+                continue
+            found.append((rel_dir / name).as_posix())
+    return sorted(found)
