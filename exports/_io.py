@@ -1,0 +1,59 @@
+"""Atomic file writes and path checks shared by the exporters."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path, PurePosixPath
+
+__all__ = ["atomic_write_json", "atomic_write_text", "check_relative_posix"]
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> Path:
+    """Serialise ``obj`` as strict JSON (NaN/inf rejected) and write it atomically."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def check_relative_posix(file_name, *, allow_parent: bool = False, what: str = "file_name") -> str:
+    """Validate and normalise a relative POSIX path (str or PurePath); returns the str form.
+
+    Rejects absolute paths, backslashes, empty/'.' components and (unless ``allow_parent``)
+    '..' components, each with a ValueError naming the path.
+    """
+    if isinstance(file_name, os.PathLike):
+        file_name = Path(file_name).as_posix()
+    if not isinstance(file_name, str) or not file_name:
+        raise ValueError(f"{what} must be a non-empty string, got {file_name!r}")
+    if "\\" in file_name:
+        raise ValueError(f"{what} {file_name!r} must use POSIX '/' separators")
+    p = PurePosixPath(file_name)
+    if p.is_absolute() or (len(file_name) > 1 and file_name[1] == ":"):
+        raise ValueError(f"{what} {file_name!r} must be a relative path")
+    parts = file_name.split("/")
+    if any(part in ("", ".") for part in parts):
+        raise ValueError(f"{what} {file_name!r} is not normalised (empty or '.' component)")
+    if not allow_parent and ".." in parts:
+        raise ValueError(f"{what} {file_name!r} must not contain '..'")
+    return file_name
