@@ -1,0 +1,278 @@
+"""Score a COCO prediction file against a COCO ground truth (DESIGN.md section 5).
+
+    python app.py eval GT.json PRED.json [--exclude-exemplars PROMPTS.json]
+                       [--score-threshold T] [--max-dets 1000] [--json]
+
+AP / AP50 / AP75 are COCO box AP (pycocotools, IoU .50:.95, all areas) at ``--max-dets``
+detections per image and category (dense scenes need more than COCO's 100). Images are matched
+by ``file_name`` (exact, else PRED path ending in "/GT name", else a basename unique in GT) and
+categories by name (case and surrounding blanks ignored), never by id.
+
+``--exclude-exemplars`` (per-image protocol): GT objects that are (non-negative) box exemplars of
+the prompt file are ignored for AP (pycocotools ``iscrowd``: a detection on them is neither a hit
+nor a false positive). An exemplar names its GT object by ``gt_ann_id`` when present and
+consistent, else it is matched to the GT box of its image and category with IoU > 0.9.
+Counting always uses every GT object: per (image, category) pair with a non-zero GT or predicted
+count, error = detections with score >= threshold minus GT count; threshold is
+``--score-threshold``, else PRED ``info.score_threshold``, else 0.5.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import posixpath
+import sys
+from typing import Any
+
+import numpy as np
+
+EXEMPLAR_IOU = 0.9
+
+
+class EvalError(Exception):
+    """Bad input for evaluation; the message names the file."""
+
+
+def _norm_path(p: str) -> str:
+    p = str(p).replace("\\", "/")
+    while p.startswith("./"):
+        p = p[2:]
+    return posixpath.normpath(p) if p else p
+
+
+def _norm_name(n: Any) -> str:
+    return " ".join(str(n).strip().lower().split())
+
+
+class ImageMatcher:
+    """Maps a file_name of another file onto a GT image id (exact, path suffix, unique basename)."""
+
+    def __init__(self, gt_images: list[dict]):
+        self.exact = {_norm_path(im["file_name"]): im["id"] for im in gt_images}
+        self.by_base: dict[str, list[int]] = {}
+        for p, i in self.exact.items():
+            self.by_base.setdefault(posixpath.basename(p), []).append(i)
+
+    def __call__(self, file_name: str) -> int | None:
+        p = _norm_path(file_name)
+        if p in self.exact:
+            return self.exact[p]
+        hits = [i for g, i in self.exact.items() if p.endswith("/" + g)]
+        if len(hits) == 1:
+            return hits[0]
+        base = self.by_base.get(posixpath.basename(p), [])
+        return base[0] if len(base) == 1 else None
+
+
+def load_json(path: str, what: str) -> dict:
+    """Read a COCO dataset file; EvalError naming the file if missing or malformed."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise EvalError(f"{what} file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EvalError(f"{what} file {path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                             for k in ("images", "categories", "annotations")):
+        raise EvalError(f"{what} file {path} is not a COCO dataset (needs images, categories, annotations lists)")
+    return data
+
+
+def _iou_xywh(a, b) -> float:
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float], float]], dict]:
+    """PRED annotations mapped onto GT ids: list of (gt_image_id, gt_category_id, bbox xywh, score)."""
+    match = ImageMatcher(gt["images"])
+    gt_cat = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
+    img_map = {}
+    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0}
+    for im in pred["images"]:
+        gid = match(im.get("file_name", ""))
+        if gid is None:
+            stats["pred_images_unmatched"] += 1
+        else:
+            img_map[im["id"]] = gid
+    cat_map = {}
+    for c in pred["categories"]:
+        gcid = gt_cat.get(_norm_name(c.get("name", "")))
+        if gcid is None:
+            stats["unknown_categories"].append(c.get("name"))
+        else:
+            cat_map[c["id"]] = gcid
+    dets = []
+    for a in pred["annotations"]:
+        gid, cid, b = img_map.get(a.get("image_id")), cat_map.get(a.get("category_id")), a.get("bbox")
+        if gid is None or cid is None or not b or len(b) != 4:
+            stats["dets_dropped"] += 1
+            continue
+        dets.append((gid, cid, [float(v) for v in b], float(a.get("score", 1.0))))
+    stats["images_matched"] = len(set(img_map.values()))
+    return dets, stats
+
+
+def exemplar_gt_ids(gt: dict, prompts: dict) -> set[int]:
+    """GT annotation ids that are positive box exemplars of a prompt file.
+
+    ``gt_ann_id`` is trusted when it names a GT annotation of the same image and category;
+    otherwise the exemplar takes the best GT box of its image and category with IoU > 0.9.
+    """
+    match = ImageMatcher(gt["images"])
+    gt_cat = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
+    p_img = {im["id"]: match(im.get("file_name", "")) for im in prompts.get("images", [])}
+    p_cat = {c["id"]: gt_cat.get(_norm_name(c.get("name", ""))) for c in prompts.get("categories", [])}
+    gt_by_id = {a["id"]: a for a in gt["annotations"]}
+    by_key: dict[tuple, list[dict]] = {}
+    for a in gt["annotations"]:
+        by_key.setdefault((a["image_id"], a["category_id"]), []).append(a)
+    out = set()
+    for e in prompts.get("annotations", []):
+        box = e.get("bbox")
+        if e.get("negative") or not box or len(box) != 4:
+            continue
+        key = (p_img.get(e.get("image_id")), p_cat.get(e.get("category_id")))
+        if None in key:
+            continue
+        g = gt_by_id.get(e.get("gt_ann_id"))
+        if g is not None and (g["image_id"], g["category_id"]) == key:
+            out.add(g["id"])
+            continue
+        best = max(by_key.get(key, []), key=lambda a: _iou_xywh(a["bbox"], box), default=None)
+        if best is not None and _iou_xywh(best["bbox"], box) > EXEMPLAR_IOU:
+            out.add(best["id"])
+    return out
+
+
+def coco_ap(gt: dict, dets: list, max_dets: int, ignore_ids: set[int]) -> dict:
+    """AP, AP50, AP75 (means over categories with GT, from COCOeval precision) and AP50 per category."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    cats = sorted(gt["categories"], key=lambda c: c["id"])
+    images = [{"id": im["id"], "width": im.get("width"), "height": im.get("height")} for im in gt["images"]]
+    gt_anns = []
+    for a in gt["annotations"]:
+        b = [float(v) for v in a["bbox"]]
+        gt_anns.append({"id": a["id"], "image_id": a["image_id"], "category_id": a["category_id"], "bbox": b,
+                        "area": float(a.get("area", b[2] * b[3])),
+                        "iscrowd": 1 if (a["id"] in ignore_ids or a.get("iscrowd")) else 0})
+    dt_anns = [{"id": k, "image_id": g, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
+               for k, (g, c, b, s) in enumerate(dets, start=1)
+               if all(math.isfinite(v) for v in b) and b[2] > 0 and b[3] > 0]
+    result = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP50_per_category": {c["name"]: None for c in cats}}
+    if not dt_anns or not gt_anns:
+        return result
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "categories": cats, "annotations": gt_anns}
+        coco_gt.createIndex()
+        coco_dt = COCO()
+        coco_dt.dataset = {"images": images, "categories": cats, "annotations": dt_anns}
+        coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = [im["id"] for im in images]
+        ev.params.catIds = [c["id"] for c in cats]
+        ev.params.maxDets = [int(max_dets)]
+        ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][:, :, :, 0, 0]  # (IoU thresholds, recall points, categories); -1 = no GT
+
+    def mean(x):
+        x = x[x > -1]
+        return float(x.mean()) if x.size else 0.0
+
+    t50 = int(np.argmin(np.abs(ev.params.iouThrs - 0.5)))
+    t75 = int(np.argmin(np.abs(ev.params.iouThrs - 0.75)))
+    result.update(AP=mean(prec), AP50=mean(prec[t50]), AP75=mean(prec[t75]))
+    for k, c in enumerate(cats):
+        has = (prec[t50, :, k] > -1).any()
+        result["AP50_per_category"][c["name"]] = mean(prec[t50, :, k]) if has else None
+    return result
+
+
+def counting(gt: dict, dets: list, threshold: float) -> dict:
+    """Counting error over (image, category) pairs with a non-zero GT or predicted count."""
+    gt_n: dict[tuple, int] = {}
+    for a in gt["annotations"]:
+        if not a.get("iscrowd"):
+            gt_n[(a["image_id"], a["category_id"])] = gt_n.get((a["image_id"], a["category_id"]), 0) + 1
+    pr_n: dict[tuple, int] = {}
+    for g, c, _, s in dets:
+        if s >= threshold:
+            pr_n[(g, c)] = pr_n.get((g, c), 0) + 1
+    keys = sorted(set(gt_n) | set(pr_n))
+    err = np.array([pr_n.get(k, 0) - gt_n.get(k, 0) for k in keys], float)
+    rel = [abs(pr_n.get(k, 0) - gt_n[k]) / gt_n[k] for k in keys if gt_n.get(k, 0) > 0]
+    return {"count_threshold": threshold,
+            "count_mae": float(np.abs(err).mean()) if keys else 0.0,
+            "count_rmse": float(np.sqrt((err ** 2).mean())) if keys else 0.0,
+            "count_nae": float(np.mean(rel)) if rel else None,
+            "count_gt_total": int(sum(gt_n.values())), "count_pred_total": int(sum(pr_n.values()))}
+
+
+def evaluate(gt: dict, pred: dict, *, exemplars: dict | None = None, score_threshold: float | None = None,
+             max_dets: int = 1000) -> dict:
+    """All metrics for loaded COCO dicts. ``exemplars``: a loaded prompt file for --exclude-exemplars."""
+    dets, stats = predictions(gt, pred)
+    if score_threshold is None:
+        score_threshold = (pred.get("info") or {}).get("score_threshold")
+    threshold = 0.5 if score_threshold is None else float(score_threshold)
+    ignore = exemplar_gt_ids(gt, exemplars) if exemplars is not None else set()
+    out = {"images": len(gt["images"]), **stats, "num_dets": len(dets), "max_dets": max_dets}
+    if exemplars is not None:
+        out["exemplars_excluded"] = len(ignore)
+    out.update(coco_ap(gt, dets, max_dets, ignore))
+    out.update(counting(gt, dets, threshold))
+    return out
+
+
+def format_table(r: dict) -> str:
+    """Human-readable summary of :func:`evaluate`'s result."""
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = [f"images {r['images']} (matched {r['images_matched']}), detections {r['num_dets']}, "
+             f"maxDets {r['max_dets']}" + (f", exemplars excluded {r['exemplars_excluded']}"
+                                          if "exemplars_excluded" in r else ""),
+             f"AP {f(r['AP'])}   AP50 {f(r['AP50'])}   AP75 {f(r['AP75'])}",
+             f"count error @ score >= {r['count_threshold']:g}: MAE {f(r['count_mae'])}  RMSE {f(r['count_rmse'])}"
+             f"  NAE {f(r['count_nae'])}  (predicted {r['count_pred_total']}, true {r['count_gt_total']})"]
+    lines += [f"  AP50 {name}: {f(v)}" for name, v in r["AP50_per_category"].items()]
+    if r["unknown_categories"]:
+        lines.append(f"PRED categories not in GT (ignored): {', '.join(map(str, r['unknown_categories']))}")
+    if r["pred_images_unmatched"]:
+        lines.append(f"PRED images not in GT (ignored): {r['pred_images_unmatched']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="app.py eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gt", metavar="GT.json")
+    ap.add_argument("pred", metavar="PRED.json")
+    ap.add_argument("--exclude-exemplars", metavar="PROMPTS.json",
+                    help="per-image prompt file whose exemplar objects are left out of AP")
+    ap.add_argument("--score-threshold", type=float, default=None,
+                    help="counting threshold (default: PRED info.score_threshold, else 0.5)")
+    ap.add_argument("--max-dets", type=int, default=1000, help="detections per image and category (default 1000)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
+    a = ap.parse_args(argv)
+    try:
+        gt, pred = load_json(a.gt, "GT"), load_json(a.pred, "PRED")
+        ex = load_json(a.exclude_exemplars, "prompt") if a.exclude_exemplars else None
+        r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets)
+    except EvalError as e:
+        print(f"app.py eval: error: {e}", file=sys.stderr)
+        return 2
+    if ex is not None and not r["exemplars_excluded"]:
+        print("app.py eval: warning: no exemplar of the prompt file matches a GT object", file=sys.stderr)
+    print(json.dumps(r) if a.json else format_table(r))
+    return 0
