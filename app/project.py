@@ -1,0 +1,996 @@
+"""Labeling-project state and workflow logic for the UI, in plain Python (no Gradio).
+
+A :class:`Project` is one image folder being labelled: its classes, the prompts the user
+drew on each image, the boxes (model detections and manual boxes) with their review state,
+the per-image status, an undo/redo stack, and an atomic autosave to a JSON project file.
+:class:`Engine` is the process-wide model side (one ``trex2.Predictor`` with its image
+embedding cache, display previews); it is shared by every browser session, while each
+session owns its own Project.
+
+Conventions (DESIGN.md section 1): boxes are ``[x1, y1, x2, y2]`` float pixels and points
+``[x, y]`` in the EXIF-corrected image frame; COCO/prompt-file/YOLO conversion happens only
+in ``exports/``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from exports._io import atomic_write_json
+
+PROJECT_FORMAT = "trex2-label-project"
+PROJECT_VERSION = 1
+#: Statuses of an image, in workflow order.
+STATUSES = ("untouched", "predicted", "reviewed")
+#: Boxes of the same class overlapping more than this (IoU) are duplicates on re-detection.
+DUPLICATE_IOU = 0.7
+#: Default colours given to new classes, in order (distinct on light and dark images).
+PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
+           "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000",
+           "#aaffc3", "#808000", "#ffd8b1", "#000075", "#a9a9a9", "#ffe119")
+UNDO_LIMIT = 100
+#: Class created for the first prompt of a project that has no class yet.
+DEFAULT_CLASS = "object"
+
+
+class ProjectError(ValueError):
+    """A user action that cannot be done (message is shown to the user as is)."""
+
+
+# --------------------------------------------------------------------------- records
+@dataclass
+class ClassInfo:
+    """A label class: ``name`` (unique key), ``color`` "#rrggbb", optional text ``text``."""
+    name: str
+    color: str
+    text: str | None = None
+
+
+@dataclass
+class PromptRec:
+    """A visual prompt on one image. kind "box": coords [x1, y1, x2, y2]; kind "point":
+    coords [x, y]; pixels. negative: an example of what must NOT be detected."""
+    id: int
+    cls: str
+    kind: str
+    coords: list[float]
+    negative: bool = False
+
+
+@dataclass
+class BoxRec:
+    """A candidate label: xyxy pixels, score in [0, 1] (None for a box drawn by hand),
+    state "pending" | "accepted" | "rejected", source "model" | "manual"."""
+    id: int
+    cls: str
+    xyxy: list[float]
+    score: float | None = None
+    state: str = "pending"
+    source: str = "model"
+
+
+@dataclass
+class ImageRec:
+    """One image of the folder: ``file`` POSIX path relative to the project root,
+    ``size`` (W, H) pixels once known, prompts, boxes, and review flags."""
+    file: str
+    size: tuple[int, int] | None = None
+    prompts: list[PromptRec] = field(default_factory=list)
+    boxes: list[BoxRec] = field(default_factory=list)
+    predicted: bool = False
+    reviewed: bool = False
+
+    @property
+    def status(self) -> str:
+        """"reviewed" once the user decided on it, "predicted" once the model ran on it,
+        else "untouched"."""
+        if self.reviewed:
+            return "reviewed"
+        if self.predicted:
+            return "predicted"
+        return "untouched"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size) if self.size else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ImageRec":
+        return cls(file=d["file"], size=tuple(d["size"]) if d.get("size") else None,
+                   prompts=[PromptRec(**p) for p in d.get("prompts", [])],
+                   boxes=[BoxRec(**b) for b in d.get("boxes", [])],
+                   predicted=bool(d.get("predicted")), reviewed=bool(d.get("reviewed")))
+
+
+def _box_iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _norm_box(coords, size=None) -> list[float]:
+    """4 numbers -> [x1, y1, x2, y2] ordered, finite, clipped to the image when size is known."""
+    b = [float(v) for v in coords]
+    if len(b) != 4 or not all(np.isfinite(b)):
+        raise ProjectError(f"a box needs 4 finite numbers, got {coords!r}")
+    x1, x2 = sorted((b[0], b[2]))
+    y1, y2 = sorted((b[1], b[3]))
+    if size:
+        w, h = size
+        x1, x2 = min(max(x1, 0.0), w), min(max(x2, 0.0), w)
+        y1, y2 = min(max(y1, 0.0), h), min(max(y2, 0.0), h)
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        raise ProjectError("the box is too small (under 1 pixel wide or high)")
+    return [round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)]
+
+
+def _norm_point(coords, size=None) -> list[float]:
+    p = [float(v) for v in coords]
+    if len(p) != 2 or not all(np.isfinite(p)):
+        raise ProjectError(f"a point needs 2 finite numbers, got {coords!r}")
+    if size:
+        p = [min(max(p[0], 0.0), size[0]), min(max(p[1], 0.0), size[1])]
+    return [round(p[0], 2), round(p[1], 2)]
+
+
+def default_project_path(images_dir: str | os.PathLike) -> Path:
+    """Where the project of a folder lives unless --project is given:
+    ``$XDG_CACHE_HOME/trex2/projects/<folder name>-<hash of its absolute path>.json``."""
+    root = Path(images_dir).resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    return cache / "trex2" / "projects" / f"{root.name or 'root'}-{digest}.json"
+
+
+# --------------------------------------------------------------------------- project
+class Project:
+    """State of one labelling session on one folder (see module doc).
+
+    Every mutating method records an undo step and autosaves (atomically) when
+    ``autosave`` is true. Raises :class:`ProjectError` for actions that cannot be done.
+    """
+
+    def __init__(self, root: str | os.PathLike, path: str | os.PathLike | None = None,
+                 autosave: bool = True):
+        from trex2.image_io import list_images
+
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise ProjectError(f"image folder {self.root} does not exist or is not a folder")
+        self.path = Path(path).resolve() if path else default_project_path(self.root)
+        self.autosave = autosave
+        self.classes: list[ClassInfo] = []
+        self.images: list[ImageRec] = []
+        self.index = 0
+        self.threshold = 0.3
+        self.active_class: str | None = None
+        self.next_id = 1
+        #: prompts on images outside the folder (from a loaded prompt file): dicts with
+        #: "image" (absolute path) + PromptRec fields; used by "detect in all images".
+        self.external_prompts: list[dict] = []
+        #: class embeddings loaded from a file: name -> trex2.ClassEmbedding (not undoable).
+        self.loaded_embeddings: dict = {}
+        self._undo: list[tuple[str, dict, dict]] = []
+        self._redo: list[tuple[str, dict, dict]] = []
+        self.last_saved: float | None = None
+        self.warnings: list[str] = []
+
+        files = list_images(self.root)
+        saved = self._read_saved() if self.path.exists() else None
+        by_file = {}
+        if saved:
+            self.classes = [ClassInfo(**c) for c in saved.get("classes", [])]
+            self.threshold = float(saved.get("threshold", self.threshold))
+            self.active_class = saved.get("active_class")
+            self.next_id = int(saved.get("next_id", 1))
+            self.external_prompts = list(saved.get("external_prompts", []))
+            by_file = {d["file"]: ImageRec.from_json(d) for d in saved.get("images", [])}
+            missing = sorted(set(by_file) - set(files))
+            if missing:
+                self.warnings.append(
+                    f"{len(missing)} image(s) in the project are no longer in {self.root} and "
+                    f"were dropped: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        self.images = [by_file.get(f) or ImageRec(f) for f in files]
+        if saved and saved.get("current") in files:
+            self.index = files.index(saved["current"])
+        if self.active_class not in self.class_names:
+            self.active_class = self.classes[0].name if self.classes else None
+        emb_path = self.embeddings_path
+        if emb_path.exists():
+            try:
+                import trex2
+                self.loaded_embeddings = trex2.load_class_embeddings(str(emb_path))
+            except Exception as e:  # noqa: BLE001 - reported, project still opens
+                self.warnings.append(f"could not load class embeddings {emb_path}: {e}")
+
+    # ----------------------------------------------------------------- persistence
+    @property
+    def embeddings_path(self) -> Path:
+        """Side file holding class embeddings loaded into this project."""
+        return self.path.with_name(self.path.stem + ".embeddings.safetensors")
+
+    def _read_saved(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ProjectError(f"project file {self.path} cannot be read: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != PROJECT_FORMAT:
+            raise ProjectError(f"{self.path} is not a {PROJECT_FORMAT} file")
+        return data
+
+    def to_json(self) -> dict:
+        return {"format": PROJECT_FORMAT, "version": PROJECT_VERSION,
+                "images_dir": str(self.root), "current": self.current.file if self.images else None,
+                "threshold": self.threshold, "active_class": self.active_class,
+                "next_id": self.next_id, "classes": [asdict(c) for c in self.classes],
+                "external_prompts": self.external_prompts,
+                "images": [im.to_json() for im in self.images
+                           if im.prompts or im.boxes or im.predicted or im.reviewed]}
+
+    def save(self) -> Path:
+        """Write the project file atomically (temp file + os.replace)."""
+        atomic_write_json(self.path, self.to_json(), indent=None)
+        self.last_saved = time.time()
+        return self.path
+
+    def _autosave(self):
+        if self.autosave:
+            self.save()
+
+    # ----------------------------------------------------------------- undo / redo
+    def _snapshot(self, scope) -> dict:
+        """scope: list of image indices, or None for every image."""
+        idx = range(len(self.images)) if scope is None else scope
+        return {"classes": [asdict(c) for c in self.classes], "active": self.active_class,
+                "next_id": self.next_id, "external": copy.deepcopy(self.external_prompts),
+                "images": {i: self.images[i].to_json() for i in idx}}
+
+    def _restore(self, snap: dict):
+        self.classes = [ClassInfo(**c) for c in snap["classes"]]
+        self.active_class = snap["active"]
+        self.next_id = max(self.next_id, snap["next_id"])
+        self.external_prompts = copy.deepcopy(snap["external"])
+        for i, d in snap["images"].items():
+            self.images[i] = ImageRec.from_json(d)
+
+    def _edit(self, label: str, scope=None):
+        """Context manager recording one undo step (scope as in :meth:`_snapshot`)."""
+        project = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.before = project._snapshot(scope)
+                return self
+
+            def __exit__(self, exc_type, exc, tb):
+                if exc_type is not None:
+                    project._restore(self.before)
+                    return False
+                project._undo.append((label, self.before, project._snapshot(scope)))
+                del project._undo[:-UNDO_LIMIT]
+                project._redo.clear()
+                project._autosave()
+                return False
+
+        return _Ctx()
+
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    def undo(self) -> str:
+        """Revert the last change; returns its label. ProjectError if nothing to undo."""
+        if not self._undo:
+            raise ProjectError("nothing to undo")
+        label, before, after = self._undo.pop()
+        self._restore(before)
+        self._redo.append((label, before, after))
+        self._goto_changed(before)
+        self._autosave()
+        return label
+
+    def redo(self) -> str:
+        """Re-apply the last undone change; returns its label."""
+        if not self._redo:
+            raise ProjectError("nothing to redo")
+        label, before, after = self._redo.pop()
+        self._restore(after)
+        self._undo.append((label, before, after))
+        self._goto_changed(after)
+        self._autosave()
+        return label
+
+    def _goto_changed(self, snap):
+        if len(snap["images"]) == 1:
+            self.index = next(iter(snap["images"]))
+
+    # ----------------------------------------------------------------- navigation
+    @property
+    def current(self) -> ImageRec:
+        if not self.images:
+            raise ProjectError(f"no images in {self.root}: upload some or open another folder")
+        return self.images[self.index]
+
+    def goto(self, index: int) -> ImageRec:
+        """Show image ``index`` (clamped to the folder); saved so a restart resumes here."""
+        if not self.images:
+            raise ProjectError(f"no images in {self.root}")
+        self.index = int(min(max(index, 0), len(self.images) - 1))
+        self._autosave()
+        return self.current
+
+    def step(self, delta: int) -> ImageRec:
+        """Next (+1) / previous (-1) image, wrapping around the folder."""
+        if not self.images:
+            raise ProjectError(f"no images in {self.root}")
+        return self.goto((self.index + delta) % len(self.images))
+
+    def index_of(self, file: str) -> int:
+        for i, im in enumerate(self.images):
+            if im.file == file:
+                return i
+        raise ProjectError(f"{file} is not an image of {self.root}")
+
+    def image_path(self, i: int | None = None) -> Path:
+        return self.root / self.images[self.index if i is None else i].file
+
+    def image_size(self, i: int | None = None) -> tuple[int, int]:
+        """(W, H) of image i (EXIF-corrected), read from the header once and remembered."""
+        im = self.images[self.index if i is None else i]
+        if im.size is None:
+            from trex2.image_io import image_size
+            im.size = tuple(int(v) for v in image_size(self.root / im.file))
+        return im.size
+
+    # ----------------------------------------------------------------- classes
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    def get_class(self, name: str) -> ClassInfo:
+        for c in self.classes:
+            if c.name == name:
+                return c
+        raise ProjectError(f"no class named {name!r}; classes are {self.class_names}")
+
+    def add_class(self, name: str, color: str | None = None, text: str | None = None) -> ClassInfo:
+        name = (name or "").strip()
+        if not name:
+            raise ProjectError("a class needs a name")
+        if name in self.class_names:
+            raise ProjectError(f"class {name!r} already exists")
+        used = {c.color for c in self.classes}
+        color = color or next((c for c in PALETTE if c not in used), PALETTE[len(used) % len(PALETTE)])
+        with self._edit(f"add class {name}", scope=[]):
+            info = ClassInfo(name, color, (text or "").strip() or None)
+            self.classes.append(info)
+            self.active_class = name
+        return info
+
+    def ensure_class(self, name: str) -> ClassInfo:
+        return self.get_class(name) if name in self.class_names else self.add_class(name)
+
+    def update_class(self, name: str, new_name: str | None = None, color: str | None = None,
+                     text: str | None = None) -> ClassInfo:
+        """Rename / recolour / set the text phrase of a class (text "" clears it)."""
+        info = self.get_class(name)
+        new_name = (new_name or name).strip()
+        if new_name != name and new_name in self.class_names:
+            raise ProjectError(f"class {new_name!r} already exists")
+        with self._edit(f"edit class {name}", scope=None if new_name != name else []):
+            info = self.get_class(name)
+            if color:
+                info.color = color
+            if text is not None:
+                info.text = text.strip() or None
+            if new_name != name:
+                info.name = new_name
+                for im in self.images:
+                    for item in (*im.prompts, *im.boxes):
+                        if item.cls == name:
+                            item.cls = new_name
+                for p in self.external_prompts:
+                    if p["cls"] == name:
+                        p["cls"] = new_name
+                if self.active_class == name:
+                    self.active_class = new_name
+                if name in self.loaded_embeddings:
+                    self.loaded_embeddings[new_name] = self.loaded_embeddings.pop(name)
+        return info
+
+    def delete_class(self, name: str) -> int:
+        """Delete a class with its prompts and boxes; returns how many items went with it."""
+        self.get_class(name)
+        removed = 0
+        with self._edit(f"delete class {name}", scope=None):
+            self.classes = [c for c in self.classes if c.name != name]
+            for im in self.images:
+                n = len(im.prompts) + len(im.boxes)
+                im.prompts = [p for p in im.prompts if p.cls != name]
+                im.boxes = [b for b in im.boxes if b.cls != name]
+                removed += n - len(im.prompts) - len(im.boxes)
+            self.external_prompts = [p for p in self.external_prompts if p["cls"] != name]
+            self.loaded_embeddings.pop(name, None)
+            if self.active_class == name:
+                self.active_class = self.classes[0].name if self.classes else None
+        return removed
+
+    def set_active_class(self, name: str | None):
+        if name is not None:
+            self.get_class(name)
+        self.active_class = name
+
+    # ----------------------------------------------------------------- prompts and boxes
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    def _cls(self, cls: str | None) -> str:
+        """The class for a new prompt/box: given, else the active one; a project with no
+        class yet gets DEFAULT_CLASS (rename it in the Classes panel)."""
+        if not cls and not self.classes:
+            self.classes.append(ClassInfo(DEFAULT_CLASS, PALETTE[0]))
+            self.active_class = DEFAULT_CLASS
+        cls = cls or self.active_class
+        if not cls:
+            raise ProjectError("pick a class first (Class list), then draw")
+        self.get_class(cls)
+        return cls
+
+    def add_prompt(self, kind: str, coords, cls: str | None = None, negative: bool = False,
+                   image: int | None = None) -> PromptRec:
+        """Add a box ([x1,y1,x2,y2]) or point ([x,y]) prompt to an image (default: current)."""
+        i = self.index if image is None else image
+        size = self.image_size(i)
+        if kind == "box":
+            coords = _norm_box(coords, size)
+        elif kind == "point":
+            coords = _norm_point(coords, size)
+        else:
+            raise ProjectError(f"unknown prompt kind {kind!r} (box or point)")
+        with self._edit(f"add {'negative ' if negative else ''}{kind} prompt", scope=[i]):
+            cls = self._cls(cls)
+            rec = PromptRec(self._new_id(), cls, kind, coords, bool(negative))
+            self.images[i].prompts.append(rec)
+        return rec
+
+    def add_box(self, xyxy, cls: str | None = None) -> BoxRec:
+        """A box drawn by hand: accepted at once (it is the user's own label)."""
+        xyxy = _norm_box(xyxy, self.image_size())
+        with self._edit("add box", scope=[self.index]):
+            cls = self._cls(cls)
+            rec = BoxRec(self._new_id(), cls, xyxy, None, "accepted", "manual")
+            self.current.boxes.append(rec)
+        return rec
+
+    def find(self, item_id: int, image: int | None = None):
+        """-> ("prompt" | "box", record) on the image (default: current)."""
+        im = self.images[self.index if image is None else image]
+        for p in im.prompts:
+            if p.id == item_id:
+                return "prompt", p
+        for b in im.boxes:
+            if b.id == item_id:
+                return "box", b
+        raise ProjectError(f"item {item_id} is not on {im.file} (was it undone?)")
+
+    def move(self, item_id: int, coords):
+        """Move / resize a prompt or box of the current image to new coordinates."""
+        kind, rec = self.find(item_id)
+        size = self.image_size()
+        with self._edit(f"move {kind}", scope=[self.index]):
+            kind, rec = self.find(item_id)
+            if kind == "prompt" and rec.kind == "point":
+                rec.coords = _norm_point(coords, size)
+            elif kind == "prompt":
+                rec.coords = _norm_box(coords, size)
+            else:
+                rec.xyxy = _norm_box(coords, size)
+                if rec.state != "rejected":
+                    rec.state = "accepted"
+                self._after_review()
+
+    def relabel(self, item_id: int, cls: str):
+        self.get_class(cls)
+        with self._edit(f"relabel as {cls}", scope=[self.index]):
+            kind, rec = self.find(item_id)
+            rec.cls = cls
+            if kind == "box":
+                if rec.state != "rejected":
+                    rec.state = "accepted"
+                self._after_review()
+
+    def set_negative(self, item_id: int, negative: bool):
+        with self._edit("toggle negative", scope=[self.index]):
+            kind, rec = self.find(item_id)
+            if kind != "prompt":
+                raise ProjectError("only prompts can be negative")
+            rec.negative = bool(negative)
+
+    def delete(self, item_id: int):
+        with self._edit("delete", scope=[self.index]):
+            kind, _ = self.find(item_id)
+            im = self.current
+            im.prompts = [p for p in im.prompts if p.id != item_id]
+            im.boxes = [b for b in im.boxes if b.id != item_id]
+
+    def set_state(self, item_id: int, state: str):
+        """Accept / reject / reset ("pending") one box of the current image."""
+        if state not in ("accepted", "rejected", "pending"):
+            raise ProjectError(f"unknown box state {state!r}")
+        with self._edit(state.rstrip("ed") if state != "pending" else "reset", scope=[self.index]):
+            kind, rec = self.find(item_id)
+            if kind != "box":
+                raise ProjectError("prompts are not accepted or rejected; delete them instead")
+            rec.state = state
+            self._after_review()
+
+    def _after_review(self):
+        """An image is reviewed once no box above the threshold is still pending."""
+        im = self.current
+        if not any(b.state == "pending" and (b.score or 0) >= self.threshold for b in im.boxes):
+            im.reviewed = True
+
+    def accept_all(self, image: int | None = None) -> int:
+        """Accept every pending box scoring >= threshold on the image; the image becomes
+        reviewed. Returns how many boxes were accepted."""
+        i = self.index if image is None else image
+        n = 0
+        with self._edit("accept all above threshold", scope=[i]):
+            im = self.images[i]
+            for b in im.boxes:
+                if b.state == "pending" and (b.score is None or b.score >= self.threshold):
+                    b.state = "accepted"
+                    n += 1
+            im.reviewed = True
+        return n
+
+    def mark_reviewed(self, reviewed: bool = True):
+        with self._edit("mark reviewed", scope=[self.index]):
+            self.current.reviewed = bool(reviewed)
+
+    def set_threshold(self, t: float):
+        """Display / accept threshold in [0, 1]; a view setting (not undoable)."""
+        t = float(t)
+        if not 0.0 <= t <= 1.0:
+            raise ProjectError(f"threshold must be in [0, 1], got {t}")
+        self.threshold = t
+        self._autosave()
+
+    def visible_boxes(self, i: int | None = None) -> list[BoxRec]:
+        """Boxes shown for image i: accepted ones and pending ones scoring >= threshold."""
+        im = self.images[self.index if i is None else i]
+        return [b for b in im.boxes if b.state == "accepted"
+                or (b.state == "pending" and (b.score is None or b.score >= self.threshold))]
+
+    def class_counts(self, i: int | None = None) -> dict[str, int]:
+        """Visible boxes per class on image i (all classes, zeros included)."""
+        counts = dict.fromkeys(self.class_names, 0)
+        for b in self.visible_boxes(i):
+            counts[b.cls] = counts.get(b.cls, 0) + 1
+        return counts
+
+    def folder_counts(self) -> dict[str, int]:
+        """Accepted boxes per class over the folder."""
+        counts = dict.fromkeys(self.class_names, 0)
+        for im in self.images:
+            for b in im.boxes:
+                if b.state == "accepted":
+                    counts[b.cls] = counts.get(b.cls, 0) + 1
+        return counts
+
+    def status_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for im in self.images:
+            counts[im.status] += 1
+        return counts
+
+    # ----------------------------------------------------------------- detections
+    def apply_detections(self, i: int, boxes: list[tuple[str, list[float], float]]) -> int:
+        """Merge model detections (class, xyxy, score) into image i (no undo step: callers
+        wrap this in one). Pending model boxes are replaced; boxes the user accepted,
+        rejected or drew are kept, and new detections duplicating them (same class,
+        IoU > DUPLICATE_IOU) are dropped. Returns how many new boxes were added."""
+        im = self.images[i]
+        kept = [b for b in im.boxes if b.state != "pending" or b.source == "manual"]
+        added = 0
+        for cls, xyxy, score in boxes:
+            if any(k.cls == cls and _box_iou(k.xyxy, xyxy) > DUPLICATE_IOU for k in kept):
+                continue
+            kept.append(BoxRec(self._new_id(), cls, [round(float(v), 2) for v in xyxy],
+                               round(float(score), 4)))
+            added += 1
+        im.boxes = kept
+        im.predicted = True
+        if any(b.state == "pending" and b.score is not None and b.score >= self.threshold
+               for b in im.boxes):
+            im.reviewed = False
+        return added
+
+    def prompts_by_class(self, images: list[int] | None = None):
+        """{class: {"pos": [(image_path, boxes (N,4), points (M,2))], "neg": [...]}} from the
+        prompts on the given images (default: all, plus prompts on images outside the folder)."""
+        out: dict[str, dict[str, list]] = {}
+        groups: dict[tuple, dict[str, list]] = {}
+
+        def add(path, cls, kind, coords, negative):
+            g = groups.setdefault((cls, negative, str(path)), {"box": [], "point": []})
+            g[kind].append(coords)
+
+        for i in (range(len(self.images)) if images is None else images):
+            for p in self.images[i].prompts:
+                add(self.root / self.images[i].file, p.cls, p.kind, p.coords, p.negative)
+        if images is None:
+            for p in self.external_prompts:
+                add(Path(p["image"]), p["cls"], p["kind"], p["coords"], p.get("negative", False))
+        for (cls, negative, path), g in groups.items():
+            entry = out.setdefault(cls, {"pos": [], "neg": []})
+            entry["neg" if negative else "pos"].append(
+                (Path(path), np.asarray(g["box"], dtype=np.float32).reshape(-1, 4),
+                 np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
+        return out
+
+    # ----------------------------------------------------------------- export
+    def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:
+        """(file, class, xyxy) of every accepted box in the folder, folder order."""
+        return [(im.file, b.cls, b.xyxy) for im in self.images for b in im.boxes
+                if b.state == "accepted"]
+
+    def export_coco(self, out_path: str | os.PathLike, only_reviewed: bool = False) -> dict:
+        """Write a COCO file (exports.coco) of the accepted boxes. Every image of the folder
+        is listed (or only reviewed ones); file_name relative to the folder."""
+        from exports.coco import write_coco
+
+        images = [(im.file, *self.image_size(i)) for i, im in enumerate(self.images)
+                  if not only_reviewed or im.reviewed]
+        listed = {f for f, _, _ in images}
+        anns = [(f, c, b) for f, c, b in self.accepted_annotations() if f in listed]
+        return write_coco(out_path, images, self.class_names, anns,
+                          info={"description": f"labelled with trex2 app from {self.root}"})
+
+    def export_yolo(self, out_dir: str | os.PathLike) -> Path:
+        """Write a YOLO dataset (exports.write_yolo: data.yaml, images/, labels/) of the
+        accepted boxes into out_dir (must not exist or be empty). Returns data.yaml's path."""
+        from exports import write_yolo
+
+        images = [(im.file, *self.image_size(i)) for i, im in enumerate(self.images)]
+        return write_yolo(out_dir, self.root, images, self.class_names,
+                          self.accepted_annotations())
+
+    def prompt_set(self):
+        """All prompts (folder and external) as an exports.prompts.PromptSet."""
+        from exports.prompts import Prompt, PromptCategory, PromptSet
+
+        cats = [PromptCategory(c.name, c.text) for c in self.classes]
+        prompts, sizes = [], {}
+        for i, im in enumerate(self.images):
+            if im.prompts:
+                sizes[self.root / im.file] = self.image_size(i)
+            for p in im.prompts:
+                prompts.append(Prompt(self.root / im.file, p.cls,
+                                      box=tuple(p.coords) if p.kind == "box" else None,
+                                      point=tuple(p.coords) if p.kind == "point" else None,
+                                      negative=p.negative))
+        for p in self.external_prompts:
+            prompts.append(Prompt(Path(p["image"]), p["cls"],
+                                  box=tuple(p["coords"]) if p["kind"] == "box" else None,
+                                  point=tuple(p["coords"]) if p["kind"] == "point" else None,
+                                  negative=bool(p.get("negative"))))
+        return PromptSet(cats, prompts, sizes)
+
+    def save_prompts(self, path: str | os.PathLike) -> Path:
+        """Write every prompt as a prompt file (DESIGN.md section 2) via exports.prompts."""
+        from exports.prompts import write_prompts
+
+        ps = self.prompt_set()
+        if not ps.prompts:
+            raise ProjectError("there are no prompts to save: draw some boxes or points first")
+        write_prompts(path, ps)
+        return Path(path)
+
+    def load_prompts(self, path: str | os.PathLike) -> tuple[int, int]:
+        """Add the prompts of a prompt file: those on images of this folder go on the images,
+        the others are kept as external prompts (used by "detect in all images").
+        Missing classes are created. Returns (on folder images, external)."""
+        from exports.prompts import read_prompts
+
+        ps = read_prompts(path)
+        by_path = {(self.root / im.file).resolve(): i for i, im in enumerate(self.images)}
+        n_in = n_ext = 0
+        with self._edit("load prompts", scope=None):
+            for c in ps.categories:
+                if c.name not in self.class_names:
+                    used = {k.color for k in self.classes}
+                    color = next((x for x in PALETTE if x not in used), PALETTE[0])
+                    self.classes.append(ClassInfo(c.name, color, c.text))
+                elif c.text and not self.get_class(c.name).text:
+                    self.get_class(c.name).text = c.text
+            for p in ps.prompts:
+                kind = "box" if p.box is not None else "point"
+                coords = [float(v) for v in (p.box if p.box is not None else p.point)]
+                i = by_path.get(Path(p.image).resolve())
+                if i is not None:
+                    self.images[i].prompts.append(
+                        PromptRec(self._new_id(), p.category, kind, coords, p.negative))
+                    n_in += 1
+                else:
+                    self.external_prompts.append({"image": str(p.image), "id": self._new_id(),
+                                                  "cls": p.category, "kind": kind,
+                                                  "coords": coords, "negative": p.negative})
+                    n_ext += 1
+            if self.active_class is None and self.classes:
+                self.active_class = self.classes[0].name
+        return n_in, n_ext
+
+    def load_class_embeddings(self, path: str | os.PathLike) -> list[str]:
+        """Load a class-embedding file (trex2.save_class_embeddings format): its classes are
+        created if missing and used by "detect in all images" for classes without prompts.
+        A copy is kept beside the project file so a restart keeps them. Returns the names."""
+        import trex2
+
+        try:
+            loaded = trex2.load_class_embeddings(str(path))
+        except Exception as e:  # noqa: BLE001 - reported with the file name
+            raise ProjectError(f"cannot read class embeddings from {path}: {e}") from e
+        with self._edit("load class embeddings", scope=[]):
+            for name in loaded:
+                if name not in self.class_names:
+                    used = {k.color for k in self.classes}
+                    self.classes.append(ClassInfo(name, next((x for x in PALETTE if x not in used),
+                                                             PALETTE[0])))
+            if self.active_class is None and self.classes:
+                self.active_class = self.classes[0].name
+        self.loaded_embeddings.update(loaded)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        trex2.save_class_embeddings(str(self.embeddings_path), self.loaded_embeddings)
+        return list(loaded)
+
+    def add_uploaded(self, files: list[str | os.PathLike], subdir: str = "uploaded") -> list[int]:
+        """Copy uploaded image files into ``root/subdir`` (unique names) and add them to the
+        project. Each file is checked with trex2.image_io.load_image first (ImageLoadError
+        names the bad file). Returns the new image indices."""
+        from trex2.image_io import is_image_file, load_image
+
+        dest_dir = self.root / subdir
+        added = []
+        for f in files:
+            f = Path(f)
+            if not is_image_file(f.name):
+                raise ProjectError(f"{f.name} is not an image file (by its extension)")
+            load_image(f)
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            dest = dest_dir / f.name
+            k = 1
+            while dest.exists():
+                dest = dest_dir / f"{f.stem}-{k}{f.suffix}"
+                k += 1
+            shutil.copyfile(f, dest)
+            added.append(dest.relative_to(self.root).as_posix())
+        if not added:
+            return []
+        self.images = sorted(self.images + [ImageRec(r) for r in added], key=lambda im: im.file)
+        self._undo.clear()  # image indices changed: old undo steps no longer line up
+        self._redo.clear()
+        self.index = self.index_of(added[0])
+        self._autosave()
+        return [self.index_of(r) for r in added]
+
+
+# --------------------------------------------------------------------------- engine
+class Engine:
+    """Process-wide model side, shared by all sessions: one trex2 model + Predictor (its
+    image-embedding cache included), a lock serialising model calls, and display previews.
+
+    ``predictor`` may be injected (tests); otherwise the model loads on first use.
+    """
+
+    def __init__(self, predictor=None, preview_dir: str | os.PathLike | None = None,
+                 preview_max_side: int = 1600):
+        self._predictor = predictor
+        self._lock = threading.RLock()
+        self.preview_dir = Path(preview_dir) if preview_dir else None
+        self.preview_max_side = preview_max_side
+        self._previews: dict[tuple, tuple[Path, int, int]] = {}
+        self._pool = None
+
+    @property
+    def predictor(self):
+        with self._lock:
+            if self._predictor is None:
+                import trex2
+                self._predictor = trex2.Predictor(trex2.load_model())
+            return self._predictor
+
+    @property
+    def recommended_threshold(self) -> float | None:
+        p = self._predictor
+        return float(p.score_threshold) if p is not None and hasattr(p, "score_threshold") else None
+
+    @staticmethod
+    def _key(path: Path) -> tuple:
+        st = path.stat()
+        return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+    def preview(self, path: str | os.PathLike) -> tuple[Path, int, int]:
+        """JPEG of the image for display (EXIF-corrected, long side <= preview_max_side),
+        written once into preview_dir. Returns (jpeg path, original W, original H)."""
+        from PIL import Image
+
+        from trex2.image_io import load_image
+
+        path = Path(path)
+        key = self._key(path)
+        hit = self._previews.get(key)
+        if hit and hit[0].exists():
+            return hit
+        if self.preview_dir is None:
+            raise RuntimeError("Engine.preview needs a preview_dir")
+        rgb = load_image(path)
+        h, w = rgb.shape[:2]
+        im = Image.fromarray(rgb)
+        scale = self.preview_max_side / max(w, h)
+        if scale < 1:
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+        self.preview_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".jpg"
+        out = self.preview_dir / name
+        tmp = out.with_suffix(".tmp")
+        im.save(tmp, "JPEG", quality=90)
+        os.replace(tmp, out)
+        self._previews[key] = (out, w, h)
+        return self._previews[key]
+
+    def prefetch(self, path: str | os.PathLike | None = None):
+        """In a background thread (one job at a time): load the model if needed and encode
+        the image at ``path``, so the first "detect" on the image the user is looking at
+        does not wait for the encoder. Returns a Future."""
+        import concurrent.futures
+
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+        def run():
+            try:
+                if path is None:
+                    return self.predictor
+                return self.embedding(path)
+            except Exception as e:  # noqa: BLE001 - reported; detect raises it again
+                warnings.warn(f"background {'encode of ' + str(path) if path else 'model load'} "
+                              f"failed: {e}")
+        return self._pool.submit(run)
+
+    def embedding(self, path: str | os.PathLike):
+        """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size)."""
+        from trex2.image_io import load_image
+
+        path = Path(path)
+        key = self._key(path)
+        with self._lock:
+            pred = self.predictor
+            hit = getattr(pred, "cache", {}).get(key)  # skip decoding the file on a hit
+            if hit is not None:
+                return hit
+            return pred.encode_image(load_image(path), key=key)
+
+    def class_embeddings(self, project: Project, images: list[int] | None,
+                         classes: list[str] | None = None) -> dict:
+        """{class: trex2.ClassEmbedding} from the prompts on ``images`` (None: all images
+        and external prompts, each class averaged over all its exemplars), the class text
+        phrases, and class embeddings loaded from a file (used when a class has no prompt
+        of its own). Classes with nothing to go on are left out. Raises ProjectError with
+        the text-encoder message when a phrase needs the missing CLIP checkpoint."""
+        import trex2
+
+        groups = project.prompts_by_class(images)
+        out = {}
+        for c in project.classes:
+            if classes is not None and c.name not in classes:
+                continue
+            g = groups.get(c.name, {"pos": [], "neg": []})
+            if not g["pos"] and not c.text:
+                if c.name in project.loaded_embeddings and images is None:
+                    out[c.name] = project.loaded_embeddings[c.name]
+                continue
+            with self._lock:
+                pos = [(self.embedding(p), b, q) for p, b, q in g["pos"]]
+                neg = [(self.embedding(p), b, q) for p, b, q in g["neg"]] or None
+                try:
+                    out[c.name] = self.predictor.embed_prompts(pos, negatives=neg, text=c.text)
+                except trex2.TextEncoderUnavailable as e:
+                    raise ProjectError(f"class {c.name!r} has the text phrase {c.text!r}, "
+                                       f"but: {e}") from e
+        return out
+
+    def detect(self, project: Project, i: int, class_embs: dict) -> list[tuple[str, list, float]]:
+        """Run the model on image i with the class embeddings -> [(class, xyxy, score)]."""
+        if not class_embs:
+            return []
+        emb = self.embedding(project.image_path(i))
+        with self._lock:
+            dets = self.predictor.detect(emb, class_embs)
+        names = list(class_embs)
+        out = []
+        for k in range(len(dets)):
+            name = (str(dets.data["class_name"][k]) if "class_name" in dets.data
+                    else names[int(dets.class_id[k])])
+            out.append((name, [float(v) for v in dets.xyxy[k]], float(dets.confidence[k])))
+        return out
+
+
+# --------------------------------------------------------------------------- workflows
+def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> int:
+    """"Detect in this image": each class from the prompts drawn on this image only.
+    One undo step. Returns the number of new boxes."""
+    i = project.index if i is None else i
+    if not project.images[i].prompts:
+        raise ProjectError("draw a box or point on this image first (or use "
+                           "'Detect in all images' to apply prompts from other images)")
+    embs = engine.class_embeddings(project, [i])
+    if not embs:
+        raise ProjectError("no class has a positive prompt on this image")
+    dets = engine.detect(project, i, embs)
+    with project._edit("detect in this image", scope=[i]):
+        return project.apply_detections(i, dets)
+
+
+def detect_in_folder(project: Project, engine: Engine,
+                     should_stop: Callable[[], bool] = lambda: False,
+                     classes: list[str] | None = None) -> Iterator[tuple[int, int, str]]:
+    """"Detect in all images": each class's prompts from every image (and loaded class
+    embeddings / text phrases) averaged into one class embedding, applied to every image.
+
+    A generator yielding (done, total, file) after each image, so the UI can show progress;
+    stops early when ``should_stop()`` is true (results so far are kept). The whole run is
+    one undo step, autosaved at the end and every 20 images.
+    """
+    embs = engine.class_embeddings(project, None, classes)
+    if not embs:
+        raise ProjectError("no class has any prompt, text phrase or loaded embedding yet: "
+                           "draw a box or point on an image first")
+    n = len(project.images)
+    with project._edit("detect in all images", scope=None):
+        for i in range(n):
+            if should_stop():
+                break
+            dets = engine.detect(project, i, embs)
+            project.apply_detections(i, dets)
+            if (i + 1) % 20 == 0:
+                project._autosave()
+            yield i + 1, n, project.images[i].file
+
+
+def search_images(project: Project, engine: Engine, cls: str,
+                  should_stop: Callable[[], bool] = lambda: False) -> list[tuple[int, float]]:
+    """Rank the folder's images by how strongly class ``cls`` appears: the max detection
+    score of that class per image (0 if none), highest first -> [(image index, score)].
+    Does not change the project."""
+    project.get_class(cls)
+    embs = engine.class_embeddings(project, None, [cls])
+    if not embs:
+        raise ProjectError(f"class {cls!r} has no prompt, text phrase or loaded embedding yet")
+    scores = []
+    for i in range(len(project.images)):
+        if should_stop():
+            break
+        dets = engine.detect(project, i, embs)
+        scores.append((i, max((s for c, _, s in dets if c == cls), default=0.0)))
+    scores.sort(key=lambda t: -t[1])
+    return scores

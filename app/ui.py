@@ -1,0 +1,599 @@
+"""The labeling UI: a thin Gradio layer over app/project.py.
+
+    python app.py [--images DIR] [--project FILE] [--host 127.0.0.1] [--port 7860]
+
+Layout and event wiring only; the workflow logic (prompts, detection, review, undo, autosave,
+export) lives in :mod:`app.project`. The canvas is a ``gr.HTML`` whose JavaScript
+(app/static/canvas.js) draws the image, prompts and boxes and sends the user's edits back as
+``op`` events. One model (and its image-embedding cache) is shared by the process; each
+browser session has its own :class:`Session` (its own Project object) in a ``gr.State``.
+Fully offline: no CDN, no web fonts, analytics off.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Before gradio is imported: no analytics/version calls, no hub access.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from app.project import (Engine, Project, ProjectError, detect_in_folder, detect_in_image,  # noqa: E402
+                         search_images)
+
+STATIC = Path(__file__).resolve().parent / "static"
+REPO = Path(__file__).resolve().parent.parent
+DEMO_IMAGES = REPO / "demo" / "images"
+
+#: (keys, action) shown in the UI and in docs/QUICKSTART.md.
+SHORTCUTS = [
+    ("B / P / M / V", "tool: box prompt / point prompt / draw a label box by hand / select"),
+    ("N", "next prompts are negative (\"not this\"); with a prompt selected: toggle it"),
+    ("1-9", "choose class (relabels the selected box or prompt)"),
+    ("D", "detect in this image"),
+    ("Shift+D", "detect in all images"),
+    ("Tab / Shift+Tab", "select next / previous pending box (canvas focused)"),
+    ("A", "accept the selected box (then jumps to the next)"),
+    ("X or R", "reject the selected box (then jumps to the next)"),
+    ("Shift+A", "accept all boxes above the threshold on this image"),
+    ("Del / Backspace", "delete the selected prompt or box"),
+    ("Ctrl+Z / Ctrl+Shift+Z or Ctrl+Y", "undo / redo"),
+    ("\u2192 or . / \u2190 or ,", "next / previous image"),
+    ("Esc", "clear the selection"),
+    ("mouse wheel / right-drag / 0", "zoom / pan / fit the image"),
+]
+STATUS_ICON = {"untouched": "\u25cb", "predicted": "\u25d0", "reviewed": "\u25cf"}
+
+
+@dataclass
+class AppConfig:
+    """What every session needs: the folder, the project file, the shared engine, temp dir."""
+    images_dir: Path
+    project_path: Path | None
+    engine: Engine
+    tmp_dir: Path
+
+
+@dataclass
+class Session:
+    """One browser session's own state (kept in a gr.State)."""
+    project: Project
+    tmp_dir: Path
+    selected: int | None = None
+    cancel: bool = False
+    seq: int = 0
+    search: list[tuple[int, float]] = field(default_factory=list)
+    last_images_sig: tuple | None = None
+    last_classes_sig: tuple | None = None
+
+
+# ----------------------------------------------------------------------------- views
+def _file_url(path: Path) -> str:
+    # Relative URL: works behind a proxy root path too.
+    return f"gradio_api/file={path.as_posix()}"
+
+
+def build_view(sess: Session, engine: Engine, action: str | None = None,
+               message: str | None = None) -> dict:
+    """The canvas value (see app/static/canvas.js for its fields)."""
+    p = sess.project
+    sess.seq += 1
+    classes = [{"name": c.name, "color": c.color} for c in p.classes]
+    base = {"seq": sess.seq, "classes": classes, "active_class": p.active_class,
+            "threshold": p.threshold, "action": action, "message": message or ""}
+    if not p.images:
+        return {**base, "image": None, "prompts": [], "boxes": [],
+                "message": message or f"No images in {p.root}. Upload some in the 'Images' tab."}
+    im = p.current
+    preview, w, h = engine.preview(p.image_path())
+    im.size = (w, h)
+    return {**base,
+            "image": {"url": _file_url(preview), "width": w, "height": h, "file": im.file,
+                      "index": p.index, "count": len(p.images), "status": im.status},
+            "prompts": [{"id": q.id, "cls": q.cls, "kind": q.kind, "coords": q.coords,
+                         "negative": q.negative} for q in im.prompts],
+            "boxes": [{"id": b.id, "cls": b.cls, "xyxy": b.xyxy, "score": b.score,
+                       "state": b.state, "source": b.source} for b in im.boxes]}
+
+
+def stats_html(sess: Session) -> str:
+    """Per-class counts on this image (above threshold) and over the folder (accepted)."""
+    p = sess.project
+    if not p.images:
+        return "<div class='tx-counts'>no images</div>"
+    here, folder = p.class_counts(), p.folder_counts()
+    rows = "".join(
+        f"<tr><td><span class='tx-swatch' style='background:{c.color}'></span>{_esc(c.name)}</td>"
+        f"<td data-class='{_esc(c.name)}' class='tx-count-here'>{here.get(c.name, 0)}</td>"
+        f"<td>{folder.get(c.name, 0)}</td></tr>" for c in p.classes)
+    st = p.status_counts()
+    status = " &middot; ".join(f"{STATUS_ICON[k]} {k} {v}" for k, v in st.items())
+    im = p.current
+    pending = sum(1 for b in p.visible_boxes() if b.state == "pending")
+    return (f"<div class='tx-counts'><table><tr><th>class</th><th>this image</th>"
+            f"<th>accepted (folder)</th></tr>{rows}</table>"
+            f"<div>this image: <b>{im.status}</b>, {pending} pending above threshold</div>"
+            f"<div>folder: {status}</div>"
+            f"<div style='color:#888'>autosaved to {_esc(str(p.path))}</div></div>")
+
+
+def _esc(s: str) -> str:
+    return (s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("'", "&#39;").replace('"', "&quot;"))
+
+
+def _images_update(sess: Session, force: bool = False):
+    p = sess.project
+    sig = (p.index, tuple(im.status for im in p.images), len(p.images))
+    if not force and sig == sess.last_images_sig:
+        return gr.skip()
+    sess.last_images_sig = sig
+    choices = [(f"{STATUS_ICON[im.status]} {im.file}", i) for i, im in enumerate(p.images)]
+    return gr.update(choices=choices, value=p.index if p.images else None)
+
+
+def _classes_update(sess: Session, force: bool = False):
+    p = sess.project
+    sig = (tuple(p.class_names), p.active_class)
+    if not force and sig == sess.last_classes_sig:
+        return gr.skip()
+    sess.last_classes_sig = sig
+    return gr.update(choices=p.class_names, value=p.active_class)
+
+
+# ----------------------------------------------------------------------------- app
+def build_app(cfg: AppConfig) -> gr.Blocks:
+    """The Gradio Blocks of the labeling app for one folder."""
+    engine = cfg.engine
+    js_on_load = (STATIC / "canvas.js").read_text(encoding="utf-8")
+    template = (STATIC / "canvas.html").read_text(encoding="utf-8")
+
+    def refresh(sess, action=None, message=None, force=False):
+        """Outputs for MAIN: state, canvas, stats, class dropdown, image dropdown, threshold."""
+        if action in ("load", "nav", "upload") and sess.project.images:
+            engine.prefetch(sess.project.image_path())
+        return (sess, build_view(sess, engine, action, message), stats_html(sess),
+                _classes_update(sess, force), _images_update(sess, force),
+                gr.skip() if not force else gr.update(value=sess.project.threshold))
+
+    def guarded(fn):
+        """Run a handler; ProjectError / bad input -> a warning toast and an unchanged view."""
+        def wrapper(sess, *args, **kwargs):
+            if sess is None:
+                raise gr.Error("the session is not ready yet; reload the page")
+            try:
+                return fn(sess, *args, **kwargs)
+            except (ProjectError, ValueError, OSError) as e:
+                gr.Warning(str(e))
+                return refresh(sess, "error", str(e))
+        wrapper.__name__ = fn.__name__
+        return wrapper
+
+    def on_load(request: gr.Request):
+        tmp = Path(tempfile.mkdtemp(prefix="session-", dir=cfg.tmp_dir))
+        try:
+            project = Project(cfg.images_dir, cfg.project_path)
+        except ProjectError as e:
+            raise gr.Error(str(e))
+        sess = Session(project, tmp)
+        msg = " ".join(project.warnings)
+        for w in project.warnings:
+            gr.Warning(w)
+        return refresh(sess, "load", msg, force=True)
+
+    # ------------------------------------------------------------------ canvas ops
+    @guarded
+    def on_op(sess, evt: gr.EventData):
+        data = dict(evt._data or {})
+        p = sess.project
+        op = data.get("op")
+        iid = data.get("id")
+        if op == "select":
+            sess.selected = iid
+            return (sess,) + (gr.skip(),) * 5
+        if op == "add_prompt":
+            p.add_prompt(data["kind"], data["coords"], negative=bool(data.get("negative")))
+        elif op == "add_box":
+            p.add_box(data["coords"])
+        elif op == "move":
+            p.move(int(iid), data["coords"])
+        elif op == "delete":
+            p.delete(int(iid))
+            sess.selected = None
+        elif op in ("accept", "reject"):
+            p.set_state(int(iid), "accepted" if op == "accept" else "rejected")
+        elif op == "negative":
+            p.set_negative(int(iid), bool(data.get("value")))
+        elif op == "set_class":
+            p.set_active_class(data["cls"])
+            if iid is not None:
+                p.relabel(int(iid), data["cls"])
+        else:
+            raise ProjectError(f"unknown canvas operation {op!r}")
+        return refresh(sess, op)
+
+    @guarded
+    def on_nav(sess, delta):
+        sess.project.step(delta)
+        sess.selected = None
+        return refresh(sess, "nav")
+
+    @guarded
+    def on_goto(sess, index):
+        if index is None or index == sess.project.index:
+            return (sess,) + (gr.skip(),) * 5
+        sess.project.goto(int(index))
+        sess.selected = None
+        return refresh(sess, "nav")
+
+    @guarded
+    def on_detect_this(sess):
+        t = time.perf_counter()
+        n = detect_in_image(sess.project, engine)
+        ms = (time.perf_counter() - t) * 1000
+        return refresh(sess, "detect", f"{n} new boxes in this image ({ms:.0f} ms)")
+
+    @guarded
+    def on_detect_all(sess, progress=gr.Progress()):
+        sess.cancel = False
+        p = sess.project
+        t = time.perf_counter()
+        progress((0, len(p.images)), desc="detecting in all images")
+        done = total = 0
+        for done, total, file in detect_in_folder(p, engine, should_stop=lambda: sess.cancel):
+            progress((done, total), desc=f"detecting: {file}")
+        secs = time.perf_counter() - t
+        msg = (f"cancelled after {done}/{total} images" if sess.cancel and done < total
+               else f"detected in {done} images ({secs:.1f} s)")
+        return refresh(sess, "detect_all", msg)
+
+    def on_cancel(sess):
+        if sess is not None:
+            sess.cancel = True
+
+    @guarded
+    def on_accept_all(sess):
+        n = sess.project.accept_all()
+        return refresh(sess, "accept_all", f"accepted {n} boxes")
+
+    @guarded
+    def on_undo(sess):
+        return refresh(sess, "undo", f"undone: {sess.project.undo()}")
+
+    @guarded
+    def on_redo(sess):
+        return refresh(sess, "redo", f"redone: {sess.project.redo()}")
+
+    @guarded
+    def on_threshold(sess, t):
+        sess.project.set_threshold(t)
+        return refresh(sess, "threshold")
+
+    @guarded
+    def on_class_pick(sess, name):
+        p = sess.project
+        if not name or name == p.active_class:
+            return (sess,) + (gr.skip(),) * 5
+        p.set_active_class(name)
+        return refresh(sess, "class")
+
+    # ------------------------------------------------------------------ classes
+    @guarded
+    def on_class_add(sess, name, color, text):
+        sess.project.add_class(name, color or None, text)
+        return refresh(sess, "class", f"added class {name.strip()}")
+
+    @guarded
+    def on_class_update(sess, new_name, color, text):
+        p = sess.project
+        if not p.active_class:
+            raise ProjectError("pick the class to edit in the Class list first")
+        old = p.active_class
+        p.update_class(old, new_name or old, color or None, text)
+        return refresh(sess, "class", f"updated class {old}")
+
+    @guarded
+    def on_class_delete(sess):
+        p = sess.project
+        if not p.active_class:
+            raise ProjectError("no class selected")
+        name = p.active_class
+        n = p.delete_class(name)
+        return refresh(sess, "class", f"deleted class {name} and {n} prompts/boxes (Ctrl+Z undoes)")
+
+    # ------------------------------------------------------------------ files
+    def file_guard(fn):
+        def wrapper(sess, *args):
+            if sess is None:
+                raise gr.Error("the session is not ready yet; reload the page")
+            try:
+                return fn(sess, *args)
+            except (ProjectError, ValueError, OSError) as e:
+                raise gr.Error(str(e))
+        wrapper.__name__ = fn.__name__
+        return wrapper
+
+    def _out_dir(sess, what):
+        d = sess.tmp_dir / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}-{sess.seq}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    @file_guard
+    def on_export(sess, fmt, only_reviewed):
+        p = sess.project
+        if fmt == "COCO":
+            out = _out_dir(sess, "coco") / "annotations.coco.json"
+            data = p.export_coco(out, only_reviewed=bool(only_reviewed))
+            msg = (f"COCO: {len(data['images'])} images, {len(data['annotations'])} accepted "
+                   f"boxes, {len(data['categories'])} classes -> {out}")
+            return str(out), msg
+        folder = _out_dir(sess, "yolo")
+        p.export_yolo(folder / "yolo")
+        zpath = folder / "yolo.zip"
+        with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
+            for f in sorted((folder / "yolo").rglob("*")):
+                if f.is_file():
+                    z.write(f, f.relative_to(folder).as_posix())
+        return str(zpath), f"YOLO dataset ({len(p.accepted_annotations())} boxes) -> {zpath}"
+
+    @file_guard
+    def on_save_prompts(sess, path):
+        p = sess.project
+        path = Path(path.strip()) if path and path.strip() else _out_dir(sess, "prompts") / "prompts.json"
+        p.save_prompts(path)
+        shown = path
+        if not _is_under(path, cfg.tmp_dir):
+            shown = _out_dir(sess, "prompts") / path.name
+            shutil.copyfile(path, shown)
+        return str(shown), f"prompt set saved to {path}"
+
+    @guarded
+    def on_load_prompts(sess, path, upload):
+        src = (path or "").strip() or (upload if isinstance(upload, str) else None)
+        if not src:
+            raise ProjectError("give the path of a prompt file (or upload one)")
+        n_in, n_ext = sess.project.load_prompts(src)
+        return refresh(sess, "load_prompts", f"loaded {n_in} prompts on this folder's images and "
+                                             f"{n_ext} on other images from {src}", force=True)
+
+    @file_guard
+    def on_save_embeddings(sess):
+        import trex2
+        embs = engine.class_embeddings(sess.project, None)
+        if not embs:
+            raise ProjectError("no class has prompts yet: nothing to save")
+        out = _out_dir(sess, "embeddings") / "classes.safetensors"
+        trex2.save_class_embeddings(str(out), embs)
+        return str(out), f"saved class embeddings of {', '.join(embs)} -> {out}"
+
+    @guarded
+    def on_load_embeddings(sess, upload):
+        if not upload:
+            raise ProjectError("choose a .safetensors class-embedding file first")
+        names = sess.project.load_class_embeddings(upload)
+        return refresh(sess, "load_embeddings", f"loaded class embeddings: {', '.join(names)}",
+                       force=True)
+
+    @guarded
+    def on_upload(sess, files):
+        if not files:
+            return (sess,) + (gr.skip(),) * 5
+        new = sess.project.add_uploaded([f if isinstance(f, str) else f.name for f in files])
+        return refresh(sess, "upload", f"added {len(new)} image(s) to {sess.project.root / 'uploaded'}",
+                       force=True)
+
+    @file_guard
+    def on_search(sess, cls, progress=gr.Progress()):
+        p = sess.project
+        if not cls:
+            raise ProjectError("pick a class to search for")
+        progress(0, desc=f"ranking images by {cls}")
+        sess.cancel = False
+        ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel)
+        sess.search = ranked
+        items = []
+        for i, score in ranked:
+            prev, _, _ = engine.preview(p.image_path(i))
+            items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
+        return items, f"{len(ranked)} images ranked by the max score of {cls!r}"
+
+    @guarded
+    def on_search_pick(sess, evt: gr.SelectData):
+        if evt.index is None or evt.index >= len(sess.search):
+            return (sess,) + (gr.skip(),) * 5
+        sess.project.goto(sess.search[evt.index][0])
+        return refresh(sess, "nav")
+
+    # ------------------------------------------------------------------ layout
+    with gr.Blocks(title="T-Rex2 labeler", analytics_enabled=False) as demo:
+        state = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=480):
+                canvas = gr.HTML(value=None, html_template=template, js_on_load=js_on_load,
+                                 elem_id="tx-canvas", apply_default_css=False, padding=False)
+                with gr.Row():
+                    prev_btn = gr.Button("\u2190 Prev", elem_id="tx-prev", size="sm", min_width=60)
+                    next_btn = gr.Button("Next \u2192", elem_id="tx-next", size="sm", min_width=60)
+                    det_btn = gr.Button("Detect in this image (D)", elem_id="tx-detect-this",
+                                        variant="primary", size="sm")
+                    det_all_btn = gr.Button("Detect in all images (Shift+D)", elem_id="tx-detect-all",
+                                            variant="primary", size="sm")
+                    cancel_btn = gr.Button("Cancel", elem_id="tx-cancel", size="sm", variant="stop",
+                                           min_width=60)
+                with gr.Row():
+                    accept_btn = gr.Button("Accept all \u2265 threshold (Shift+A)",
+                                           elem_id="tx-accept-all", size="sm")
+                    undo_btn = gr.Button("Undo (Ctrl+Z)", elem_id="tx-undo", size="sm", min_width=60)
+                    redo_btn = gr.Button("Redo (Ctrl+Y)", elem_id="tx-redo", size="sm", min_width=60)
+                threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
+                                      elem_id="tx-threshold")
+            with gr.Column(scale=2, min_width=280):
+                class_dd = gr.Dropdown(label="Class (keys 1-9)", choices=[], elem_id="tx-class",
+                                       interactive=True)
+                stats = gr.HTML(elem_id="tx-stats")
+                image_dd = gr.Dropdown(label="Image (\u25cb untouched \u25d0 predicted \u25cf reviewed)",
+                                       choices=[], elem_id="tx-image", interactive=True)
+                with gr.Accordion("Classes: add, rename, colour, text phrase", open=True):
+                    cls_name = gr.Textbox(label="Name", elem_id="tx-class-name", max_lines=1)
+                    cls_color = gr.ColorPicker(label="Colour (empty: automatic)", value=None,
+                                               elem_id="tx-class-color")
+                    cls_text = gr.Textbox(label="Text phrase (optional; needs a CLIP checkpoint)",
+                                          elem_id="tx-class-text", max_lines=1)
+                    with gr.Row():
+                        cls_add = gr.Button("Add class", elem_id="tx-class-add", size="sm")
+                        cls_upd = gr.Button("Update selected", elem_id="tx-class-update", size="sm")
+                        cls_del = gr.Button("Delete selected", elem_id="tx-class-delete", size="sm",
+                                            variant="stop")
+                with gr.Accordion("Keyboard shortcuts", open=False):
+                    gr.HTML("<table class='tx-shortcuts'>" + "".join(
+                        f"<tr><td><kbd>{_esc(k)}</kbd></td><td>{_esc(v)}</td></tr>"
+                        for k, v in SHORTCUTS) + "</table>")
+        with gr.Tabs():
+            with gr.Tab("Export"):
+                with gr.Row():
+                    fmt = gr.Radio(["COCO", "YOLO"], value="COCO", label="Format", elem_id="tx-fmt")
+                    only_rev = gr.Checkbox(label="only reviewed images", value=False)
+                    export_btn = gr.Button("Export accepted boxes", elem_id="tx-export",
+                                           variant="primary")
+                export_file = gr.File(label="Download", elem_id="tx-export-file", interactive=False)
+                export_msg = gr.Markdown(elem_id="tx-export-msg")
+            with gr.Tab("Prompts & class embeddings"):
+                with gr.Row():
+                    prompt_path = gr.Textbox(label="Prompt file path (save to / load from; empty "
+                                                   "on save: a download only)", elem_id="tx-prompt-path")
+                    prompt_save = gr.Button("Save prompt set", size="sm")
+                    prompt_load = gr.Button("Load prompt file", size="sm")
+                prompt_upload = gr.File(label="...or upload a prompt file (its image paths must "
+                                              "resolve from where it is uploaded)",
+                                        file_types=[".json"], type="filepath")
+                with gr.Row():
+                    emb_save = gr.Button("Save class embeddings", size="sm")
+                    emb_upload = gr.File(label="Load class embeddings (.safetensors)",
+                                         file_types=[".safetensors"], type="filepath")
+                files_out = gr.File(label="Download", interactive=False)
+                files_msg = gr.Markdown()
+            with gr.Tab("Search images"):
+                with gr.Row():
+                    search_cls = gr.Dropdown(label="Class", choices=[], elem_id="tx-search-class")
+                    search_btn = gr.Button("Rank images by this class", elem_id="tx-search",
+                                           variant="primary")
+                search_msg = gr.Markdown()
+                gallery = gr.Gallery(label="Images, strongest first (click to open)", columns=6,
+                                     height=360, elem_id="tx-gallery", allow_preview=False)
+            with gr.Tab("Images"):
+                upload = gr.File(label="Add images to the folder (copied into its 'uploaded/' "
+                                       "subfolder)", file_count="multiple", file_types=["image"],
+                                 type="filepath", elem_id="tx-upload")
+
+        main = [state, canvas, stats, class_dd, image_dd, threshold]
+        demo.load(on_load, None, main)
+        canvas.op(on_op, [state], main, trigger_mode="multiple",
+                  show_progress="hidden", queue=True)
+        prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden")
+        next_btn.click(on_nav, [state, gr.State(1)], main, show_progress="hidden")
+        image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
+        det_btn.click(on_detect_this, [state], main, show_progress="hidden",
+                      concurrency_id="model")
+        det_all = det_all_btn.click(on_detect_all, [state], main, show_progress="full",
+                                    concurrency_id="model")
+        cancel_btn.click(on_cancel, [state], None, queue=False)
+        accept_btn.click(on_accept_all, [state], main, show_progress="hidden")
+        undo_btn.click(on_undo, [state], main, show_progress="hidden")
+        redo_btn.click(on_redo, [state], main, show_progress="hidden")
+        threshold.change(on_threshold, [state, threshold], main, show_progress="hidden",
+                         trigger_mode="always_last")
+        class_dd.input(on_class_pick, [state, class_dd], main, show_progress="hidden")
+        cls_add.click(on_class_add, [state, cls_name, cls_color, cls_text], main)
+        cls_upd.click(on_class_update, [state, cls_name, cls_color, cls_text], main)
+        cls_del.click(on_class_delete, [state], main)
+        export_btn.click(on_export, [state, fmt, only_rev], [export_file, export_msg])
+        prompt_save.click(on_save_prompts, [state, prompt_path], [files_out, files_msg])
+        prompt_load.click(on_load_prompts, [state, prompt_path, prompt_upload], main)
+        emb_save.click(on_save_embeddings, [state], [files_out, files_msg],
+                       concurrency_id="model")
+        emb_upload.upload(on_load_embeddings, [state, emb_upload], main)
+        upload.upload(on_upload, [state, upload], main)
+        class_dd.change(lambda s: gr.update(choices=s.project.class_names if s else []),
+                        [state], [search_cls], show_progress="hidden")
+        search_btn.click(on_search, [state, search_cls], [gallery, search_msg],
+                         concurrency_id="model")
+        gallery.select(on_search_pick, [state], main, show_progress="hidden")
+        del det_all
+    return demo
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- launch
+THEME_FONTS = dict(font=["system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"],
+                   font_mono=["ui-monospace", "SFMono-Regular", "Menlo", "monospace"])
+
+
+def launch(images_dir, project_path=None, host="127.0.0.1", port=None, engine=None,
+           prevent_thread_lock=False, quiet=False):
+    """Build and start the app. Returns (demo, local_url). Binds ``host`` (default
+    127.0.0.1 only); serves only the app's own temp folder (image previews, exports) and
+    Gradio's upload folder, which is placed inside it."""
+    images_dir = Path(images_dir).resolve()
+    if not images_dir.is_dir():
+        raise SystemExit(f"error: image folder {images_dir} does not exist")
+    tmp_dir = Path(tempfile.mkdtemp(prefix="trex2-app-"))
+    if not os.environ.get("GRADIO_TEMP_DIR"):
+        # uploads and Gradio's file cache go inside the app's own temp folder
+        os.environ["GRADIO_TEMP_DIR"] = str(tmp_dir / "gradio")
+    engine = engine or Engine()
+    if engine.preview_dir is None:
+        engine.preview_dir = tmp_dir / "previews"
+    engine.preview_dir.mkdir(parents=True, exist_ok=True)
+    cfg = AppConfig(images_dir, Path(project_path).resolve() if project_path else None, engine,
+                    tmp_dir)
+    demo = build_app(cfg)
+    engine.prefetch()  # load the model in the background while the page opens
+    demo.queue(default_concurrency_limit=1)
+    if port is None:
+        port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    _, url, _ = demo.launch(
+        server_name=host, server_port=int(port), prevent_thread_lock=prevent_thread_lock,
+        allowed_paths=[str(tmp_dir)], share=False, inbrowser=False, quiet=quiet,
+        ssr_mode=False, footer_links=["settings"], pwa=False, mcp_server=False,
+        enable_monitoring=False,
+        theme=gr.themes.Default(**THEME_FONTS),
+        css_paths=[str(STATIC / "canvas.css")])
+    return demo, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="app.py ui", description="Label a folder of images with visual prompts.")
+    parser.add_argument("--images", default=str(DEMO_IMAGES),
+                        help="image folder (default: the bundled demo folder demo/images)")
+    parser.add_argument("--project", default=None,
+                        help="project file (default: ~/.cache/trex2/projects/<folder>-<hash>.json); "
+                             "every decision is autosaved there and restored on restart")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    args = parser.parse_args(argv)
+    images = Path(args.images)
+    if not images.is_dir():
+        print(f"error: --images {images} is not a folder", file=sys.stderr)
+        return 2
+    launch(images, args.project, args.host, args.port)
+    return 0

@@ -1,0 +1,437 @@
+"""Workflow logic of the labeling app without a browser: prompt -> detect -> review ->
+export, undo/redo, statuses, autosave/resume, classes, prompt files, search (app/project.py).
+
+The model is a small fake that honours the trex2 Predictor contract (COMMON.md) so the
+tests are fast and exact; the real model runs in tests/test_ui_browser.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import supervision as sv
+import torch
+from PIL import Image
+
+import trex2
+from app.project import (DEFAULT_CLASS, Engine, Project, ProjectError, detect_in_folder,
+                         detect_in_image, search_images)
+
+W, H = 80, 60
+
+
+class FakePredictor:
+    """Contract-following stand-in. Each class embedding is the mean exemplar box size
+    (w, h); detect() returns, per class, boxes of that size at 3 fixed places with scores
+    0.9, 0.5, 0.1 (times a per-image factor, to test ranking)."""
+
+    score_threshold = 0.3
+
+    def __init__(self):
+        self.cache = {}
+        self.encode_count = 0
+        self.embed_calls = []
+        self.detect_calls = 0
+
+    def encode_image(self, image, key=None):
+        assert image.dtype == np.uint8 and image.ndim == 3
+        key = key if key is not None else image.tobytes()
+        if key not in self.cache:
+            self.encode_count += 1
+            self.cache[key] = SimpleNamespace(image_size=image.shape[:2],
+                                              brightness=float(image.mean()) / 255.0)
+        return self.cache[key]
+
+    def embed_prompts(self, prompts, negatives=None, text=None):
+        if text:
+            raise trex2.TextEncoderUnavailable("no CLIP checkpoint configured (fake)")
+        self.embed_calls.append((prompts, negatives))
+        sizes = [(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) for _, b, *_ in prompts if len(b)]
+        if not sizes and not any(len(p[2]) for p in prompts if len(p) > 2):
+            raise ValueError("no prompt")
+        w = float(np.mean(np.concatenate([s[0] for s in sizes]))) if sizes else 10.0
+        h = float(np.mean(np.concatenate([s[1] for s in sizes]))) if sizes else 10.0
+        return trex2.ClassEmbedding(torch.tensor([w, h]), torch.zeros(0, 2))
+
+    def detect(self, emb, classes, score_threshold=None):
+        self.detect_calls += 1
+        xyxy, conf, ids = [], [], []
+        for c, (name, ce) in enumerate(classes.items()):
+            w, h = ce.embedding.tolist()
+            for k, s in enumerate((0.9, 0.5, 0.1)):
+                x, y = 5 + 20 * k, 5 + 10 * k
+                xyxy.append([x, y, x + w, y + h])
+                conf.append(s * emb.brightness)
+                ids.append(c)
+        names = np.array(list(classes), dtype=object)
+        ids = np.array(ids, dtype=int)
+        return sv.Detections(xyxy=np.array(xyxy, np.float32).reshape(-1, 4),
+                             confidence=np.array(conf, np.float32), class_id=ids,
+                             data={"class_name": names[ids]})
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    # brightness 255, 200, 150 -> score factors 1.0, 0.78, 0.59 (detect ranks them)
+    for name, v in (("a.jpg", 255), ("b.png", 200), ("sub/c.jpg", 150)):
+        Image.fromarray(np.full((H, W, 3), v, np.uint8)).save(d / name)
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+@pytest.fixture
+def fake():
+    return FakePredictor()
+
+
+@pytest.fixture
+def engine(fake, tmp_path):
+    return Engine(predictor=fake, preview_dir=tmp_path / "previews")
+
+
+@pytest.fixture
+def project(folder, tmp_path):
+    p = Project(folder, tmp_path / "proj" / "project.json")
+    p.add_class("cell")
+    return p
+
+
+def test_opens_folder_images_only_sorted(project):
+    assert [im.file for im in project.images] == ["a.jpg", "b.png", "sub/c.jpg"]
+    assert all(im.status == "untouched" for im in project.images)
+    assert project.current.file == "a.jpg"
+
+
+def test_prompt_detect_accept_export_coco(project, engine, fake, tmp_path):
+    from pycocotools.coco import COCO
+
+    project.add_prompt("box", [10, 10, 30, 20])            # 20 x 10 exemplar
+    n = detect_in_image(project, engine)
+    assert n == 3 and project.current.status == "predicted"
+    # the fake scores 0.9, 0.5, 0.1: two are above the 0.3 threshold
+    assert [b.score for b in project.visible_boxes()] == [0.9, 0.5]
+    assert project.class_counts() == {"cell": 2}
+    assert project.accept_all() == 2
+    assert project.current.status == "reviewed"
+    out = tmp_path / "export" / "coco.json"
+    project.export_coco(out)
+    coco = COCO(str(out))
+    anns = coco.loadAnns(coco.getAnnIds())
+    assert len(anns) == 2
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["cell"]
+    assert sorted(a["bbox"] for a in anns) == [[5.0, 5.0, 20.0, 10.0], [25.0, 15.0, 20.0, 10.0]]
+    assert {im["file_name"] for im in coco.dataset["images"]} == {"a.jpg", "b.png", "sub/c.jpg"}
+    assert fake.encode_count == 1
+
+
+def test_rejected_and_pending_boxes_are_not_exported(project, engine, tmp_path):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    first, second = project.visible_boxes()
+    project.set_state(first.id, "rejected")
+    data = project.export_coco(tmp_path / "e.json")
+    assert data["annotations"] == []
+    assert project.current.status == "predicted"       # 'second' still pending
+    project.set_state(second.id, "accepted")
+    assert project.current.status == "reviewed"
+    data = project.export_coco(tmp_path / "e.json")
+    assert [a["bbox"] for a in data["annotations"]] == [[25.0, 15.0, 20.0, 10.0]]
+
+
+def test_embedding_cache_makes_reprompt_skip_encoding(project, engine, fake):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    project.add_prompt("point", [50, 40])
+    detect_in_image(project, engine)
+    assert fake.encode_count == 1 and fake.detect_calls == 2
+
+
+def test_detect_in_this_image_uses_only_its_prompts(project, engine, fake):
+    project.goto(1)
+    with pytest.raises(ProjectError, match="draw a box or point on this image first"):
+        detect_in_image(project, engine)
+    project.goto(0)
+    project.add_prompt("box", [0, 0, 10, 10])
+    project.goto(1)
+    project.add_prompt("box", [0, 0, 40, 30])
+    detect_in_image(project, engine)
+    (prompts, _), = fake.embed_calls
+    assert len(prompts) == 1
+    np.testing.assert_allclose(prompts[0][1], [[0, 0, 40, 30]])
+    assert project.images[0].status == "untouched"
+
+
+def test_detect_in_all_images_averages_prompts_per_class(project, engine, fake):
+    project.add_class("dot")
+    project.add_prompt("box", [0, 0, 10, 10], cls="cell", image=0)
+    project.add_prompt("box", [0, 0, 30, 10], cls="cell", image=1)
+    project.add_prompt("box", [0, 0, 8, 8], cls="dot", negative=True, image=1)
+    project.add_prompt("point", [5, 5], cls="dot", image=2)
+    steps = list(detect_in_folder(project, engine))
+    assert [s[:2] for s in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert all(im.status == "predicted" for im in project.images)
+    by_cls = {}
+    for prompts, negatives in fake.embed_calls:
+        by_cls[len(by_cls)] = (prompts, negatives)
+    cell_prompts, cell_neg = by_cls[0]
+    assert len(cell_prompts) == 2 and cell_neg is None           # two images, one class
+    dot_prompts, dot_neg = by_cls[1]
+    assert len(dot_prompts) == 1 and len(dot_neg) == 1
+    # cell embedding = mean exemplar size (20, 10): boxes of that size on every image
+    b = project.images[2].boxes[0]
+    assert b.cls == "cell" and b.xyxy == [5.0, 5.0, 25.0, 15.0]
+    assert fake.encode_count == 3
+
+
+def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project, engine):
+    project.add_prompt("box", [10, 10, 30, 20])
+    done = []
+    for step in detect_in_folder(project, engine, should_stop=lambda: len(done) >= 1):
+        done.append(step)
+    assert len(done) == 1
+    assert [im.status for im in project.images] == ["predicted", "untouched", "untouched"]
+    assert project.undo() == "detect in all images"
+    assert all(not im.boxes for im in project.images)
+    assert len(project.images[0].prompts) == 1
+
+
+def test_threshold_changes_view_without_model(project, engine, fake):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    calls = fake.detect_calls
+    project.set_threshold(0.05)
+    assert len(project.visible_boxes()) == 3
+    project.set_threshold(0.95)
+    assert project.visible_boxes() == []
+    assert fake.detect_calls == calls
+    with pytest.raises(ProjectError):
+        project.set_threshold(1.5)
+
+
+def test_review_edit_move_resize_relabel(project, engine):
+    project.add_class("other")
+    project.set_active_class("cell")
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    b = project.visible_boxes()[0]
+    project.move(b.id, [40, 30, 12, 8])                  # corners in any order, normalised
+    kind, rec = project.find(b.id)
+    assert rec.xyxy == [12.0, 8.0, 40.0, 30.0] and rec.state == "accepted"
+    project.relabel(b.id, "other")
+    assert project.find(b.id)[1].cls == "other"
+    project.move(b.id, [-10, -10, 500, 500])              # clipped to the 80 x 60 image
+    assert project.find(b.id)[1].xyxy == [0.0, 0.0, 80.0, 60.0]
+    with pytest.raises(ProjectError, match="too small"):
+        project.move(b.id, [5, 5, 5.5, 9])
+
+
+def test_redetect_keeps_decisions_and_drops_duplicates(project, engine):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    b0, b1 = project.visible_boxes()
+    project.set_state(b0.id, "accepted")
+    project.set_state(b1.id, "rejected")
+    detect_in_image(project, engine)
+    boxes = project.current.boxes
+    assert len(boxes) == 3                                # 2 decided + the 0.1 one again
+    assert sorted(b.state for b in boxes) == ["accepted", "pending", "rejected"]
+
+
+def test_manual_box_is_accepted_and_exported(project, tmp_path):
+    project.add_box([1, 2, 11, 12])
+    data = project.export_coco(tmp_path / "m.json")
+    assert [a["bbox"] for a in data["annotations"]] == [[1.0, 2.0, 10.0, 10.0]]
+
+
+def test_undo_redo(project):
+    p = project.add_prompt("box", [10, 10, 30, 20])
+    project.move(p.id, [0, 0, 20, 20])
+    project.delete(p.id)
+    assert project.current.prompts == []
+    assert project.undo() == "delete"
+    assert project.current.prompts[0].coords == [0.0, 0.0, 20.0, 20.0]
+    assert project.undo() == "move prompt"
+    assert project.current.prompts[0].coords == [10.0, 10.0, 30.0, 20.0]
+    assert project.redo() == "move prompt"
+    assert project.current.prompts[0].coords == [0.0, 0.0, 20.0, 20.0]
+    project.undo()
+    project.undo()
+    assert project.current.prompts == []
+    assert project.undo() == "add class cell"             # the fixture's add_class
+    with pytest.raises(ProjectError, match="nothing to undo"):
+        project.undo()
+    project.redo()
+    project.redo()
+    project.add_prompt("point", [1, 1])                   # a new edit clears the redo stack
+    with pytest.raises(ProjectError, match="nothing to redo"):
+        project.redo()
+
+
+def test_undo_goes_back_to_the_edited_image(project):
+    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    project.goto(2)
+    project.undo()
+    assert project.index == 1 and project.images[1].prompts == []
+
+
+def test_autosave_is_atomic_and_restart_resumes(project, engine, folder, tmp_path):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    b = project.visible_boxes()[0]
+    project.set_state(b.id, "accepted")
+    project.set_threshold(0.42)
+    project.goto(2)
+    files = sorted(p.name for p in project.path.parent.iterdir())
+    assert files == ["project.json"]                      # no temp file left behind
+    again = Project(folder, project.path)
+    assert again.current.file == "sub/c.jpg"
+    assert again.threshold == 0.42
+    assert again.class_names == ["cell"]
+    assert again.images[0].to_json() == project.images[0].to_json()
+    assert again.images[0].status == "predicted"
+    assert again.accepted_annotations() == project.accepted_annotations()
+    # ids keep increasing after a restart (no clash with saved ones)
+    p2 = again.add_prompt("point", [3, 3])
+    assert p2.id > max(x.id for im in project.images for x in (*im.prompts, *im.boxes))
+
+
+def test_project_file_not_ours_is_a_clear_error(folder, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"images": []}))
+    with pytest.raises(ProjectError, match="bad.json"):
+        Project(folder, bad)
+
+
+def test_removed_images_are_dropped_with_a_warning(project, folder):
+    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    (folder / "b.png").unlink()
+    again = Project(folder, project.path)
+    assert [im.file for im in again.images] == ["a.jpg", "sub/c.jpg"]
+    assert "b.png" in again.warnings[0]
+
+
+def test_classes_add_rename_delete(project):
+    assert project.add_class("dot").color != project.get_class("cell").color
+    with pytest.raises(ProjectError, match="already exists"):
+        project.add_class("cell")
+    project.set_active_class("cell")
+    p = project.add_prompt("box", [10, 10, 30, 20])
+    project.update_class("cell", "blood cell", "#123456", "a red blood cell")
+    c = project.get_class("blood cell")
+    assert (c.color, c.text) == ("#123456", "a red blood cell")
+    assert project.find(p.id)[1].cls == "blood cell"
+    assert project.active_class == "blood cell"
+    assert project.delete_class("blood cell") == 1
+    assert project.current.prompts == [] and project.class_names == ["dot"]
+    project.undo()
+    assert project.class_names == ["blood cell", "dot"]
+    assert len(project.current.prompts) == 1
+
+
+def test_first_prompt_without_class_creates_default(folder, tmp_path):
+    p = Project(folder, tmp_path / "p.json")
+    p.add_prompt("point", [4, 4])
+    assert p.class_names == [DEFAULT_CLASS] and p.current.prompts[0].cls == DEFAULT_CLASS
+
+
+def test_text_phrase_without_clip_is_a_clear_error(project, engine):
+    project.update_class("cell", text="a red blood cell")
+    project.add_prompt("box", [10, 10, 30, 20])
+    with pytest.raises(ProjectError, match="CLIP"):
+        detect_in_image(project, engine)
+
+
+def test_prompt_file_roundtrip_and_external_prompts(project, folder, tmp_path, engine, fake):
+    from exports import read_prompts
+
+    project.add_prompt("box", [10, 10, 30, 20], image=0)
+    project.add_prompt("point", [40, 30], negative=True, image=2)
+    out = project.save_prompts(tmp_path / "sets" / "prompts.json")
+    ps = read_prompts(out)
+    assert len(ps.prompts) == 2 and ps.category_names == ["cell"]
+    # load into a fresh project of a copy of the folder: prompts on other images are external
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(other / "z.jpg")
+    q = Project(other, tmp_path / "q.json")
+    assert q.load_prompts(out) == (0, 2)
+    assert q.class_names == ["cell"]
+    list(detect_in_folder(q, engine))
+    prompts, negatives = fake.embed_calls[-1]
+    assert len(prompts) == 1 and len(negatives) == 1
+    # same folder: prompts land on the images
+    r = Project(folder, tmp_path / "r.json")
+    assert r.load_prompts(out) == (2, 0)
+    assert r.images[2].prompts[0].negative is True
+
+
+def test_export_yolo(project, engine, tmp_path):
+    from exports import read_yolo
+
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    project.accept_all()
+    data_yaml = project.export_yolo(tmp_path / "yolo")
+    ds = read_yolo(Path(data_yaml).parent)
+    assert len(ds.annotations) == 2 and ds.categories == ["cell"]
+
+
+def test_search_ranks_images_by_class_strength(project, engine):
+    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    ranked = search_images(project, engine, "cell")
+    assert [i for i, _ in ranked] == [0, 1, 2]            # brightness 255 > 200 > 150
+    assert ranked[0][1] == pytest.approx(0.9, abs=1e-3)
+    assert all(not im.boxes for im in project.images)     # search does not label
+
+
+def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
+    src = tmp_path / "new.jpg"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src)
+    idx = project.add_uploaded([src])
+    assert project.images[idx[0]].file == "uploaded/new.jpg"
+    assert (project.root / "uploaded" / "new.jpg").exists()
+    assert project.current.file == "uploaded/new.jpg"
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg")
+    with pytest.raises(Exception, match="broken.jpg"):
+        project.add_uploaded([bad])
+
+
+def test_class_embeddings_save_load(project, engine, folder, tmp_path):
+    project.add_prompt("box", [10, 10, 30, 20])
+    embs = engine.class_embeddings(project, None)
+    path = tmp_path / "cls.safetensors"
+    trex2.save_class_embeddings(str(path), embs)
+    q = Project(folder, tmp_path / "q.json")
+    assert q.load_class_embeddings(path) == ["cell"]
+    list(detect_in_folder(q, engine))                     # no prompt: the loaded embedding
+    assert all(len(im.boxes) == 3 for im in q.images)
+    assert q.embeddings_path.exists()
+    assert "cell" in Project(folder, tmp_path / "q.json").loaded_embeddings
+
+
+def test_preview_is_exif_frame_and_downscaled(engine, tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.zeros((100, 3000, 3), np.uint8)).save(big)
+    engine.preview_max_side = 1000
+    path, w, h = engine.preview(big)
+    assert (w, h) == (3000, 100)
+    assert Image.open(path).size == (1000, 33)
+    assert engine.preview(big)[0] == path                 # made once
+
+
+def test_views_are_per_session(project, engine, folder, tmp_path):
+    from app.ui import Session, build_view, stats_html
+
+    s1 = Session(project, tmp_path)
+    s2 = Session(Project(folder, tmp_path / "other.json"), tmp_path)
+    project.add_prompt("box", [10, 10, 30, 20])
+    v1, v2 = build_view(s1, engine), build_view(s2, engine)
+    assert len(v1["prompts"]) == 1 and v2["prompts"] == []
+    assert v1["image"]["width"] == W and v1["image"]["url"].startswith("gradio_api/file=")
+    assert "cell" in stats_html(s1)
