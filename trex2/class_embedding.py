@@ -1,0 +1,53 @@
+"""Class embeddings: what a set of prompts becomes, and how it is saved for reuse on other folders."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class ClassEmbedding:
+    """embedding (d,): the class embedding (mean over prompt images, and with text if given);
+    negatives (K, d): embeddings of "not this" examples, one per image they were drawn on."""
+    embedding: torch.Tensor
+    negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+
+
+def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None:
+    """Write {name: ClassEmbedding} to a safetensors file (names in the JSON metadata), atomically."""
+    tensors = {}
+    for i, ce in enumerate(classes.values()):
+        tensors[f"{i}.embedding"] = ce.embedding.detach().float().contiguous()
+        if ce.negatives.numel():
+            tensors[f"{i}.negatives"] = ce.negatives.detach().float().contiguous()
+    meta = {"format": "trex2-class-embeddings", "names": json.dumps(list(classes))}
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_class_embeddings(path: str) -> dict[str, ClassEmbedding]:
+    """Read a file written by save_class_embeddings -> {name: ClassEmbedding}."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != "trex2-class-embeddings":
+                raise ValueError(f"{path}: not a class-embedding file")
+            names = json.loads(meta["names"])
+            keys = set(f.keys())
+            out = {}
+            for i, name in enumerate(names):
+                neg = f.get_tensor(f"{i}.negatives") if f"{i}.negatives" in keys else torch.zeros(0, 0)
+                out[name] = ClassEmbedding(f.get_tensor(f"{i}.embedding"), neg)
+            return out
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read class embeddings: {e}") from e
+    except Exception as e:  # safetensors raises its own error type for non-safetensors files
+        if isinstance(e, ValueError):
+            raise
+        raise ValueError(f"{path}: not a class-embedding file ({e})") from e

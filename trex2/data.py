@@ -1,0 +1,109 @@
+"""Training data: frozen-backbone feature cache and T-Rex2 episode sampling.
+
+Every training image (real photos from the train sets, and synthetic repeated-object scenes from
+synthetic.py) is resized into a square canvas of `image_size` px, passed once through the frozen
+backbone, and its three feature maps are kept in memory as float16. An episode picks one category in
+one image: 1..3 of its boxes (or points) are the prompts - on the same image, or on another image of
+the same set for a cross-image episode - and all its instances are the targets.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .image_io import load_image
+
+
+@dataclass
+class CachedImage:
+    features: list[torch.Tensor]      # [(C_l, h_l, w_l)] float16
+    boxes: torch.Tensor               # (N, 4) cx, cy, w, h in [0, 1] of the canvas
+    labels: torch.Tensor              # (N,) int64, category index within `group`
+    group: str                        # images of one group share categories (dataset or scene)
+    valid_wh: tuple[float, float]     # image extent in the canvas
+
+
+def canvas_features(model, image: np.ndarray, size: int):
+    """Image -> backbone maps of a square size x size canvas, resize factor, valid extent."""
+    x, scale, valid = model.preprocess(image)
+    x = F.pad(x, (0, size - x.shape[3], 0, size - x.shape[2]), value=127.0)
+    with torch.no_grad():
+        feats = model.backbone(x)
+    return [f[0].half() for f in feats], scale, valid
+
+
+def cache_image(model, image, boxes_xyxy, labels, group, size) -> CachedImage:
+    feats, scale, valid = canvas_features(model, image, size)
+    b = torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)) * scale / size
+    b = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
+    return CachedImage(feats, b, torch.as_tensor(np.asarray(labels), dtype=torch.long), group, valid)
+
+
+def read_coco_set(set_dir: str):
+    """Yield (image RGB, boxes xyxy (N, 4), labels (N,)) for <set_dir>/gt.json + images/."""
+    from exports import read_coco  # dataset formats live in exports/
+    gt = read_coco(os.path.join(set_dir, "gt.json"))
+    cat_index = {name: i for i, name in enumerate(gt.categories)}
+    for record in gt.images:
+        anns = [a for a in gt.annotations_for(record.file_name)
+                if a.box[2] - a.box[0] > 1 and a.box[3] - a.box[1] > 1]
+        if not anns:
+            continue
+        image = load_image(os.path.join(set_dir, "images", record.file_name))
+        yield (image, np.array([a.box for a in anns], np.float32),
+               np.array([cat_index[a.category] for a in anns]))
+
+
+class EpisodeSampler:
+    """Draws training episodes from cached images."""
+
+    def __init__(self, images: list[CachedImage], seed: int = 0, max_prompts: int = 3,
+                 cross_image_prob: float = 0.3, point_prob: float = 0.2):
+        self.images = images
+        self.rng = np.random.default_rng(seed)
+        self.max_prompts, self.cross_p, self.point_p = max_prompts, cross_image_prob, point_prob
+        self.by_group_label: dict[tuple[str, int], list[int]] = {}
+        for i, im in enumerate(images):
+            for lab in set(im.labels.tolist()):
+                self.by_group_label.setdefault((im.group, lab), []).append(i)
+
+    def sample(self):
+        """-> dict with target image index, prompt image index, label, prompt boxes (K, 4) canvas
+        cx, cy, w, h, is_point (K,), target boxes (G, 4), hflip flags."""
+        rng = self.rng
+        i = int(rng.integers(len(self.images)))
+        im = self.images[i]
+        labels = im.labels.numpy()
+        lab = int(rng.choice(np.unique(labels)))
+        src = i
+        peers = self.by_group_label[(im.group, lab)]
+        if len(peers) > 1 and rng.random() < self.cross_p:
+            src = int(rng.choice([p for p in peers if p != i]))
+        src_boxes = self.images[src].boxes[self.images[src].labels == lab]
+        k = int(rng.integers(1, min(self.max_prompts, len(src_boxes)) + 1))
+        pick = src_boxes[torch.as_tensor(rng.choice(len(src_boxes), k, replace=False))].clone()
+        # imprecise user boxes: jitter centre and size by a few percent
+        jitter = torch.as_tensor(rng.normal(0, 0.04, (k, 4)), dtype=torch.float32)
+        pick[:, :2] += jitter[:, :2] * pick[:, 2:]
+        pick[:, 2:] *= (1 + jitter[:, 2:]).clamp(0.8, 1.2)
+        is_point = torch.as_tensor(rng.random(k) < self.point_p)
+        # a point lands somewhere in the central part of the object
+        pick[is_point, :2] += torch.as_tensor(rng.uniform(-0.25, 0.25, (int(is_point.sum()), 2)),
+                                              dtype=torch.float32) * pick[is_point, 2:]
+        return {"target": i, "source": src, "prompts": pick.clamp(0, 1), "is_point": is_point,
+                "targets": im.boxes[im.labels == lab]}
+
+
+def hflip_features(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [f.flip(-1) for f in feats]
+
+
+def hflip_boxes(b: torch.Tensor) -> torch.Tensor:
+    """Mirror cx, cy, w, h boxes of a canvas the image fills entirely."""
+    b = b.clone()
+    b[:, 0] = 1 - b[:, 0]
+    return b

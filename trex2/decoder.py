@@ -1,0 +1,122 @@
+"""DINO-style box decoder conditioned on a class embedding (T-Rex2 section 3.3).
+
+1. Proposals: every encoder token predicts a box relative to its cell anchor and a class logit (dot
+   product of the token and the class embedding).
+2. Query selection: the top-K tokens by that logit become the queries; their proposal boxes are the
+   initial reference boxes and their features the initial content (detached, as in two-stage DETRs).
+3. Decoder layers: self-attention between queries, deformable cross-attention to the image tokens
+   around the reference box, FFN; each layer refines the box (iterative refinement in logit space)
+   and is classified by the dot product with the class embedding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .box_ops import inverse_sigmoid
+from .deformable_attention import MSDeformAttn
+from .image_encoder import cell_boxes
+from .position_encoding import sine_embed
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int, d_out: int, layers: int):
+        super().__init__()
+        dims = [d_in] + [d_hidden] * (layers - 1) + [d_out]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else torch.relu(layer(x))
+        return x
+
+
+class ClassHead(nn.Module):
+    """logit = <W q + w0, c> / sqrt(d) + b: q (B, Q, d) queries, c (B, d) class embeddings -> (B, Q).
+    Computed as <q, W^T c> so that the cost per query is one dot product."""
+
+    def __init__(self, d: int, prior: float = 0.01):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.bias = nn.Parameter(torch.tensor(-math.log((1 - prior) / prior)))
+        self.scale = 1.0 / math.sqrt(d)
+
+    def forward(self, q, c):
+        w = c @ self.proj.weight                                   # (B, d)
+        return (torch.einsum("bqd,bd->bq", q, w) + (c * self.proj.bias).sum(-1, keepdim=True)) \
+            * self.scale + self.bias
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, d, n_levels, n_heads, n_points, d_ffn):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d, n_heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(d)
+        self.cross = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm2 = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, d_ffn), nn.ReLU(), nn.Linear(d_ffn, d))
+        self.norm3 = nn.LayerNorm(d)
+
+    def forward(self, q, pos, ref, value, shapes, projected=False):
+        k = q + pos
+        q = self.norm1(q + self.self_attn(k, k, q, need_weights=False)[0])
+        q = self.norm2(q + self.cross(q + pos, ref, value, shapes, projected))
+        return self.norm3(q + self.ffn(q))
+
+
+class BoxDecoder(nn.Module):
+    def __init__(self, d: int = 128, n_levels: int = 3, layers: int = 3, n_heads: int = 4,
+                 n_points: int = 4, d_ffn: int = 512):
+        super().__init__()
+        self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
+        self.enc_box = MLP(d, d, 4, 3)
+        self.class_head = ClassHead(d)
+        self.query_pos = MLP(2 * d, d, d, 2)
+        self.layers = nn.ModuleList(DecoderLayer(d, n_levels, n_heads, n_points, d_ffn) for _ in range(layers))
+        self.box_heads = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(layers))
+        for head in [self.enc_box, *self.box_heads]:
+            nn.init.zeros_(head.layers[-1].weight)
+            nn.init.zeros_(head.layers[-1].bias)
+        self.d = d
+
+    def precompute(self, memory, shapes) -> dict:
+        """Class-independent work on an image's tokens, cached per image by the predictor: proposal
+        features, anchors, and each layer's projected attention values."""
+        anchors = torch.cat([cell_boxes(h, w, lvl, memory.device) for lvl, (h, w) in enumerate(shapes)], 1)
+        return {"feat": self.enc_output(memory), "anchors": anchors,
+                "values": [layer.cross.value_proj(memory) for layer in self.layers]}
+
+    def forward(self, memory, shapes, class_emb, valid_wh, num_queries: int, pre: dict | None = None,
+                dense_outputs: bool = True):
+        """memory (B, N, d); class_emb (B, d); valid_wh (B, 2) the image's extent in the canvas;
+        pre: precompute(memory) (batch 1 or B) to skip class-independent work; dense_outputs: also
+        return the boxes of all N proposals (needed for training only).
+        Returns a list over decoder layers of (logits (B, K), boxes (B, K, 4) cx, cy, w, h in [0, 1]),
+        the proposals (logits (B, N), boxes (B, N, 4)) and the last layer's queries (B, K, d)."""
+        B = class_emb.shape[0]
+        pre = pre or self.precompute(memory, shapes)
+        feat, anchors = pre["feat"].expand(B, -1, -1), pre["anchors"]
+        enc_logits = self.class_head(feat, class_emb)
+        inside = (anchors[..., 0] < valid_wh[:, None, 0]) & (anchors[..., 1] < valid_wh[:, None, 1])
+        enc_logits = enc_logits.masked_fill(~inside, float("-inf"))
+        k = min(num_queries, memory.shape[1])
+        idx = enc_logits.topk(k, dim=1).indices
+        rows = torch.arange(B)[:, None]
+        q = feat[rows, idx]
+        enc_boxes = None
+        if dense_outputs:
+            enc_boxes = (self.enc_box(feat) + inverse_sigmoid(anchors)).sigmoid()
+            ref = enc_boxes[rows, idx].detach()
+        else:
+            ref = (self.enc_box(q) + inverse_sigmoid(anchors[0][idx])).sigmoid()
+        q = q.detach()
+        outputs = []
+        for layer, box_head, value in zip(self.layers, self.box_heads, pre["values"]):
+            pos = self.query_pos(sine_embed(ref, self.d // 2))
+            q = layer(q, pos, ref, value.expand(B, -1, -1), shapes, projected=True)
+            boxes = (box_head(q) + inverse_sigmoid(ref)).sigmoid()
+            outputs.append((self.class_head(q, class_emb), boxes))
+            ref = boxes.detach()
+        return outputs, (enc_logits.masked_fill(enc_logits.isinf(), -30.0), enc_boxes), q
