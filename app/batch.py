@@ -1,0 +1,433 @@
+"""Headless batch labeling (DESIGN.md section 3).
+
+    python app.py label IMAGE_DIR --prompts PROMPTS.json --out OUT.json
+                        [--per-image] [--score-threshold T] [--resume]
+
+Images are read, encoded, detected and recorded one at a time, so memory stays flat over a folder
+of any size. Each finished image is appended (flushed and fsynced) to the sidecar
+``OUT.json.partial.jsonl``; its first line records the prompts' SHA-256 and the options, so
+``--resume`` continues a killed run (even after SIGKILL) without losing or repeating an image, and
+refuses a different prompt set. OUT.json is assembled from the sidecar at the end and written
+atomically; the sidecar is then removed.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from trex2.image_io import ImageLoadError, list_images, load_image
+
+SIDECAR_SUFFIX = ".partial.jsonl"
+SIDECAR_FORMAT = "trex2-label-partial/1"
+
+
+class LabelError(Exception):
+    """Bad input or state for ``label``; the message is shown to the user as is."""
+
+
+# --------------------------------------------------------------------------- labeling core
+@dataclass
+class ImageResult:
+    """One image's outcome. ``size`` is (H, W); ``detections`` a supervision.Detections, or None
+    with ``error`` set when the file could not be read."""
+    file_name: str
+    path: str
+    size: tuple[int, int] | None
+    detections: object | None
+    error: str | None = None
+
+
+def file_key(path: str) -> tuple:
+    """Predictor cache key for an image file: real path, mtime and size (changes when the file does)."""
+    st = os.stat(path)
+    return ("file", os.path.realpath(path), st.st_mtime_ns, st.st_size)
+
+
+def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
+                 score_threshold: float | None = None,
+                 on_progress: Callable[[int, int], None] | None = None,
+                 should_cancel: Callable[[], bool] | None = None) -> Iterator[ImageResult]:
+    """Detect ``classes`` on each image ``image_dir/file_name``, one at a time, in order.
+
+    ``classes``: dict name -> trex2.ClassEmbedding applied to every image, or a callable
+    ``(abs_path, image_embedding) -> dict`` giving the classes of one image (per-image prompts;
+    an empty dict means no detections). Unreadable images yield a result with ``error`` set.
+    ``on_progress(done, total)`` is called after each image; ``should_cancel()`` is polled
+    before each image and stops the generator when it returns True.
+    """
+    import supervision as sv
+
+    total = len(file_names)
+    for i, rel in enumerate(file_names):
+        if should_cancel is not None and should_cancel():
+            return
+        path = os.path.join(image_dir, rel)
+        try:
+            image = load_image(path)
+        except (ImageLoadError, OSError) as e:
+            yield ImageResult(rel, path, None, None, str(e))
+        else:
+            emb = predictor.encode_image(image, key=file_key(path))
+            cls = classes(os.path.abspath(path), emb) if callable(classes) else classes
+            dets = predictor.detect(emb, cls, score_threshold=score_threshold) if cls else sv.Detections.empty()
+            yield ImageResult(rel, path, tuple(image.shape[:2]), dets)
+        if on_progress is not None:
+            on_progress(i + 1, total)
+
+
+def result_record(res: ImageResult, cat_index: dict[str, int]) -> dict:
+    """Sidecar line for one image: boxes clipped to the image, rounded (2 decimals px, 5 for scores).
+
+    ``dets`` rows are [category index (0-based), x1, y1, x2, y2, score]; degenerate boxes dropped.
+    """
+    if res.error is not None:
+        return {"file_name": res.file_name, "error": res.error}
+    h, w = res.size
+    d = res.detections
+    rows = []
+    if len(d):
+        xyxy = np.asarray(d.xyxy, dtype=np.float64).copy()
+        xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, w)
+        xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, h)
+        names = d.data["class_name"]
+        for k in range(len(d)):
+            x1, y1, x2, y2 = (round(float(v), 2) for v in xyxy[k])
+            if x2 > x1 and y2 > y1:
+                rows.append([cat_index[str(names[k])], x1, y1, x2, y2, round(float(d.confidence[k]), 5)])
+    return {"file_name": res.file_name, "width": int(w), "height": int(h), "dets": rows}
+
+
+# --------------------------------------------------------------------------- prompts
+def _is_safetensors(path: str) -> bool:
+    """True if the file starts like a safetensors file (8-byte little-endian header size, then '{')."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 1 << 30
+
+
+class PromptSource:
+    """What ``--prompts`` names: a prompt file (kind "prompts", exports.read_prompts) or a saved
+    class-embedding file (kind "embeddings", trex2.save_class_embeddings). ``categories`` are
+    names in file order (OUT.json ids 1..K); ``sha256`` is the file's hash."""
+
+    def __init__(self, path: str, kind: str, sha256: str, categories: list[str], prompt_set=None,
+                 embeddings: dict | None = None):
+        self.path, self.kind, self.sha256, self.categories = path, kind, sha256, categories
+        self.prompt_set, self.embeddings = prompt_set, embeddings
+
+    @classmethod
+    def load(cls, path: str) -> "PromptSource":
+        """Read and check ``path``; LabelError naming the file on any problem."""
+        if not os.path.isfile(path):
+            raise LabelError(f"prompts file not found: {path}")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if path.endswith(".safetensors") or _is_safetensors(path):
+            from trex2 import load_class_embeddings
+            try:
+                emb = load_class_embeddings(path)
+            except ValueError as e:
+                raise LabelError(str(e)) from None
+            if not emb:
+                raise LabelError(f"{path}: the class-embedding file holds no class")
+            return cls(path, "embeddings", h.hexdigest(), list(emb), embeddings=emb)
+        from exports.prompts import read_prompts
+        try:
+            ps = read_prompts(path)
+        except (ValueError, OSError) as e:
+            raise LabelError(f"bad prompt file: {e}") from None
+        if not ps.categories:
+            raise LabelError(f"{path}: the prompt file has no categories")
+        for c in ps.categories:
+            if not ps.select(category=c.name, negative=False) and not c.text:
+                raise LabelError(f"{path}: category {c.name!r} has no positive exemplar (box or point) "
+                                 f"and no text prompt")
+        return cls(path, "prompts", h.hexdigest(), ps.category_names, prompt_set=ps)
+
+    def _image_embedding(self, predictor, image):
+        try:
+            pixels = load_image(image)
+        except ImageLoadError as e:
+            raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
+        return predictor.encode_image(pixels, key=file_key(str(image)))
+
+    def _embed(self, predictor, name: str, pos: list, neg: list):
+        import trex2
+        text = self.prompt_set.text_for(name)
+        try:
+            return predictor.embed_prompts(pos, negatives=neg or None, text=text)
+        except trex2.TextEncoderUnavailable as e:
+            raise LabelError(f"category {name!r} has the text prompt {text!r}, but {e}") from None
+
+    def _prompts_on(self, image, emb, name: str, negative: bool) -> list:
+        b = self.prompt_set.boxes(image, name, negative)
+        q = self.prompt_set.points(image, name, negative)
+        return [(emb, b, q)] if len(b) or len(q) else []
+
+    def cross_image_classes(self, predictor) -> dict:
+        """{name: ClassEmbedding}: each category's exemplars on all prompt images (each image
+        encoded once), its negatives and text pooled into one class embedding."""
+        if self.kind == "embeddings":
+            return dict(self.embeddings)
+        ps, embs, out = self.prompt_set, {}, {}
+        for c in ps.categories:
+            pos, neg = [], []
+            for image in ps.images():
+                if not ps.select(image, c.name):
+                    continue
+                if image not in embs:
+                    embs[image] = self._image_embedding(predictor, image)
+                pos += self._prompts_on(image, embs[image], c.name, False)
+                neg += self._prompts_on(image, embs[image], c.name, True)
+            out[c.name] = self._embed(predictor, c.name, pos, neg)
+        return out
+
+    def per_image_classes(self, predictor) -> Callable:
+        """Callable (abs_path, image_embedding) -> {name: ClassEmbedding} from the exemplars drawn on
+        that same file (and the category's text); a category without a positive there is left out."""
+        ps = self.prompt_set
+
+        def classes(path: str, emb) -> dict:
+            out = {}
+            for c in ps.categories:
+                pos = self._prompts_on(path, emb, c.name, False)
+                if pos:
+                    out[c.name] = self._embed(predictor, c.name, pos, self._prompts_on(path, emb, c.name, True))
+            return out
+        return classes
+
+    def check_per_image(self, image_dir: str, file_names: list[str], warn) -> None:
+        """LabelError if no prompt image is one of the folder's images; warnings for the rest."""
+        ps = self.prompt_set
+        folder = {os.path.realpath(os.path.join(image_dir, r)) for r in file_names}
+        prompted = {str(p.image) for p in ps.prompts if not p.negative}
+        hit = prompted & folder
+        if not hit:
+            raise LabelError(f"--per-image: none of the {len(prompted)} prompted images of {self.path} is under "
+                             f"{image_dir} (file_name in a prompt file is relative to the prompt file's folder)")
+        if len(hit) < len(prompted):
+            warn(f"--per-image: {len(prompted) - len(hit)} prompted image(s) of {self.path} are not under "
+                 f"{image_dir}; their exemplars are unused")
+        for c in ps.categories:
+            if not ps.select(category=c.name, negative=False):
+                warn(f"--per-image: category {c.name!r} has only a text prompt, and is detected on no image")
+
+
+# --------------------------------------------------------------------------- sidecar
+def sidecar_path(out: str) -> str:
+    return out + SIDECAR_SUFFIX
+
+
+def read_sidecar(path: str) -> tuple[dict, dict[str, dict], int]:
+    """(header, records by file_name, byte length of the valid prefix). A torn or unparsable last
+    line is ignored (the caller truncates it away); a bad line before the last is an error."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    # lines[-1] is the text after the last newline: empty, or a torn write
+    good_end, header, records = 0, None, {}
+    for n, line in enumerate(lines[:-1]):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if n == len(lines) - 2 and not lines[-1]:
+                break  # a complete but garbled last line: treat as torn
+            raise LabelError(f"progress file {path} is corrupt at line {n + 1}; delete it to start over") from None
+        if header is None:
+            if rec.get("format") != SIDECAR_FORMAT:
+                raise LabelError(f"{path} is not a progress file of this tool; delete it to start over")
+            header = rec
+        else:
+            records.setdefault(rec.get("file_name"), rec)
+        good_end += len(line) + 1
+    if header is None:
+        raise LabelError(f"progress file {path} has no header (killed while starting?); delete it to start over")
+    return header, records, good_end
+
+
+def create_sidecar(path: str, header: dict) -> None:
+    """Write a new sidecar holding only ``header``, atomically (temp file + rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(header) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_record(f, rec: dict) -> None:
+    """Append one JSON line and make it durable before returning."""
+    f.write((json.dumps(rec) + "\n").encode("utf-8"))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------- run
+def _options(image_dir: str, prompts: "PromptSource", per_image: bool) -> dict:
+    """What decides the detections; a resumed run must match it exactly."""
+    return {"image_dir": os.path.realpath(image_dir), "prompts_sha256": prompts.sha256,
+            "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image"}
+
+
+def _check_progress(out: str, options: dict, resume: bool) -> dict[str, dict] | None:
+    """Records of an unfinished run to resume (None: start afresh); LabelError if the sidecar is
+    there without --resume, or was made with other prompts or options."""
+    side = sidecar_path(out)
+    if not os.path.exists(side):
+        return None
+    if not resume:
+        raise LabelError(f"unfinished run found: {side}\n"
+                         f"  pass --resume to continue it, or delete that file to start over")
+    header, records, _ = read_sidecar(side)
+    changed = [k for k in options if header.get("options", {}).get(k) != options[k]]
+    if changed:
+        raise LabelError(f"cannot --resume: {side} was made with a different {', '.join(changed)} "
+                         f"(recorded {[header['options'].get(k) for k in changed]}, now "
+                         f"{[options[k] for k in changed]}); delete it to start over")
+    return records
+
+
+def _open_progress(out: str, options: dict, resume_records: dict | None):
+    """The sidecar opened for appending (created if new; a torn last line cut off), locked."""
+    side = sidecar_path(out)
+    if resume_records is None:
+        create_sidecar(side, {"format": SIDECAR_FORMAT, "options": options})
+    f = open(side, "r+b")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise LabelError(f"another 'label' run is writing {side}") from None
+    good_end = read_sidecar(side)[2]
+    f.truncate(good_end)
+    f.seek(good_end)
+    return f
+
+
+def _write_output(out: str, file_names: list[str], records: dict[str, dict], categories: list[str],
+                  info: dict) -> tuple[int, int]:
+    """Assemble OUT.json from the per-image records (in ``file_names`` order), atomically.
+    Returns (images written, annotations written)."""
+    from exports.coco import write_coco
+
+    done = [records[r] for r in file_names if r in records and "error" not in records[r]]
+    images = ((r["file_name"], r["width"], r["height"]) for r in done)
+    anns = ((r["file_name"], categories[d[0]], tuple(d[1:5]), d[5]) for r in done for d in r["dets"])
+    data = write_coco(out, images, categories, anns, info=info)
+    return len(data["images"]), len(data["annotations"])
+
+
+def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
+        score_threshold: float | None = None, resume: bool = False, predictor=None,
+        weights: str | None = None, progress: bool = True, warn=None) -> dict:
+    """The ``label`` command as a function. Returns a summary dict; raises LabelError on bad input."""
+    if warn is None:
+        from tqdm import tqdm
+        warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
+    if not os.path.isdir(image_dir):
+        raise LabelError(f"image folder not found: {image_dir}")
+    file_names = list_images(image_dir)
+    if not file_names:
+        raise LabelError(f"no image files under {image_dir}")
+    prompts = PromptSource.load(prompts_path)
+    if per_image and prompts.kind == "embeddings":
+        raise LabelError(f"--per-image needs a prompt file with exemplars on the images; "
+                         f"{prompts_path} holds saved class embeddings")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise LabelError(f"output folder does not exist: {out_dir}")
+    options = _options(image_dir, prompts, per_image)
+    records = _check_progress(out, options, resume)
+    if resume and records is None:
+        warn(f"--resume: no progress file {sidecar_path(out)}; starting from the beginning")
+    if per_image:
+        prompts.check_per_image(image_dir, file_names, warn)
+    if predictor is None:
+        import trex2
+        try:
+            predictor = trex2.Predictor(trex2.load_model(weights))
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise LabelError(f"cannot load the model: {e}") from None
+    classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor)
+    side_f = _open_progress(out, options, records)
+    records = dict(records or {})
+    try:
+        todo = [r for r in file_names if r not in records]
+        cat_index = {name: i for i, name in enumerate(prompts.categories)}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(file_names), initial=len(file_names) - len(todo), unit="img",
+                       file=sys.stderr, dynamic_ncols=True, desc="label")
+        try:
+            for res in label_folder(predictor, image_dir, todo, classes):
+                if res.error is not None:
+                    warn(f"skipped {res.error}")
+                rec = result_record(res, cat_index)
+                append_record(side_f, rec)
+                records[rec["file_name"]] = rec
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        threshold = float(predictor.score_threshold if score_threshold is None else score_threshold)
+        info = {"description": "app.py label: T-Rex2-style visual-prompt detections",
+                "prompts": os.path.abspath(prompts_path), "image_dir": os.path.abspath(image_dir),
+                "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold}
+        n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
+    finally:
+        side_f.close()
+    os.unlink(sidecar_path(out))
+    bad = [r["file_name"] for r in (records[f] for f in file_names if f in records) if "error" in r]
+    return {"out": out, "images": n_img, "annotations": n_ann, "skipped": bad, "score_threshold": threshold,
+            "above_threshold": sum(d[5] >= threshold for f in file_names for d in records.get(f, {}).get("dets", ()))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="app.py label", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (searched recursively)")
+    ap.add_argument("--prompts", required=True, metavar="PROMPTS",
+                    help="prompt file (COCO JSON of exemplars, DESIGN.md section 2) or a saved "
+                         "class-embedding file (trex2.save_class_embeddings)")
+    ap.add_argument("--out", required=True, metavar="OUT.json", help="COCO file to write")
+    ap.add_argument("--per-image", action="store_true",
+                    help="each image uses only the exemplars drawn on it (default: pool all exemplars "
+                         "of a category and apply them to every image)")
+    ap.add_argument("--score-threshold", type=float, default=None, metavar="T",
+                    help="recorded as info.score_threshold (default: the model's recommended threshold); "
+                         "all detections above a low floor are written regardless")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted run with the same prompts")
+    ap.add_argument("--weights", metavar="PATH", default=None,
+                    help="model weights (.safetensors; default: the shipped trex2/weights)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = ap.parse_args(argv)
+    try:
+        s = run(a.image_dir, a.prompts, a.out, per_image=a.per_image, score_threshold=a.score_threshold,
+                resume=a.resume, weights=a.weights, progress=not a.quiet)
+    except LabelError as e:
+        print(f"app.py label: error: {e}", file=sys.stderr)
+        return 2
+    if s["skipped"]:
+        print(f"app.py label: skipped {len(s['skipped'])} unreadable file(s): " + ", ".join(s["skipped"]),
+              file=sys.stderr)
+    print(f"wrote {s['out']}: {s['images']} images, {s['annotations']} detections "
+          f"({s['above_threshold']} with score >= info.score_threshold {s['score_threshold']:g})",
+          file=sys.stderr)
+    if s["images"] == 0:
+        print("app.py label: error: no image could be read", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,379 @@
+"""app.batch (`python app.py label`): end to end on generated folders, resume after SIGKILL, bad files,
+per-image vs cross-image prompts, negatives, class-embedding files. Uses the real trex2 model on CPU;
+images are small generated scenes of repeated shapes (red discs, blue squares, red squares)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import trex2
+from app import batch
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 224
+N_IMAGES = 8
+SHAPES = {"disc": (220, 40, 40), "square": (40, 60, 220), "redsquare": (220, 40, 40)}
+
+
+def draw_scene(rng, counts: dict, size: int = SIZE):
+    """RGB uint8 (size, size, 3) grey scene with counts[shape] copies of each shape (side 22-26 px,
+    no overlaps) -> (image, {shape: (N, 4) xyxy boxes})."""
+    img = np.full((size, size, 3), 190, np.uint8)
+    img += rng.integers(0, 12, img.shape, dtype=np.uint8)
+    taken, boxes = [], {k: [] for k in counts}
+    for shape, n in counts.items():
+        for _ in range(n):
+            for _ in range(200):
+                s = int(rng.integers(22, 27))
+                x, y = (int(v) for v in rng.integers(4, size - s - 4, 2))
+                if all(x + s + 6 < a or a + b + 6 < x or y + s + 6 < c or c + b + 6 < y for a, c, b in taken):
+                    break
+            taken.append((x, y, s))
+            if shape == "disc":
+                cv2.circle(img, (x + s // 2, y + s // 2), s // 2, SHAPES[shape], -1)
+            else:
+                cv2.rectangle(img, (x, y), (x + s - 1, y + s - 1), SHAPES[shape], -1)
+            boxes[shape].append([x, y, x + s, y + s])
+    return img, {k: np.asarray(v, float).reshape(-1, 4) for k, v in boxes.items()}
+
+
+def save_rgb(path: Path, img):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
+
+
+def prompt_file(path: Path, entries, categories=("disc", "square"), texts=None):
+    """Write a prompt file. entries: (image path, category, box xyxy | None, point | None, negative)."""
+    images, anns = [], []
+    ids = {}
+    for img_path, cat, box, point, neg in entries:
+        rel = os.path.relpath(img_path, path.parent).replace(os.sep, "/")
+        if rel not in ids:
+            ids[rel] = len(ids) + 1
+            images.append({"id": ids[rel], "file_name": rel, "width": SIZE, "height": SIZE})
+        a = {"id": len(anns) + 1, "image_id": ids[rel], "category_id": list(categories).index(cat) + 1}
+        if box is not None:
+            a["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+        else:
+            a["point"] = [float(point[0]), float(point[1])]
+        if neg:
+            a["negative"] = True
+        anns.append(a)
+    cats = [{"id": i + 1, "name": c, **({"text": texts[c]} if texts and c in texts else {})}
+            for i, c in enumerate(categories)]
+    path.write_text(json.dumps({"images": images, "categories": cats, "annotations": anns}))
+    return str(path)
+
+
+def iou(a, b):
+    """IoU matrix between (N, 4) and (M, 4) xyxy boxes."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    return trex2.Predictor(trex2.load_model())
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A folder of N_IMAGES scenes (two in a subfolder) with discs and squares, a cross-image prompt
+    file on a separate prompt image, and a per-image prompt file with exemplars on images 0 and 1 only."""
+    root = tmp_path_factory.mktemp("labelset")
+    rng = np.random.default_rng(0)
+    truth = {}
+    for i in range(N_IMAGES):
+        rel = f"{'deep/' if i >= N_IMAGES - 2 else ''}img{i:02d}.png"
+        img, boxes = draw_scene(rng, {"disc": 5, "square": 4})
+        save_rgb(root / "images" / rel, img)
+        truth[rel] = boxes
+    img, pboxes = draw_scene(rng, {"disc": 4, "square": 4})
+    save_rgb(root / "prompts" / "images" / "p.png", img)
+    cross = prompt_file(root / "prompts" / "prompts.json",
+                        [(root / "prompts/images/p.png", "disc", b, None, False) for b in pboxes["disc"][:2]]
+                        + [(root / "prompts/images/p.png", "square", b, None, False) for b in pboxes["square"][:2]])
+    im0, im1 = root / "images/img00.png", root / "images/img01.png"
+    per = prompt_file(root / "prompts-per-image.json",
+                      [(im0, "disc", b, None, False) for b in truth["img00.png"]["disc"][:2]]
+                      + [(im1, "square", b, None, False) for b in truth["img01.png"]["square"][:2]])
+    return {"root": root, "images": str(root / "images"), "truth": truth, "cross": cross, "per": per}
+
+
+@pytest.fixture(scope="module")
+def clean_cross(dataset, predictor, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "out.json"
+    summary = batch.run(dataset["images"], dataset["cross"], str(out), predictor=predictor, progress=False)
+    return json.loads(out.read_text()), summary
+
+
+def load_coco_checked(path):
+    """Load with pycocotools and check the DESIGN.md section 3 invariants; returns the JSON dict."""
+    from pycocotools.coco import COCO
+    data = json.loads(Path(path).read_text())
+    coco = COCO(str(path))
+    assert len(coco.getImgIds()) == len(data["images"])
+    assert [im["id"] for im in data["images"]] == list(range(1, len(data["images"]) + 1))
+    assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
+    names = [im["file_name"] for im in data["images"]]
+    assert len(set(names)) == len(names) and all(not n.startswith("/") and "\\" not in n for n in names)
+    assert [c["id"] for c in data["categories"]] == list(range(1, len(data["categories"]) + 1))
+    for a in data["annotations"]:
+        assert a["iscrowd"] == 0 and 0 <= a["score"] <= 1 and a["bbox"][2] > 0 and a["bbox"][3] > 0
+        assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3], rel=1e-3)
+    assert isinstance(data["info"]["score_threshold"], float)
+    return data
+
+
+def dets_by_image(data, threshold=None):
+    """{file_name: {category name: (N, 5) [x1, y1, x2, y2, score]}} from a COCO dict."""
+    cat = {c["id"]: c["name"] for c in data["categories"]}
+    fn = {im["id"]: im["file_name"] for im in data["images"]}
+    out = {f: {} for f in fn.values()}
+    for a in data["annotations"]:
+        if threshold is None or a["score"] >= threshold:
+            x, y, w, h = a["bbox"]
+            out[fn[a["image_id"]]].setdefault(cat[a["category_id"]], []).append([x, y, x + w, y + h, a["score"]])
+    return {f: {c: np.asarray(v) for c, v in d.items()} for f, d in out.items()}
+
+
+def recall(found, truth, thr=0.5):
+    if not len(truth):
+        return 1.0
+    if found is None or not len(found):
+        return 0.0
+    return float((iou(truth, found[:, :4]).max(1) >= thr).mean())
+
+
+# ----------------------------------------------------------------------------------------- tests
+def test_cross_image_finds_the_prompted_shapes(dataset, clean_cross, predictor):
+    data, summary = clean_cross
+    assert summary["images"] == N_IMAGES and summary["skipped"] == []
+    assert sorted(im["file_name"] for im in data["images"]) == sorted(dataset["truth"])
+    assert [c["name"] for c in data["categories"]] == ["disc", "square"]
+    assert data["info"]["score_threshold"] == pytest.approx(predictor.score_threshold)
+    thr = data["info"]["score_threshold"]
+    found = dets_by_image(data, thr)
+    rec = {c: np.mean([recall(found[f].get(c), dataset["truth"][f][c]) for f in found]) for c in ("disc", "square")}
+    assert rec["disc"] >= 0.6 and rec["square"] >= 0.6, rec
+
+
+def test_cli_end_to_end_with_bad_files(dataset, tmp_path):
+    folder = tmp_path / "mixed"
+    for rel in ("img00.png", "deep/img06.png"):
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes((Path(dataset["images"]) / rel).read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image")
+    good = (Path(dataset["images"]) / "img01.png").read_bytes()
+    (folder / "deep" / "truncated.png").write_bytes(good[: len(good) // 3])
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+    out = tmp_path / "out" / "labels.json"
+    out.parent.mkdir()
+    p = subprocess.run([sys.executable, "app.py", "label", str(folder), "--prompts", dataset["cross"],
+                        "--out", str(out), "--score-threshold", "0.4"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    for bad in ("empty.jpg", "notes.png", "truncated.png"):
+        assert bad in p.stderr
+    assert "skipped 3 unreadable" in p.stderr and "Traceback" not in p.stderr
+    data = load_coco_checked(out)
+    assert sorted(im["file_name"] for im in data["images"]) == ["deep/img06.png", "img00.png"]
+    assert data["info"]["score_threshold"] == 0.4
+    assert not Path(str(out) + batch.SIDECAR_SUFFIX).exists()
+    assert list(out.parent.iterdir()) == [out]  # no temp files left behind
+
+    # a folder with nothing readable: non-zero exit, clear message
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "empty.jpg").write_bytes(b"")
+    p = subprocess.run([sys.executable, "app.py", "label", str(only_bad), "--prompts", dataset["cross"],
+                        "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "no image could be read" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bad_arguments_give_clear_errors(dataset, tmp_path, capsys):
+    out = str(tmp_path / "o.json")
+    cases = [
+        ([str(tmp_path / "nope"), "--prompts", dataset["cross"], "--out", out], "image folder not found"),
+        ([dataset["images"], "--prompts", str(tmp_path / "missing.json"), "--out", out], "prompts file not found"),
+        ([dataset["images"], "--prompts", dataset["cross"], "--out", str(tmp_path / "no" / "dir.json")],
+         "output folder does not exist"),
+    ]
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    cases.append(([dataset["images"], "--prompts", str(broken), "--out", out], "broken.json"))
+    negonly = prompt_file(tmp_path / "negonly.json", [(Path(dataset["images"]) / "img00.png", "disc",
+                                                       [0, 0, 20, 20], None, True)], categories=("disc",))
+    cases.append(([dataset["images"], "--prompts", negonly, "--out", out], "no positive exemplar"))
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    cases.append(([str(empty), "--prompts", dataset["cross"], "--out", out], "no image files"))
+    cases.append(([dataset["images"], "--prompts", dataset["cross"], "--out", out, "--per-image"],
+                  "none of the"))
+    for argv, message in cases:
+        assert batch.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert not Path(out).exists()
+
+
+def _kill_after(cmd, sidecar: Path, n_done: int, timeout=240):
+    """Start cmd, SIGKILL it once the sidecar holds n_done image records."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout:
+            if sidecar.exists() and sidecar.read_bytes().count(b"\n") >= 1 + n_done:
+                proc.send_signal(signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"label ended before it could be killed: {proc.stderr.read().decode()}")
+            time.sleep(0.02)
+        else:
+            pytest.fail("label made no progress")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
+def _content(data):
+    info = {k: v for k, v in data["info"].items() if k != "date_created"}
+    return {**data, "info": info}
+
+
+def test_resume_after_sigkill_matches_clean_run(dataset, clean_cross, predictor, tmp_path):
+    out = tmp_path / "resumed.json"
+    sidecar = Path(str(out) + batch.SIDECAR_SUFFIX)
+    cmd = [sys.executable, "app.py", "label", dataset["images"], "--prompts", dataset["cross"], "--out", str(out)]
+    _kill_after(cmd, sidecar, n_done=3)
+    assert not out.exists() and sidecar.exists()
+    header, records, _ = batch.read_sidecar(str(sidecar))
+    assert 3 <= len(records) < N_IMAGES
+    with open(sidecar, "ab") as f:  # a torn last line, as if killed in the middle of a write
+        f.write(b'{"file_name": "img07.png", "width": 224, "he')
+
+    # without --resume the unfinished run is not clobbered
+    assert batch.main([dataset["images"], "--prompts", dataset["cross"], "--out", str(out), "--quiet"]) == 2
+    # different prompts are refused
+    other = prompt_file(tmp_path / "other.json", [(Path(dataset["images"]) / "img00.png", "disc",
+                                                   dataset["truth"]["img00.png"]["disc"][0], None, False)],
+                        categories=("disc",))
+    with pytest.raises(batch.LabelError, match="different prompts_sha256"):
+        batch.run(dataset["images"], other, str(out), resume=True, predictor=predictor, progress=False)
+
+    fresh = trex2.Predictor(predictor.model)  # empty cache: counts what the resumed run encodes
+    batch.run(dataset["images"], dataset["cross"], str(out), resume=True, predictor=fresh, progress=False)
+    assert fresh.encode_count == (N_IMAGES - len(records)) + 1  # the rest + the one prompt image
+    assert not sidecar.exists()
+    resumed = load_coco_checked(out)
+    assert _content(resumed) == _content(clean_cross[0])
+
+
+def test_resume_without_progress_file_starts_over(dataset, predictor, tmp_path):
+    out = tmp_path / "o.json"
+    s = batch.run(dataset["images"], dataset["cross"], str(out), resume=True, predictor=predictor, progress=False,
+                  warn=lambda m: None)
+    assert s["images"] == N_IMAGES
+
+
+def test_per_image_uses_only_each_images_exemplars(dataset, clean_cross, predictor, tmp_path):
+    out = tmp_path / "per.json"
+    batch.run(dataset["images"], dataset["per"], str(out), per_image=True, predictor=predictor, progress=False)
+    data = load_coco_checked(out)
+    assert len(data["images"]) == N_IMAGES  # every image listed, prompted or not
+    per = dets_by_image(data)
+    # image 0 has only disc exemplars, image 1 only square exemplars, the others none
+    assert set(per["img00.png"]) == {"disc"} and set(per["img01.png"]) == {"square"}
+    assert all(not per[f] for f in per if f not in ("img00.png", "img01.png"))
+    thr = data["info"]["score_threshold"]
+    assert recall(dets_by_image(data, thr)["img00.png"].get("disc"), dataset["truth"]["img00.png"]["disc"]) >= 0.6
+    # cross-image: both categories on every image, including those without exemplars
+    cross = dets_by_image(clean_cross[0])
+    assert sum(set(cross[f]) == {"disc", "square"} for f in cross) >= N_IMAGES - 1
+
+
+def test_negative_exemplar_suppresses_look_alikes(predictor, tmp_path):
+    rng = np.random.default_rng(5)
+    img, truth = draw_scene(rng, {"disc": 5, "redsquare": 5})
+    path = tmp_path / "images" / "scene.png"
+    save_rgb(path, img)
+    pos = [(path, "disc", b, None, False) for b in truth["disc"][:2]]
+    neg = [(path, "disc", b, None, True) for b in truth["redsquare"][:2]]
+    scores = {}
+    for name, entries in (("plain", pos), ("negative", pos + neg)):
+        pf = prompt_file(tmp_path / f"{name}.json", entries, categories=("disc",))
+        out = tmp_path / f"{name}_out.json"
+        batch.run(str(tmp_path / "images"), pf, str(out), predictor=predictor, progress=False)
+        d = dets_by_image(json.loads(out.read_text()))["scene.png"].get("disc", np.zeros((0, 5)))
+        # best score of a detection on each true red square / disc (0 if none)
+        scores[name] = {k: np.array([max([s for *b, s in d if iou(t, b)[0, 0] >= 0.5], default=0.0)
+                                     for t in truth[k]]) for k in ("disc", "redsquare")}
+    # squares lose clearly more of their score than discs do
+    drop = {k: scores["plain"][k].mean() - scores["negative"][k].mean() for k in ("disc", "redsquare")}
+    assert drop["redsquare"] > 0.05 and drop["redsquare"] > 2 * max(drop["disc"], 0.0), (scores, drop)
+    thr = predictor.score_threshold
+    assert (scores["negative"]["redsquare"] >= thr).sum() < max(1, (scores["plain"]["redsquare"] >= thr).sum())
+
+
+def test_points_and_class_embedding_file(dataset, clean_cross, predictor, tmp_path):
+    # a class drawn once, saved as class embeddings, labels the folder without the prompt images
+    src = batch.PromptSource.load(dataset["cross"])
+    emb_file = tmp_path / "classes.safetensors"
+    trex2.save_class_embeddings(str(emb_file), src.cross_image_classes(predictor))
+    out = tmp_path / "from_embeddings.json"
+    assert batch.main([dataset["images"], "--prompts", str(emb_file), "--out", str(out), "--quiet"]) == 0
+    assert _content(json.loads(out.read_text()))["annotations"] == clean_cross[0]["annotations"]
+    plain = tmp_path / "classes.bin"  # detected by content, not only by extension
+    plain.write_bytes(emb_file.read_bytes())
+    assert batch.PromptSource.load(str(plain)).kind == "embeddings"
+    with pytest.raises(batch.LabelError, match="--per-image needs"):
+        batch.run(dataset["images"], str(emb_file), str(tmp_path / "x.json"), per_image=True, predictor=predictor)
+
+    # point prompts (centres of two discs) find discs too
+    p = Path(dataset["images"]) / "img02.png"
+    centres = dataset["truth"]["img02.png"]["disc"][:2]
+    pts = prompt_file(tmp_path / "points.json", [(p, "disc", None, ((b[0] + b[2]) / 2, (b[1] + b[3]) / 2), False)
+                                                 for b in centres], categories=("disc",))
+    out = tmp_path / "points_out.json"
+    batch.run(dataset["images"], pts, str(out), per_image=True, predictor=predictor, progress=False,
+              warn=lambda m: None)
+    found = dets_by_image(load_coco_checked(out), predictor.score_threshold)["img02.png"].get("disc")
+    assert recall(found, dataset["truth"]["img02.png"]["disc"]) >= 0.6
+
+
+def test_text_prompt_without_text_encoder_is_a_clear_error(dataset, predictor, tmp_path, monkeypatch):
+    def unavailable(*a, **k):
+        raise trex2.TextEncoderUnavailable("no CLIP checkpoint: set TREX2_CLIP_DIR")
+    monkeypatch.setattr(predictor, "embed_prompts", unavailable)
+    pf = prompt_file(tmp_path / "text.json", [], categories=("disc",), texts={"disc": "a red disc"})
+    with pytest.raises(batch.LabelError, match="text prompt 'a red disc'.*TREX2_CLIP_DIR"):
+        batch.run(dataset["images"], pf, str(tmp_path / "o.json"), predictor=predictor, progress=False)
+
+
+def test_label_folder_generator_progress_and_cancel(dataset, predictor):
+    classes = batch.PromptSource.load(dataset["cross"]).cross_image_classes(predictor)
+    names = sorted(dataset["truth"])
+    seen = []
+    results = list(batch.label_folder(predictor, dataset["images"], names + ["missing.png"], classes,
+                                      on_progress=lambda d, t: seen.append((d, t))))
+    assert [r.file_name for r in results] == names + ["missing.png"]
+    assert results[-1].error and "missing.png" in results[-1].error and results[0].size == (SIZE, SIZE)
+    assert seen[-1] == (len(names) + 1, len(names) + 1)
+    gen = batch.label_folder(predictor, dataset["images"], names, classes, should_cancel=lambda: len(seen2) >= 2)
+    seen2 = []
+    for r in gen:
+        seen2.append(r)
+    assert len(seen2) == 2
