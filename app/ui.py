@@ -12,6 +12,7 @@ Fully offline: no CDN, no web fonts, analytics off.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import sys
@@ -168,6 +169,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     def guarded(fn):
         """Run a handler; ProjectError / bad input -> a warning toast and an unchanged view."""
+        @functools.wraps(fn)  # keeps the signature: Gradio injects EventData / Progress by it
         def wrapper(sess, *args, **kwargs):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
@@ -176,7 +178,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             except (ProjectError, ValueError, OSError) as e:
                 gr.Warning(str(e))
                 return refresh(sess, "error", str(e))
-        wrapper.__name__ = fn.__name__
         return wrapper
 
     def on_load(request: gr.Request):
@@ -185,6 +186,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             project = Project(cfg.images_dir, cfg.project_path)
         except ProjectError as e:
             raise gr.Error(str(e))
+        if not project.path.exists():
+            # a new project starts at the threshold the model recommends
+            try:
+                project.threshold = round(float(engine.predictor.score_threshold), 2)
+            except Exception as e:  # noqa: BLE001 - model problems surface on detect
+                gr.Warning(f"the model could not be loaded: {e}")
         sess = Session(project, tmp)
         msg = " ".join(project.warnings)
         for w in project.warnings:
@@ -313,6 +320,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     # ------------------------------------------------------------------ files
     def file_guard(fn):
+        @functools.wraps(fn)
         def wrapper(sess, *args):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
@@ -320,7 +328,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 return fn(sess, *args)
             except (ProjectError, ValueError, OSError) as e:
                 raise gr.Error(str(e))
-        wrapper.__name__ = fn.__name__
         return wrapper
 
     def _out_dir(sess, what):
@@ -469,8 +476,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 export_msg = gr.Markdown(elem_id="tx-export-msg")
             with gr.Tab("Prompts & class embeddings"):
                 with gr.Row():
-                    prompt_path = gr.Textbox(label="Prompt file path (save to / load from; empty "
-                                                   "on save: a download only)", elem_id="tx-prompt-path")
+                    prompt_path = gr.Textbox(
+                        label="Prompt file path (save to / load from; empty on save: a download only)",
+                        elem_id="tx-prompt-path", value=_demo_prompts(cfg.images_dir))
                     prompt_save = gr.Button("Save prompt set", size="sm")
                     prompt_load = gr.Button("Load prompt file", size="sm")
                 prompt_upload = gr.File(label="...or upload a prompt file (its image paths must "
@@ -530,6 +538,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
         del det_all
     return demo
+
+
+def _demo_prompts(images_dir: Path) -> str:
+    """On the bundled demo folder, suggest its prompt file so a first user can try loading it."""
+    candidate = DEMO_IMAGES.parent / "prompts-blood.json"
+    return str(candidate) if Path(images_dir).resolve() == DEMO_IMAGES and candidate.exists() else ""
 
 
 def _is_under(path: Path, folder: Path) -> bool:
