@@ -442,6 +442,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                                            elem_id="tx-accept-all", size="sm")
                     undo_btn = gr.Button("Undo (Ctrl+Z)", elem_id="tx-undo", size="sm", min_width=60)
                     redo_btn = gr.Button("Redo (Ctrl+Y)", elem_id="tx-redo", size="sm", min_width=60)
+                progress_box = gr.HTML("", elem_id="tx-progress", min_height=24)
                 threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
                                       elem_id="tx-threshold")
             with gr.Column(scale=2, min_width=280):
@@ -512,8 +513,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
         det_btn.click(on_detect_this, [state], main, show_progress="hidden",
                       concurrency_id="model")
-        det_all = det_all_btn.click(on_detect_all, [state], main, show_progress="full",
-                                    concurrency_id="model")
+        det_all_btn.click(on_detect_all, [state], main, show_progress="full",
+                          show_progress_on=[progress_box], concurrency_id="model")
         cancel_btn.click(on_cancel, [state], None, queue=False)
         accept_btn.click(on_accept_all, [state], main, show_progress="hidden")
         undo_btn.click(on_undo, [state], main, show_progress="hidden")
@@ -536,7 +537,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         search_btn.click(on_search, [state, search_cls], [gallery, search_msg],
                          concurrency_id="model")
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
-        del det_all
     return demo
 
 

@@ -17,7 +17,9 @@ import socket
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+import urllib.error
+import urllib.request
+from urllib.parse import urljoin, urlparse
 
 import pytest
 
@@ -74,6 +76,14 @@ def _launch(images: Path, project: Path):
     demo, url = ui.launch(images, project, "127.0.0.1", port, prevent_thread_lock=True,
                           quiet=True)
     return demo, url
+
+
+def _http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def _browser(p):
@@ -203,6 +213,18 @@ def test_label_folder_in_browser(app_server):
         _wait_view(page, "v.action === 'accept_all'")
         assert _view(page)["image"]["status"] == "reviewed"
 
+        # a second browser session has its own state (same project file, own navigation)
+        other = browser.new_context().new_page()
+        other.goto(url)
+        _wait_view(other, "v.image && r.imageReady", 60_000)
+        assert _view(other)["image"]["file"] == "img1.jpg"        # resumed from the autosave
+        other.locator("#tx-canvas .tx-wrap").focus()
+        other.keyboard.press("ArrowRight")
+        _wait_view(other, "v.image.file === 'img2.jpg'")
+        _click_and_time(page, "tx-accept-all", "accept_all")
+        assert _view(page)["image"]["file"] == "img1.jpg"
+        preview_url = urljoin(url, _view(page)["image"]["url"])
+
         # export COCO and download it
         page.click("#tx-export")
         link = page.locator("#tx-export-file a").first
@@ -212,6 +234,14 @@ def test_label_folder_in_browser(app_server):
         coco_path = root / "downloaded.coco.json"
         dl.value.save_as(coco_path)
         browser.close()
+
+    # only the app's own files are served: previews yes; originals, /etc, traversal no
+    assert urlparse(url).hostname == "127.0.0.1"
+    assert _http_status(preview_url) == 200
+    for path in (root / "images" / "img0.jpg", Path("/etc/passwd"), root / "project.json"):
+        assert _http_status(urljoin(url, f"gradio_api/file={path}")) in (403, 404), path
+    sneaky = preview_url.rsplit("/", 1)[0] + "/../../../../../../etc/passwd"
+    assert _http_status(sneaky) in (403, 404)
 
     saved = json.loads((root / "project.json").read_text())        # the autosaved project
     accepted = [(im["file"], b["xyxy"]) for im in saved["images"] for b in im["boxes"]
@@ -249,12 +279,8 @@ def take_screenshot(out: Path) -> None:
             page.get_by_role("tab", name="Prompts & class embeddings").click()
             page.get_by_role("button", name="Load prompt file").click()
             _wait_view(page, "v.action === 'load_prompts'")
-            page.evaluate("document.getElementById('tx-image').scrollIntoView()")
             v = _view(page)
-            target = next(i for i in range(v["image"]["count"]))
-            del target
             # go to the image carrying the prompts and detect there
-            page.evaluate("window.scrollTo(0, 0)")
             for _ in range(v["image"]["count"]):
                 if _view(page)["prompts"]:
                     break
