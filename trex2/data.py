@@ -94,7 +94,7 @@ class EpisodeSampler:
         # a point lands somewhere in the central part of the object
         pick[is_point, :2] += torch.as_tensor(rng.uniform(-0.25, 0.25, (int(is_point.sum()), 2)),
                                               dtype=torch.float32) * pick[is_point, 2:]
-        return {"target": i, "source": src, "prompts": pick.clamp(0, 1), "is_point": is_point,
+        return {"target": i, "source": src, "label": lab, "prompts": pick.clamp(0, 1), "is_point": is_point,
                 "targets": im.boxes[im.labels == lab]}
 
 

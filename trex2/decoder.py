@@ -54,15 +54,15 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d, n_heads, batch_first=True)
         self.norm1 = nn.LayerNorm(d)
-        self.cross = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.cross = MSDeformAttn(d, n_levels, n_heads, n_points, sample_first=True)
         self.norm2 = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, d_ffn), nn.ReLU(), nn.Linear(d_ffn, d))
         self.norm3 = nn.LayerNorm(d)
 
-    def forward(self, q, pos, ref, value, shapes, projected=False):
+    def forward(self, q, pos, ref, memory, shapes):
         k = q + pos
         q = self.norm1(q + self.self_attn(k, k, q, need_weights=False)[0])
-        q = self.norm2(q + self.cross(q + pos, ref, value, shapes, projected))
+        q = self.norm2(q + self.cross(q + pos, ref, memory, shapes))
         return self.norm3(q + self.ffn(q))
 
 
@@ -82,19 +82,22 @@ class BoxDecoder(nn.Module):
         self.d = d
 
     def precompute(self, memory, shapes) -> dict:
-        """Class-independent work on an image's tokens, cached per image by the predictor: proposal
-        features, anchors, and each layer's projected attention values."""
+        """Class-independent work on an image's tokens (cached per image by the predictor):
+        proposal features (B, N, d) and anchors (1, N, 4)."""
         anchors = torch.cat([cell_boxes(h, w, lvl, memory.device) for lvl, (h, w) in enumerate(shapes)], 1)
-        return {"feat": self.enc_output(memory), "anchors": anchors,
-                "values": [layer.cross.value_proj(memory) for layer in self.layers]}
+        return {"feat": self.enc_output(memory), "anchors": anchors}
 
-    def forward(self, memory, shapes, class_emb, valid_wh, num_queries: int, pre: dict | None = None,
-                dense_outputs: bool = True):
-        """memory (B, N, d); class_emb (B, d); valid_wh (B, 2) the image's extent in the canvas;
-        pre: precompute(memory) (batch 1 or B) to skip class-independent work; dense_outputs: also
-        return the boxes of all N proposals (needed for training only).
+    def proposal_boxes(self, feat, anchors, idx):
+        """Boxes of the proposals at token indices idx (B, M) -> (B, M, 4) cx, cy, w, h."""
+        rows = torch.arange(len(idx))[:, None]
+        return (self.enc_box(feat[rows, idx]) + inverse_sigmoid(anchors[0][idx])).sigmoid()
+
+    def forward(self, memory, shapes, class_emb, valid_wh, num_queries: int, pre: dict | None = None):
+        """memory (B or 1, N, d); class_emb (B, d); valid_wh (B, 2) the image's extent in the canvas;
+        pre: precompute(memory) to skip class-independent work.
         Returns a list over decoder layers of (logits (B, K), boxes (B, K, 4) cx, cy, w, h in [0, 1]),
-        the proposals (logits (B, N), boxes (B, N, 4)) and the last layer's queries (B, K, d)."""
+        the proposal logits (B, N) with the selected indices (B, K), and the last queries (B, K, d).
+        Proposal boxes of other tokens: proposal_boxes(pre["feat"], pre["anchors"], idx)."""
         B = class_emb.shape[0]
         pre = pre or self.precompute(memory, shapes)
         feat, anchors = pre["feat"].expand(B, -1, -1), pre["anchors"]
@@ -103,20 +106,13 @@ class BoxDecoder(nn.Module):
         enc_logits = enc_logits.masked_fill(~inside, float("-inf"))
         k = min(num_queries, memory.shape[1])
         idx = enc_logits.topk(k, dim=1).indices
-        rows = torch.arange(B)[:, None]
-        q = feat[rows, idx]
-        enc_boxes = None
-        if dense_outputs:
-            enc_boxes = (self.enc_box(feat) + inverse_sigmoid(anchors)).sigmoid()
-            ref = enc_boxes[rows, idx].detach()
-        else:
-            ref = (self.enc_box(q) + inverse_sigmoid(anchors[0][idx])).sigmoid()
-        q = q.detach()
+        q = feat[torch.arange(B)[:, None], idx].detach()
+        ref = self.proposal_boxes(feat, anchors, idx).detach()
         outputs = []
-        for layer, box_head, value in zip(self.layers, self.box_heads, pre["values"]):
+        for layer, box_head in zip(self.layers, self.box_heads):
             pos = self.query_pos(sine_embed(ref, self.d // 2))
-            q = layer(q, pos, ref, value.expand(B, -1, -1), shapes, projected=True)
+            q = layer(q, pos, ref, memory, shapes)
             boxes = (box_head(q) + inverse_sigmoid(ref)).sigmoid()
             outputs.append((self.class_head(q, class_emb), boxes))
             ref = boxes.detach()
-        return outputs, (enc_logits.masked_fill(enc_logits.isinf(), -30.0), enc_boxes), q
+        return outputs, (enc_logits.masked_fill(enc_logits.isinf(), -30.0), idx), q

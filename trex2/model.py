@@ -71,16 +71,15 @@ class TRex2(nn.Module):
         return memory, shapes
 
     # -- prompt path ------------------------------------------------------------------------
-    def encode_prompts(self, memory, shapes, boxes, is_point, valid, values=None) -> torch.Tensor:
+    def encode_prompts(self, memory, shapes, boxes, is_point, valid) -> torch.Tensor:
         """Visual class embedding of each row: memory (B, N, d), boxes (B, K, 4) canvas cx, cy, w, h,
-        is_point/valid (B, K) -> (B, d). `values`: cached PromptEncoder.project_values(memory)."""
-        return self.prompt_encoder(memory, shapes, boxes, is_point, valid, values)
+        is_point/valid (B, K) -> (B, d)."""
+        return self.prompt_encoder(memory, shapes, boxes, is_point, valid)
 
     def decode(self, memory, shapes, class_emb, valid_wh, num_queries: int | None = None,
-               pre: dict | None = None, dense_outputs: bool = True):
+               pre: dict | None = None):
         """See BoxDecoder.forward."""
-        return self.decoder(memory, shapes, class_emb, valid_wh, num_queries or self.cfg.num_queries,
-                            pre, dense_outputs)
+        return self.decoder(memory, shapes, class_emb, valid_wh, num_queries or self.cfg.num_queries, pre)
 
     # -- text path --------------------------------------------------------------------------
     def attach_text_encoder(self, clip_dir: str | None = None, require_trained: bool = True):

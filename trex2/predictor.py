@@ -34,7 +34,6 @@ class ImageEmbedding:
     valid_wh: tuple[float, float]     # image extent in the canvas, fractions
     image_size: tuple[int, int]       # (H, W) of the original image
     decoder_pre: dict                 # BoxDecoder.precompute(memory): class-independent decoder work
-    prompt_values: list               # PromptEncoder.project_values(memory)
 
     def to_canvas(self, boxes_xyxy: np.ndarray) -> torch.Tensor:
         """(K, 4) xyxy image pixels -> (K, 4) cx, cy, w, h in [0, 1] of the canvas."""
@@ -59,12 +58,14 @@ def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Ten
     order = torch.argsort(scores, descending=True)
     if len(order) == 0:
         return order
-    overlap = box_iou(boxes_xyxy[order], boxes_xyxy[order])[0]
-    keep = torch.ones(len(order), dtype=torch.bool)
+    overlap = (box_iou(boxes_xyxy[order], boxes_xyxy[order])[0] > iou).numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
     for i in range(len(order)):
-        if keep[i]:
-            keep[i + 1:] &= overlap[i, i + 1:] <= iou
-    return order[keep]
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlap[i]
+    return order[torch.as_tensor(keep, dtype=torch.long)]
 
 
 def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor: float,
@@ -105,8 +106,7 @@ class Predictor:
         x, scale, valid = self.model.preprocess(image)
         memory, shapes = self.model.encode_features(self.model.backbone(x))
         emb = ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image.shape[:2],
-                             self.model.decoder.precompute(memory, shapes),
-                             self.model.prompt_encoder.project_values(memory))
+                             self.model.decoder.precompute(memory, shapes))
         self.encode_count += 1
         self.cache[key] = emb
         while len(self.cache) > self.cache_size:
@@ -129,8 +129,7 @@ class Predictor:
                 continue
             is_point = torch.arange(len(b)) >= len(b) - len(p)
             valid = torch.ones(1, len(b), dtype=torch.bool)
-            out.append(self.model.encode_prompts(emb.memory, emb.shapes, b[None], is_point[None], valid,
-                                                 emb.prompt_values)[0])
+            out.append(self.model.encode_prompts(emb.memory, emb.shapes, b[None], is_point[None], valid)[0])
         return torch.stack(out) if out else torch.zeros(0, self.model.cfg.d_model)
 
     @torch.no_grad()
@@ -161,10 +160,8 @@ class Predictor:
             return sv.Detections.empty()
         cls = torch.stack([classes[n].embedding for n in names])
         C = len(names)
-        memory = emb.memory.expand(C, -1, -1)
         valid = torch.tensor([emb.valid_wh] * C)
-        outputs, _, queries = self.model.decode(memory, emb.shapes, cls, valid, pre=emb.decoder_pre,
-                                                dense_outputs=False)
+        outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, pre=emb.decoder_pre)
         logits, boxes = outputs[-1]
         xyxy, conf, ids = [], [], []
         for c, name in enumerate(names):

@@ -21,15 +21,15 @@ POINT_BOX_SIZE = 0.05  # side (fraction of the canvas) of the region a point pro
 class PromptLayer(nn.Module):
     def __init__(self, d: int, n_levels: int, n_heads: int, n_points: int, d_ffn: int):
         super().__init__()
-        self.cross = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.cross = MSDeformAttn(d, n_levels, n_heads, n_points, sample_first=True)
         self.norm1 = nn.LayerNorm(d)
         self.self_attn = nn.MultiheadAttention(d, n_heads, batch_first=True)
         self.norm2 = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, d_ffn), nn.ReLU(), nn.Linear(d_ffn, d))
         self.norm3 = nn.LayerNorm(d)
 
-    def forward(self, q, pos, ref, value, shapes, mask):
-        q = self.norm1(q + self.cross(q + pos, ref, value, shapes, projected=True))
+    def forward(self, q, pos, ref, memory, shapes, mask):
+        q = self.norm1(q + self.cross(q + pos, ref, memory, shapes))
         k = q + pos
         q = self.norm2(q + self.self_attn(k, k, q, key_padding_mask=mask, need_weights=False)[0])
         return self.norm3(q + self.ffn(q))
@@ -49,11 +49,7 @@ class PromptEncoder(nn.Module):
         self.layers = nn.ModuleList(PromptLayer(d, n_levels, n_heads, n_points, d_ffn) for _ in range(layers))
         self.d = d
 
-    def project_values(self, memory) -> list[torch.Tensor]:
-        """Per-layer attention values of an image's tokens (cacheable per image)."""
-        return [layer.cross.value_proj(memory) for layer in self.layers]
-
-    def forward(self, memory, shapes, boxes, is_point, valid, values=None):
+    def forward(self, memory, shapes, boxes, is_point, valid):
         B, K, _ = boxes.shape
         d = self.d
         point_boxes = torch.cat([boxes[..., :2], torch.full_like(boxes[..., 2:], POINT_BOX_SIZE)], -1)
@@ -67,6 +63,6 @@ class PromptEncoder(nn.Module):
         pos = torch.cat([pos, pos.new_zeros(B, 1, d)], 1)
         ref = torch.cat([ref, g_ref], 1)
         mask = torch.cat([~valid, valid.new_zeros(B, 1)], 1)   # True = ignore
-        for layer, value in zip(self.layers, values or self.project_values(memory)):
-            q = layer(q, pos, ref, value.expand(B, -1, -1), shapes, mask)
+        for layer in self.layers:
+            q = layer(q, pos, ref, memory, shapes, mask)
         return q[:, -1]

@@ -78,8 +78,8 @@ def _smooth_noise(rng, h: int, w: int, cells: int) -> np.ndarray:
 
 def _ramp(h: int, w: int, angle: float) -> np.ndarray:
     """float32 (h, w): coordinate along direction ``angle`` (radians), scaled to [0, 1]."""
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    t = x * math.cos(angle) + y * math.sin(angle)
+    y, x = np.ogrid[0:h, 0:w]
+    t = (x * math.cos(angle) + y * math.sin(angle)).astype(np.float32)
     return (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
 
 
@@ -88,21 +88,23 @@ def _pattern(rng, kind: str, h: int, w: int) -> np.ndarray:
     if kind == "gradient":
         return _ramp(h, w, rng.uniform(0, 2 * math.pi))
     if kind == "stripes":
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(2, 12) * _ramp(h, w, rng.uniform(0, math.pi)))
+        phase = 2 * math.pi * rng.uniform(2, 12) * _ramp(h, w, rng.uniform(0, math.pi))
+        t = 0.5 + 0.5 * np.sin(phase)
         return (t > 0.5).astype(np.float32) if rng.random() < 0.5 else t
     if kind == "checker":
         c = max(2, int(rng.integers(3, 12)))
-        y, x = np.mgrid[0:h, 0:w]
+        y, x = np.ogrid[0:h, 0:w]
         return (((x * c) // w + (y * c) // h) % 2).astype(np.float32)
     if kind == "radial":
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        y, x = np.ogrid[0:h, 0:w]
         d = np.hypot((x - w / 2) / (w / 2), (y - h / 2) / (h / 2))
-        return np.clip(d, 0, 1)
+        return np.clip(d, 0, 1).astype(np.float32)
     if kind == "spots":
         m = np.zeros((h, w), np.float32)
         for _ in range(int(rng.integers(3, 12))):
             r = max(1, int(rng.uniform(0.05, 0.15) * min(h, w)))
-            cv2.circle(m, (int(rng.integers(0, w)), int(rng.integers(0, h))), r, 1.0, -1, cv2.LINE_AA)
+            centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+            cv2.circle(m, centre, r, 1.0, -1, cv2.LINE_AA)
         return m
     if kind == "noise":
         return _smooth_noise(rng, h, w, int(rng.integers(2, 8)))
@@ -115,7 +117,7 @@ def _photo_background(rng, src: ObjectSource, size: int) -> np.ndarray:
     img = src.image
     h, w = img.shape[:2]
     small = cv2.resize(img, (max(1, w // 16), max(1, h // 16)), interpolation=cv2.INTER_AREA)
-    blurred = cv2.resize(cv2.GaussianBlur(small, (0, 0), 1.5), (w, h), interpolation=cv2.INTER_LINEAR)
+    blurred = cv2.resize(cv2.GaussianBlur(small, (0, 0), 1.5), (w, h))
     mask = np.zeros((h, w), np.float32)
     for x0, y0, x1, y1 in src.boxes:
         gx, gy = 0.15 * (x1 - x0), 0.15 * (y1 - y0)
@@ -127,31 +129,36 @@ def _photo_background(rng, src: ObjectSource, size: int) -> np.ndarray:
     crop = img[y0:y0 + side, x0:x0 + side]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
-    return cv2.resize(np.ascontiguousarray(crop, np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(np.ascontiguousarray(crop, np.float32), (size, size))
 
 
-def _background(rng, size: int, sources: Sequence[ObjectSource] | None) -> np.ndarray:
-    """float32 (size, size, 3) RGB in [0, 255]."""
+def _background(rng, size: int, sources, exclude_sets: set[str]) -> np.ndarray:
+    """float32 (size, size, 3) RGB in [0, 255]. Photos holding a category of ``exclude_sets``
+    (the "<set>" of "<set>/<name>") are not used."""
     if sources and rng.random() < 0.3:
-        return _photo_background(rng, sources[int(rng.integers(len(sources)))], size)
+        pool = [s for s in sources if not exclude_sets & {n.split("/")[0] for n in s.names}]
+        if pool:
+            return _photo_background(rng, pool[int(rng.integers(len(pool)))], size)
     kind = str(rng.choice(["noise", "gradient", "stripes", "checker", "blobs", "solid"],
                           p=[0.3, 0.2, 0.15, 0.1, 0.2, 0.05]))
     c1, c2 = _rand_color(rng), _rand_color(rng)
-    if kind == "blobs":
-        img = np.empty((size, size, 3), np.float32)
+    if kind == "blobs":   # drawn and blurred at 1/4 scale (a wide blur is costly), then upsampled
+        q = max(8, size // 4)
+        img = np.empty((q, q, 3), np.float32)
         img[:] = c1
         for _ in range(int(rng.integers(5, 40))):
-            r = int(rng.uniform(0.06, 0.3) * size)
-            cv2.circle(img, (int(rng.integers(0, size)), int(rng.integers(0, size))), r,
-                       _rand_color(rng).tolist(), -1)
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(8, 30) * size / 640)
+            centre = (int(rng.integers(0, q)), int(rng.integers(0, q)))
+            cv2.circle(img, centre, int(rng.uniform(0.06, 0.3) * q), _rand_color(rng).tolist(), -1)
+        img = cv2.resize(cv2.GaussianBlur(img, (0, 0), rng.uniform(2, 7.5) * q / 160), (size, size),
+                         interpolation=cv2.INTER_LINEAR)
     else:
         t = _pattern(rng, kind, size, size)
         if kind in ("stripes", "checker"):
             t = cv2.GaussianBlur(t, (0, 0), rng.uniform(0.5, 4))
-        img = c1 * (1 - t[..., None]) + c2 * t[..., None]
+        img = c1 + (c2 - c1) * t[..., None]
     grain = _smooth_noise(rng, size, size, int(rng.integers(20, 120))) - 0.5
-    return img + grain[..., None] * rng.uniform(0, 40)
+    img += grain[..., None] * np.float32(rng.uniform(0, 40))
+    return img
 
 
 # ----------------------------------------------------------------------------- prototypes
@@ -161,30 +168,38 @@ INNERS = (None, "dot", "cross", "bar", "shape")
 
 
 def _random_spec(rng) -> dict:
+    aspect = rng.uniform(0.35, 0.7) if rng.random() < 0.4 else rng.uniform(0.8, 1.0)
     return dict(shape=str(rng.choice(SHAPES)), n=int(rng.integers(3, 9)), seed=int(rng.integers(2**31)),
-                aspect=float(rng.uniform(0.35, 0.7) if rng.random() < 0.4 else rng.uniform(0.8, 1.0)),
-                star_r=float(rng.uniform(0.35, 0.6)), power=float(rng.uniform(2.5, 8)),
+                aspect=float(aspect),
+                star_r=float(rng.uniform(0.35, 0.6)), power=float(rng.uniform(4, 10)),
                 hole=float(rng.uniform(0.35, 0.7)), fill=str(rng.choice(FILLS)),
                 c1=_rand_color(rng), c2=_rand_color(rng), c3=_rand_color(rng),
-                shade=bool(rng.random() < 0.5), outline=float(rng.uniform(0.03, 0.1)) if rng.random() < 0.35 else 0.0,
-                inner=INNERS[int(rng.integers(len(INNERS)))])
+                shade=bool(rng.random() < 0.5),
+                outline=float(rng.uniform(0.03, 0.1)) if rng.random() < 0.35 else 0.0,
+                inner=INNERS[int(rng.integers(len(INNERS)))])   # (a ring shows only None or "bar")
+
+
+def _inner_seen(spec: dict):
+    return spec["inner"] if spec["shape"] != "ring" or spec["inner"] == "bar" else None
 
 
 def _mutate(spec: dict, rng, small: bool) -> dict:
-    """A sibling prototype differing in one visible attribute (texture/inner mark only if not small)."""
+    """A sibling prototype differing in one visible attribute (texture or inner mark: not if small)."""
     new = dict(spec)
-    what = str(rng.choice(["color", "shape", "aspect"] if small else ["color", "shape", "aspect", "inner", "fill"]))
+    what = str(rng.choice(["color", "shape", "aspect"] + ([] if small else ["inner", "fill"])))
     if what == "color":
         new["c1"] = _distinct_color(rng, spec["c1"])
         new["c2"] = _distinct_color(rng, spec["c2"]) if spec["fill"] != "solid" else new["c2"]
     elif what == "shape":
-        while new["shape"] == spec["shape"] and new["n"] == spec["n"]:
+        n_matters = spec["shape"] in ("polygon", "star")   # n only changes these two shapes
+        while new["shape"] == spec["shape"] and (new["n"] == spec["n"] or not n_matters):
             new["shape"], new["n"] = str(rng.choice(SHAPES)), int(rng.integers(3, 9))
     elif what == "aspect":
-        new["aspect"] = float(rng.uniform(0.3, 0.55) if spec["aspect"] > 0.7 else rng.uniform(0.85, 1.0))
+        round_ = spec["aspect"] > 0.7
+        new["aspect"] = float(rng.uniform(0.3, 0.55) if round_ else rng.uniform(0.85, 1.0))
     elif what == "inner":
-        new["inner"] = INNERS[int(rng.integers(len(INNERS)))]
-        while new["inner"] == spec["inner"]:
+        seen = _inner_seen(spec)   # marks inside a ring's hole are invisible
+        while _inner_seen(new) == seen:
             new["inner"] = INNERS[int(rng.integers(len(INNERS)))]
     else:
         new["fill"] = str(rng.choice([f for f in FILLS if f != spec["fill"]]))
@@ -207,14 +222,15 @@ def _outline(spec: dict, npts: int = 96) -> np.ndarray:
     elif shape == "blob":
         r = np.ones_like(th)
         for k in range(2, 5):
-            r += srng.uniform(0, 0.25) * np.cos(k * th + srng.uniform(0, 2 * np.pi))
+            r += srng.uniform(0.1, 0.25) * np.cos(k * th + srng.uniform(0, 2 * np.pi))
         r /= r.max()
     else:
         r = np.ones_like(th)
     x, y = r * np.cos(th), r * np.sin(th)
     if shape == "superellipse":
         e = 2.0 / spec["power"]
-        x, y = np.sign(np.cos(th)) * np.abs(np.cos(th)) ** e, np.sign(np.sin(th)) * np.abs(np.sin(th)) ** e
+        cs, sn = np.cos(th), np.sin(th)
+        x, y = np.sign(cs) * np.abs(cs) ** e, np.sign(sn) * np.abs(sn) ** e
     return np.stack([x * spec["aspect"], y], 1).astype(np.float32)
 
 
@@ -240,12 +256,13 @@ def _render_spec(spec: dict, side: int) -> tuple[np.ndarray, np.ndarray]:
         rgb = rgb * (1.25 - 0.8 * d)[..., None]
     c3 = spec["c3"].tolist()
     if spec["inner"] == "dot":
-        cv2.circle(rgb, (int(c), int(c)), max(1, int(0.22 * rad * spec["aspect"])), c3, -1, cv2.LINE_AA)
+        r = max(1, int(0.22 * rad * spec["aspect"]))
+        cv2.circle(rgb, (int(c), int(c)), r, c3, -1, cv2.LINE_AA)
     elif spec["inner"] == "cross":
         th = max(1, int(0.12 * rad))
-        cv2.line(rgb, (int(c), int(c - 0.6 * rad)), (int(c), int(c + 0.6 * rad)), c3, th, cv2.LINE_AA)
-        cv2.line(rgb, (int(c - 0.5 * rad * spec["aspect"]), int(c)),
-                 (int(c + 0.5 * rad * spec["aspect"]), int(c)), c3, th, cv2.LINE_AA)
+        dy, dx = int(0.6 * rad), int(0.5 * rad * spec["aspect"])
+        cv2.line(rgb, (int(c), int(c) - dy), (int(c), int(c) + dy), c3, th, cv2.LINE_AA)
+        cv2.line(rgb, (int(c) - dx, int(c)), (int(c) + dx, int(c)), c3, th, cv2.LINE_AA)
     elif spec["inner"] == "bar":
         cv2.rectangle(rgb, (0, int(c - 0.15 * rad)), (side, int(c + 0.15 * rad)), c3, -1)
     elif spec["inner"] == "shape":
@@ -276,8 +293,9 @@ def _crop_prototype(rng, src: ObjectSource, i: int) -> tuple[np.ndarray, np.ndar
     return rgb, alpha
 
 
-def _real_prototypes(rng, sources: Sequence[ObjectSource], k: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to ``k`` real crops of pairwise distinct categories (often from one photo)."""
+def _real_prototypes(rng, sources: Sequence[ObjectSource], k: int) -> tuple[list, set[str]]:
+    """Up to ``k`` real crops (rgb, alpha) of pairwise distinct categories (often from one photo),
+    and the categories used."""
     out, used = [], set()
     src = sources[int(rng.integers(len(sources)))]
     for _ in range(8 * k):
@@ -291,7 +309,7 @@ def _real_prototypes(rng, sources: Sequence[ObjectSource], k: int) -> list[tuple
             continue
         used.add(src.names[i])
         out.append(_crop_prototype(rng, src, i))
-    return out
+    return out, used
 
 
 def _as_source(s) -> ObjectSource:
@@ -301,7 +319,8 @@ def _as_source(s) -> ObjectSource:
         return s
     image, boxes, *rest = s
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    return ObjectSource(np.asarray(image, np.uint8), boxes, list(rest[0]) if rest else ["?"] * len(boxes))
+    names = list(rest[0]) if rest else ["?"] * len(boxes)
+    return ObjectSource(np.asarray(image, np.uint8), boxes, names)
 
 
 # ----------------------------------------------------------------------------- instances
@@ -312,7 +331,8 @@ def _transform(rgb, alpha, scale: float, angle: float, flip: bool):
         rgba = rgba[:, ::-1]
     if scale < 0.7:   # area-average first: avoids aliasing when shrinking a lot
         h, w = rgba.shape[:2]
-        rgba = cv2.resize(rgba, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        dsize = (max(1, round(w * scale)), max(1, round(h * scale)))
+        rgba = cv2.resize(rgba, dsize, interpolation=cv2.INTER_AREA)
         scale = 1.0
     h, w = rgba.shape[:2]
     a = math.radians(angle)
@@ -343,6 +363,84 @@ def _plan(rng, size: int) -> tuple[list[int], list[float]]:
     return counts, [max(MIN_SIZE, s * f) for s in sizes]
 
 
+class _Layout:
+    """Canvas being pasted on, with the occupancy bookkeeping that caps occlusion."""
+
+    def __init__(self, bg: np.ndarray):
+        self.canvas = bg.copy()
+        self.occ = np.full(bg.shape[:2], -1, np.int32)   # topmost instance (alpha >= 0.5) per pixel
+        self.full, self.visible, self.labels, self.rects = [], [], [], []
+
+    def try_paste(self, rgb, alpha, mask, x: int, y: int, label: int, allow_overlap: bool) -> bool:
+        """Paste at top-left (x, y) unless an instance (this one or an earlier) would keep less
+        than MIN_VISIBLE of its full mask visible, or overlap is disallowed and would happen."""
+        h, w = self.occ.shape
+        ix0, iy0 = max(x, 0), max(y, 0)
+        ix1, iy1 = min(x + mask.shape[1], w), min(y + mask.shape[0], h)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return False
+        crop = np.s_[iy0 - y:iy1 - y, ix0 - x:ix1 - x]
+        m, area = mask[crop], int(mask.sum())
+        inside = int(m.sum())
+        if inside < MIN_VISIBLE * area:
+            return False
+        hit = self.occ[iy0:iy1, ix0:ix1][m]
+        hit = hit[hit >= 0]
+        if hit.size:
+            if not allow_overlap:
+                return False
+            cnt = np.bincount(hit)
+            ids = np.nonzero(cnt)[0]
+            vis = np.asarray(self.visible)[ids] - cnt[ids]
+            if np.any(vis < MIN_VISIBLE * np.asarray(self.full)[ids]):
+                return False
+            for j, v in zip(ids, vis):
+                self.visible[j] = int(v)
+        a = alpha[crop][..., None]
+        region = self.canvas[iy0:iy1, ix0:ix1]
+        region *= 1 - a
+        region += rgb[crop] * a
+        self.occ[iy0:iy1, ix0:ix1][m] = len(self.full)
+        self.full.append(area)
+        self.visible.append(inside)
+        self.labels.append(label)
+        self.rects.append((ix0, iy0, ix1, iy1))
+        return True
+
+    def boxes(self) -> np.ndarray:
+        """float32 (N, 4) tight xyxy boxes of the visible masks."""
+        out = np.zeros((len(self.rects), 4), np.float32)
+        for i, (x0, y0, x1, y1) in enumerate(self.rects):
+            ys, xs = np.nonzero(self.occ[y0:y1, x0:x1] == i)
+            out[i] = (x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1)
+        return out
+
+
+def _prototypes(rng, sizes: list[float], sources, size: int):
+    """Real and procedural prototypes [(rgb, alpha)] in random label order, and the background.
+    ``sizes`` (target long side per prototype) is capped in place for real crops (<= 3x upscale)."""
+    k = len(sizes)
+    n_real = int(rng.binomial(k, 0.5)) if sources else 0
+    reals, used = _real_prototypes(rng, sources, n_real) if n_real else ([], set())
+    # A photo background never comes from the data set of a pasted real prototype: its (possibly
+    # unlabelled) objects would be unlabelled look-alikes.
+    bg = _background(rng, size, sources, {n.split("/")[0] for n in used})
+    real_slots = set(rng.permutation(k)[:len(reals)].tolist())
+    protos, specs, bg_mean = [], [], bg[::8, ::8].reshape(-1, 3).mean(0)
+    for j in range(k):
+        if j in real_slots:
+            protos.append(reals.pop())
+            sizes[j] = min(sizes[j], 3.0 * max(protos[-1][1].shape))
+            continue
+        spec = (_mutate(specs[int(rng.integers(len(specs)))], rng, small=sizes[j] < 40)
+                if specs and rng.random() < 0.6 else _random_spec(rng))
+        if np.linalg.norm(spec["c1"] - bg_mean) < 60:   # keep objects visible on the background
+            spec = {**spec, "c1": _distinct_color(rng, bg_mean, 60)}
+        specs.append(spec)
+        protos.append(_render_spec(spec, int(sizes[j] * 1.3)))
+    return protos, bg
+
+
 def generate_scene(rng: np.random.Generator, size: int = 640,
                    object_sources: Sequence[ObjectSource] | None = None,
                    return_background: bool = False) -> Scene:
@@ -353,107 +451,65 @@ def generate_scene(rng: np.random.Generator, size: int = 640,
     background (same global effects, no objects), for tests and debugging.
     """
     sources = [s for s in map(_as_source, object_sources or ()) if len(s.boxes)] or None
-    bg = _background(rng, size, sources)
     counts, sizes = _plan(rng, size)
-    k = len(counts)
-    n_real = int(rng.binomial(k, 0.5)) if sources else 0
-    reals = _real_prototypes(rng, sources, n_real) if n_real else []
-    real_slots = set(rng.permutation(k)[:len(reals)].tolist())   # random label order
-    protos, specs, bg_mean = [], [], bg.reshape(-1, 3).mean(0)
-    for j in range(k):
-        if j in real_slots:
-            protos.append(reals.pop())
-            sizes[j] = min(sizes[j], 3.0 * max(protos[-1][1].shape))   # upscale real crops <= 3x
-            continue
-        spec = (_mutate(specs[int(rng.integers(len(specs)))], rng, small=sizes[j] < 40)
-                if specs and rng.random() < 0.6 else _random_spec(rng))
-        if np.linalg.norm(spec["c1"] - bg_mean) < 60:   # keep objects visible on the background
-            spec = {**spec, "c1": _distinct_color(rng, bg_mean, 60)}
-        specs.append(spec)
-        protos.append(_render_spec(spec, int(sizes[j] * 1.3)))
-
-    canvas, occ = bg.copy(), np.full((size, size), -1, np.int32)
+    protos, bg = _prototypes(rng, sizes, sources, size)
+    lay = _Layout(bg)
     allow_overlap, p_trunc = rng.random() < 0.5, rng.uniform(0, 0.3)
-    full, visible, labels, rects = [], [], [], []
-    jobs = rng.permutation(np.repeat(np.arange(k), counts))
-    spin = [rng.uniform(0, 25) if rng.random() < 0.85 else 180.0 for _ in range(k)]
-    for lab in jobs:
+    spin = [rng.uniform(0, 25) if rng.random() < 0.85 else 180.0 for _ in protos]
+    for lab in rng.permutation(np.repeat(np.arange(len(protos)), counts)):
         rgb, alpha = protos[lab]
-        scale = sizes[lab] / max(alpha.shape) * float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
-        rgb, alpha = _transform(rgb, alpha, scale, rng.uniform(-spin[lab], spin[lab]), rng.random() < 0.5)
-        rgb = rgb * rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3) + rng.uniform(-8, 8, 3)
+        scale = sizes[lab] / max(alpha.shape) * math.exp(rng.uniform(math.log(0.8), math.log(1.25)))
+        angle = rng.uniform(-spin[lab], spin[lab])
+        rgb, alpha = _transform(rgb, alpha, scale, angle, rng.random() < 0.5)
+        gain = (rng.uniform(0.85, 1.15) * rng.uniform(0.95, 1.05, 3)).astype(np.float32)
+        rgb = rgb * gain + rng.uniform(-8, 8, 3).astype(np.float32)
         mask = alpha >= 0.5
-        area = int(mask.sum())
-        if area < 6:
+        if mask.sum() < 6:
             continue
         ph, pw = mask.shape
         for _ in range(15):
             if rng.random() < p_trunc:   # may hang over the border
-                x, y = int(rng.integers(-pw // 2, size - pw // 2 + 1)), int(rng.integers(-ph // 2, size - ph // 2 + 1))
+                x = int(rng.integers(-pw // 2, size - pw // 2 + 1))
+                y = int(rng.integers(-ph // 2, size - ph // 2 + 1))
             else:
-                x, y = int(rng.integers(0, max(1, size - pw + 1))), int(rng.integers(0, max(1, size - ph + 1)))
-            ix0, iy0, ix1, iy1 = max(x, 0), max(y, 0), min(x + pw, size), min(y + ph, size)
-            if ix1 <= ix0 or iy1 <= iy0:
-                continue
-            m = mask[iy0 - y:iy1 - y, ix0 - x:ix1 - x]
-            inside = int(m.sum())
-            if inside < MIN_VISIBLE * area:
-                continue
-            hit = occ[iy0:iy1, ix0:ix1][m]
-            hit = hit[hit >= 0]
-            if hit.size:
-                if not allow_overlap:
-                    continue
-                cnt = np.bincount(hit)
-                ids = np.nonzero(cnt)[0]
-                if np.any(np.asarray(visible)[ids] - cnt[ids] < MIN_VISIBLE * np.asarray(full)[ids]):
-                    continue
-                for j in ids:
-                    visible[j] -= int(cnt[j])
-            a = alpha[iy0 - y:iy1 - y, ix0 - x:ix1 - x, None]
-            region = canvas[iy0:iy1, ix0:ix1]
-            region *= 1 - a
-            region += rgb[iy0 - y:iy1 - y, ix0 - x:ix1 - x] * a
-            occ[iy0:iy1, ix0:ix1][m] = len(full)
-            full.append(area)
-            visible.append(inside)
-            labels.append(int(lab))
-            rects.append((ix0, iy0, ix1, iy1))
-            break
-
-    boxes = np.zeros((len(full), 4), np.float32)
-    for i, (x0, y0, x1, y1) in enumerate(rects):
-        ys, xs = np.nonzero(occ[y0:y1, x0:x1] == i)
-        boxes[i] = (x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1)
-    present = sorted(set(labels))   # prototypes that got no instance are dropped; relabel 0..K'-1
-    labels_arr = np.array([present.index(lab) for lab in labels], np.int64)
+                x = int(rng.integers(0, max(1, size - pw + 1)))
+                y = int(rng.integers(0, max(1, size - ph + 1)))
+            if lay.try_paste(rgb, alpha, mask, x, y, int(lab), allow_overlap):
+                break
+    if not lay.labels:   # nothing could be placed (very rare): draw another scene from the stream
+        return generate_scene(rng, size, object_sources, return_background)
+    present = sorted(set(lay.labels))   # prototypes without instances are dropped: labels 0..K'-1
+    labels = np.array([present.index(lab) for lab in lay.labels], np.int64)
 
     # Global photometric effects, applied identically to the background layer.
-    gain, bias = rng.uniform(0.8, 1.2), rng.uniform(-20, 20)
+    gain, bias = np.float32(rng.uniform(0.8, 1.2)), np.float32(rng.uniform(-20, 20))
     blur = rng.uniform(0.5, 1.2) if rng.random() < 0.3 else 0.0
-    noise = rng.normal(0, rng.uniform(1, 6), (size, size, 3)).astype(np.float32) if rng.random() < 0.5 else None
+    noise = (rng.standard_normal((size, size, 3), np.float32) * np.float32(rng.uniform(1, 6))
+             if rng.random() < 0.5 else None)
 
     def finish(img: np.ndarray) -> np.ndarray:
         img = img * gain + bias
         if blur:
             img = cv2.GaussianBlur(img, (0, 0), blur)
         if noise is not None:
-            img = img + noise
+            img += noise
         return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
-    return Scene(finish(canvas), boxes, labels_arr, occ, finish(bg) if return_background else None)
+    return Scene(finish(lay.canvas), lay.boxes(), labels, lay.occ,
+                 finish(bg) if return_background else None)
 
 
 # ----------------------------------------------------------------------------- real sources
-def load_object_sources(train_root: str | os.PathLike = DEFAULT_TRAIN_ROOT, max_per_set: int | None = None,
-                        rng: np.random.Generator | None = None, max_side: int = 640) -> list[ObjectSource]:
+def load_object_sources(train_root: str | os.PathLike = DEFAULT_TRAIN_ROOT,
+                        max_per_set: int | None = None, rng: np.random.Generator | None = None,
+                        max_side: int = 640) -> list[ObjectSource]:
     """Read every ``<set>/gt.json`` under ``train_root`` into :class:`ObjectSource` records.
 
     ``max_per_set`` keeps that many images per set (chosen with ``rng``, default seed 0);
     images are downscaled to a long side of at most ``max_side`` px (boxes with them) to bound
     memory. Category names become ``"<set>/<name>"``. Images without boxes are skipped.
     """
-    from exports.boxes import xywh_to_xyxy
+    from exports.coco import read_coco
     from trex2.image_io import load_image
 
     root = Path(train_root)
@@ -465,26 +521,24 @@ def load_object_sources(train_root: str | os.PathLike = DEFAULT_TRAIN_ROOT, max_
     rng = rng if rng is not None else np.random.default_rng(0)
     out: list[ObjectSource] = []
     for set_dir in sets:
-        gt_path = set_dir / "gt.json"
-        try:
-            coco = json.loads(gt_path.read_text(encoding="utf-8"))
-            cats = {c["id"]: f"{set_dir.name}/{c['name']}" for c in coco["categories"]}
-            per_image: dict[int, list] = {}
-            for a in coco["annotations"]:
-                per_image.setdefault(a["image_id"], []).append((a["bbox"], cats[a["category_id"]]))
-            images = [im for im in coco["images"] if im["id"] in per_image]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{gt_path}: not a valid COCO file ({e!r})") from e
+        coco = read_coco(set_dir / "gt.json")
+        per_image: dict[str, list] = {}
+        for a in coco.annotations:
+            per_image.setdefault(a.image, []).append(a)
+        images = [im.file_name for im in coco.images if im.file_name in per_image]
         if max_per_set is not None and len(images) > max_per_set:
-            images = [images[i] for i in sorted(rng.choice(len(images), max_per_set, replace=False))]
-        for im in images:
-            img = load_image(set_dir / "images" / im["file_name"])
-            boxes = xywh_to_xyxy([b for b, _ in per_image[im["id"]]]).astype(np.float32)
+            keep = sorted(rng.choice(len(images), max_per_set, replace=False))
+            images = [images[i] for i in keep]
+        for name in images:
+            img = load_image(set_dir / "images" / name)
+            boxes = np.array([a.box for a in per_image[name]], np.float32).reshape(-1, 4)
             f = max_side / max(img.shape[:2])
             if f < 1:
-                img = cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)), interpolation=cv2.INTER_AREA)
+                dsize = (round(img.shape[1] * f), round(img.shape[0] * f))
+                img = cv2.resize(img, dsize, interpolation=cv2.INTER_AREA)
                 boxes *= f
-            out.append(ObjectSource(img, boxes, [n for _, n in per_image[im["id"]]]))
+            names = [f"{set_dir.name}/{a.category}" for a in per_image[name]]
+            out.append(ObjectSource(img, boxes, names))
     return out
 
 
@@ -495,8 +549,9 @@ def _palette(i: int) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m trex2.synthetic", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output folder for JPEGs, *_boxes.jpg previews, scenes.json")
+    p = argparse.ArgumentParser(prog="python -m trex2.synthetic",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for JPEGs, *_boxes.jpg, scenes.json")
     p.add_argument("--n", type=int, default=20, help="number of scenes")
     p.add_argument("--seed", type=int, default=0, help="scene i uses numpy default_rng([seed, i])")
     p.add_argument("--size", type=int, default=640)
@@ -518,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
             cv2.rectangle(bgr, (x0, y0), (x1 - 1, y1 - 1), _palette(int(lab)), 1)
         cv2.imwrite(str(out / f"{name}_boxes.jpg"), bgr, [cv2.IMWRITE_JPEG_QUALITY, 92])
         records.append({"file_name": f"{name}.jpg", "width": args.size, "height": args.size,
-                        "boxes_xyxy": scene.boxes.round(1).tolist(), "labels": scene.labels.tolist()})
+                        "boxes_xyxy": scene.boxes.tolist(), "labels": scene.labels.tolist()})
     (out / "scenes.json").write_text(json.dumps({"scenes": records}, indent=1), encoding="utf-8")
     print(f"wrote {args.n} scenes, {sum(len(r['labels']) for r in records)} boxes to {out}")
     return 0

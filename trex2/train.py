@@ -18,8 +18,7 @@ import torch
 
 from .box_ops import box_iou, cxcywh_to_xyxy
 from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, hflip_features, read_coco_set
-from .image_encoder import cell_boxes
-from .losses import detection_loss
+from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 
@@ -62,8 +61,11 @@ def load_cache(path: str) -> list[CachedImage]:
 
 
 def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips: list[bool],
-                   num_queries: int = 300):
-    """Forward a batch of episodes and return the summed loss dict."""
+                   num_queries: int = 300, class_names: list[str | None] | None = None):
+    """Forward a batch of episodes and return the summed loss dict. With a text encoder attached
+    and class_names given (None for a nameless class), the text embeddings of the named classes
+    are aligned with their visual embeddings by InfoNCE (other classes of the batch are the
+    negatives)."""
     needed = sorted({e["target"] for e in episodes} | {e["source"] for e in episodes})
     slot = {i: n for n, i in enumerate(needed)}
     feats = [torch.stack([images[i].features[lvl].float() for i in needed]) for lvl in range(3)]
@@ -92,10 +94,20 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     src = torch.tensor([slot[e["source"]] for e in episodes])
     tgt = torch.tensor([slot[e["target"]] for e in episodes])
     class_emb = model.encode_prompts(memory[src], shapes, boxes, is_point, valid)
+    align = None
+    if model.text_encoder is not None and class_names and any(class_names):
+        named = [b for b, n in enumerate(class_names) if n]
+        names = sorted({class_names[b] for b in named})
+        text = model.text_encoder(names)
+        # one visual embedding per distinct name: the mean over the batch's episodes of that class
+        vis = torch.stack([class_emb[[b for b in named if class_names[b] == n]].mean(0) for n in names])
+        if len(names) > 1:
+            align = contrastive_alignment_loss(vis, text)
     valid_wh = torch.tensor([images[e["target"]].valid_wh for e in episodes])
-    outputs, (enc_logits, enc_boxes), _ = model.decode(memory[tgt], shapes, class_emb, valid_wh, num_queries)
+    pre = model.decoder.precompute(memory[tgt], shapes)
+    outputs, (enc_logits, _), _ = model.decode(memory[tgt], shapes, class_emb, valid_wh, num_queries, pre)
 
-    anchors = torch.cat([cell_boxes(h, w, lvl) for lvl, (h, w) in enumerate(shapes)], 1)[0]
+    anchors = pre["anchors"][0]
     num = max(1.0, float(sum(len(t) for t in targets)))
     total: dict[str, torch.Tensor] = {}
     for b in range(B):
@@ -103,12 +115,22 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
         for logits, bx in outputs:
             pi, ti = hungarian_match(logits[b].detach(), bx[b].detach(), targets[b])
             parts.append(detection_loss(logits[b], bx[b], targets[b], pi, ti, num))
-        pi, ti = topk_inside_match(enc_logits[b].detach(), enc_boxes[b].detach(), anchors, targets[b])
-        parts.append({f"enc_{k}": v for k, v in detection_loss(enc_logits[b], enc_boxes[b], targets[b],
-                                                                pi, ti, num).items()})
+        # dense proposals: boxes are only computed for tokens whose anchor centre is in a target
+        t = cxcywh_to_xyxy(targets[b])
+        inside = ((anchors[:, None, 0] > t[:, 0]) & (anchors[:, None, 0] < t[:, 2])
+                  & (anchors[:, None, 1] > t[:, 1]) & (anchors[:, None, 1] < t[:, 3])).any(1)
+        cand = torch.nonzero(inside).flatten()
+        cand_boxes = model.decoder.proposal_boxes(pre["feat"][b:b + 1], pre["anchors"], cand[None])[0]
+        ci, ti = topk_inside_match(enc_logits[b, cand].detach(), cand_boxes.detach(), anchors[cand], targets[b])
+        boxes_full = cand_boxes.new_zeros(len(anchors), 4)
+        boxes_full = boxes_full.index_copy(0, cand, cand_boxes)
+        parts.append({f"enc_{k}": v for k, v in detection_loss(enc_logits[b], boxes_full, targets[b],
+                                                                cand[ci], ti, num).items()})
         for part in parts:
             for k, v in part.items():
                 total[k] = total.get(k, 0) + v
+    if align is not None:
+        total["align"] = align
     return total
 
 
@@ -166,6 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
+    ap.add_argument("--clip-dir", default=None,
+                    help="local CLIP text model: also train the text projection (contrastive alignment "
+                         "of category names with visual class embeddings)")
     ap.add_argument("--size", type=int, default=640)
     ap.add_argument("--enc-layers", type=int, default=ModelConfig.enc_layers)
     ap.add_argument("--dec-layers", type=int, default=ModelConfig.dec_layers)
@@ -197,6 +222,13 @@ def main(argv=None) -> int:
         (held if real and seen[im.group] <= args.holdout else train).append(im)
     log(f"{len(train)} training images, {len(held)} held out for calibration")
 
+    names_of: dict[str, list[str]] = {}
+    if args.clip_dir:
+        from exports import read_coco
+        model.attach_text_encoder(args.clip_dir, require_trained=False)
+        for name in sorted(os.listdir(args.train_root)):
+            if os.path.isfile(os.path.join(args.train_root, name, "gt.json")):
+                names_of[name] = read_coco(os.path.join(args.train_root, name, "gt.json")).categories
     sampler = EpisodeSampler(train, seed=args.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4, foreach=True)
@@ -212,13 +244,17 @@ def main(argv=None) -> int:
         episodes = [sampler.sample() for _ in range(args.batch)]
         flips = [bool(rng.random() < 0.5) and train[e["target"]].valid_wh == (1.0, 1.0)
                  and train[e["source"]].valid_wh == (1.0, 1.0) for e in episodes]
-        losses = episode_losses(model, train, episodes, flips, args.queries)
+        names = [names_of[g][e["label"]] if (g := train[e["target"]].group) in names_of else None
+                 for e in episodes]
+        losses = episode_losses(model, train, episodes, flips, args.queries, names)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
         step += 1
+        if step % 50 == 0:  # share the 2 cores politely when other work runs
+            torch.set_num_threads(1 if os.getloadavg()[0] > 3 else args.threads)
         for k, v in losses.items():
             avg[k] = 0.98 * avg.get(k, float(v)) + 0.02 * float(v)
         if step % 25 == 0:
