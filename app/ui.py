@@ -12,11 +12,13 @@ Fully offline: no CDN, no web fonts, analytics off.
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -29,8 +31,8 @@ os.environ.setdefault("GRADIO_TELEMETRY_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from app.project import (Engine, Project, ProjectError, detect_in_folder, detect_in_image,  # noqa: E402
-                         search_images)
+from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
+                         detect_in_folder, detect_in_image, search_images)
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +76,9 @@ class Session:
     cancel: bool = False
     seq: int = 0
     search: list[tuple[int, float]] = field(default_factory=list)
+    #: held while a handler changes the project; a long run (detect in all images) makes
+    #: other edits answer "busy" instead of interleaving with it
+    lock: threading.Lock = field(default_factory=threading.Lock)
     last_images_sig: tuple | None = None
     last_classes_sig: tuple | None = None
 
@@ -173,11 +178,16 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         def wrapper(sess, *args, **kwargs):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
+            if not sess.lock.acquire(timeout=0.5):
+                gr.Warning("busy: detecting in all images (press Cancel to stop it)")
+                return refresh(sess, "busy", "busy: detecting in all images")
             try:
                 return fn(sess, *args, **kwargs)
             except (ProjectError, ValueError, OSError) as e:
                 gr.Warning(str(e))
                 return refresh(sess, "error", str(e))
+            finally:
+                sess.lock.release()
         return wrapper
 
     def on_load(request: gr.Request):
@@ -324,10 +334,14 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         def wrapper(sess, *args):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
+            if not sess.lock.acquire(timeout=0.5):
+                raise gr.Error("busy: detecting in all images (press Cancel to stop it)")
             try:
                 return fn(sess, *args)
             except (ProjectError, ValueError, OSError) as e:
                 raise gr.Error(str(e))
+            finally:
+                sess.lock.release()
         return wrapper
 
     def _out_dir(sess, what):
@@ -423,7 +437,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     # ------------------------------------------------------------------ layout
     with gr.Blocks(title="T-Rex2 labeler", analytics_enabled=False) as demo:
-        state = gr.State(None)
+        state = gr.State(None, delete_callback=_forget_session)
         with gr.Row(equal_height=False):
             with gr.Column(scale=5, min_width=480):
                 canvas = gr.HTML(value=None, html_template=template, js_on_load=js_on_load,
@@ -490,13 +504,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                     emb_upload = gr.File(label="Load class embeddings (.safetensors)",
                                          file_types=[".safetensors"], type="filepath")
                 files_out = gr.File(label="Download", interactive=False)
-                files_msg = gr.Markdown()
-            with gr.Tab("Search images"):
+                files_msg = gr.Markdown(elem_id="tx-files-msg")
+            with gr.Tab("Search images") as search_tab:
                 with gr.Row():
                     search_cls = gr.Dropdown(label="Class", choices=[], elem_id="tx-search-class")
                     search_btn = gr.Button("Rank images by this class", elem_id="tx-search",
                                            variant="primary")
-                search_msg = gr.Markdown()
+                search_msg = gr.Markdown(elem_id="tx-search-msg")
                 gallery = gr.Gallery(label="Images, strongest first (click to open)", columns=6,
                                      height=360, elem_id="tx-gallery", allow_preview=False)
             with gr.Tab("Images"):
@@ -532,12 +546,21 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        concurrency_id="model")
         emb_upload.upload(on_load_embeddings, [state, emb_upload], main)
         upload.upload(on_upload, [state, upload], main)
-        class_dd.change(lambda s: gr.update(choices=s.project.class_names if s else []),
-                        [state], [search_cls], show_progress="hidden")
+        def search_classes(sess):
+            names = sess.project.class_names if sess else []
+            return gr.update(choices=names, value=names[0] if names else None)
+
+        search_tab.select(search_classes, [state], [search_cls], show_progress="hidden")
         search_btn.click(on_search, [state, search_cls], [gallery, search_msg],
                          concurrency_id="model")
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
     return demo
+
+
+def _forget_session(sess: Session | None) -> None:
+    """Gradio calls this when a session's state expires: drop its temp files."""
+    if sess is not None:
+        shutil.rmtree(sess.tmp_dir, ignore_errors=True)
 
 
 def _demo_prompts(images_dir: Path) -> str:
@@ -568,6 +591,7 @@ def launch(images_dir, project_path=None, host="127.0.0.1", port=None, engine=No
     if not images_dir.is_dir():
         raise SystemExit(f"error: image folder {images_dir} does not exist")
     tmp_dir = Path(tempfile.mkdtemp(prefix="trex2-app-"))
+    atexit.register(shutil.rmtree, tmp_dir, True)
     if not os.environ.get("GRADIO_TEMP_DIR"):
         # uploads and Gradio's file cache go inside the app's own temp folder
         os.environ["GRADIO_TEMP_DIR"] = str(tmp_dir / "gradio")
@@ -609,5 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     if not images.is_dir():
         print(f"error: --images {images} is not a folder", file=sys.stderr)
         return 2
+    project = Path(args.project) if args.project else default_project_path(images)
+    print(f"Labeling {images.resolve()}\nProject file (autosaved): {project.resolve()}", flush=True)
     launch(images, args.project, args.host, args.port)
     return 0
