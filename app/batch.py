@@ -21,8 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
-
+from exports.boxes import clip_xyxy
 from trex2.image_io import ImageLoadError, list_images, load_image
 
 SIDECAR_SUFFIX = ".partial.jsonl"
@@ -94,9 +93,7 @@ def result_record(res: ImageResult, cat_index: dict[str, int]) -> dict:
     d = res.detections
     rows = []
     if len(d):
-        xyxy = np.asarray(d.xyxy, dtype=np.float64).copy()
-        xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, w)
-        xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, h)
+        xyxy = clip_xyxy(d.xyxy, w, h)
         names = d.data["class_name"]
         for k in range(len(d)):
             x1, y1, x2, y2 = (round(float(v), 2) for v in xyxy[k])
@@ -169,9 +166,10 @@ class PromptSource:
         except trex2.TextEncoderUnavailable as e:
             raise LabelError(f"category {name!r} has the text prompt {text!r}, but {e}") from None
 
-    def _prompts_on(self, image, emb, name: str, negative: bool) -> list:
-        b = self.prompt_set.boxes(image, name, negative)
-        q = self.prompt_set.points(image, name, negative)
+    @staticmethod
+    def _prompts_on(ps, image, emb, name: str, negative: bool) -> list:
+        """[(emb, boxes (N, 4), points (M, 2))] of one image and category, or [] if it has none."""
+        b, q = ps.boxes(image, name, negative), ps.points(image, name, negative)
         return [(emb, b, q)] if len(b) or len(q) else []
 
     def cross_image_classes(self, predictor) -> dict:
@@ -187,22 +185,26 @@ class PromptSource:
                     continue
                 if image not in embs:
                     embs[image] = self._image_embedding(predictor, image)
-                pos += self._prompts_on(image, embs[image], c.name, False)
-                neg += self._prompts_on(image, embs[image], c.name, True)
+                pos += self._prompts_on(ps, image, embs[image], c.name, False)
+                neg += self._prompts_on(ps, image, embs[image], c.name, True)
             out[c.name] = self._embed(predictor, c.name, pos, neg)
         return out
 
     def per_image_classes(self, predictor) -> Callable:
         """Callable (abs_path, image_embedding) -> {name: ClassEmbedding} from the exemplars drawn on
         that same file (and the category's text); a category without a positive there is left out."""
-        ps = self.prompt_set
+        from exports.prompts import PromptSet
+        by_image: dict[str, list] = {}
+        for p in self.prompt_set.prompts:
+            by_image.setdefault(str(p.image), []).append(p)
+        subsets = {k: PromptSet(self.prompt_set.categories, v) for k, v in by_image.items()}
 
         def classes(path: str, emb) -> dict:
-            out = {}
-            for c in ps.categories:
-                pos = self._prompts_on(path, emb, c.name, False)
+            ps, out = subsets.get(os.path.realpath(path)), {}
+            for c in (ps.categories if ps is not None else ()):
+                pos = self._prompts_on(ps, path, emb, c.name, False)
                 if pos:
-                    out[c.name] = self._embed(predictor, c.name, pos, self._prompts_on(path, emb, c.name, True))
+                    out[c.name] = self._embed(predictor, c.name, pos, self._prompts_on(ps, path, emb, c.name, True))
             return out
         return classes
 
@@ -421,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     except LabelError as e:
         print(f"app.py label: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        side = sidecar_path(a.out)
+        print(f"\napp.py label: interrupted" + (f"; progress is kept in {side}, run again with --resume"
+                                                 if os.path.exists(side) else ""), file=sys.stderr)
+        return 130
     if s["skipped"]:
         print(f"app.py label: skipped {len(s['skipped'])} unreadable file(s): " + ", ".join(s["skipped"]),
               file=sys.stderr)
