@@ -826,8 +826,14 @@ class Engine:
 
     @staticmethod
     def _key(path: Path) -> tuple:
-        st = path.stat()
-        return (str(path.resolve()), st.st_mtime_ns, st.st_size)
+        """Cache key of an image file, the same as `app.batch`'s (path, mtime, size)."""
+        from app.batch import file_key
+        return file_key(str(path))
+
+    @property
+    def lock(self):
+        """Re-entrant lock serialising every use of the shared predictor."""
+        return self._lock
 
     def preview(self, path: str | os.PathLike) -> tuple[Path, int, int]:
         """JPEG of the image for display (EXIF-corrected, long side <= preview_max_side),
@@ -926,13 +932,17 @@ class Engine:
         emb = self.embedding(project.image_path(i))
         with self._lock:
             dets = self.predictor.detect(emb, class_embs)
-        names = list(class_embs)
-        out = []
-        for k in range(len(dets)):
-            name = (str(dets.data["class_name"][k]) if "class_name" in dets.data
-                    else names[int(dets.class_id[k])])
-            out.append((name, [float(v) for v in dets.xyxy[k]], float(dets.confidence[k])))
-        return out
+        return detections_to_list(dets, list(class_embs))
+
+
+def detections_to_list(dets, names: list[str]) -> list[tuple[str, list, float]]:
+    """supervision.Detections -> [(class name, [x1, y1, x2, y2], score)]."""
+    out = []
+    for k in range(len(dets)):
+        name = (str(dets.data["class_name"][k]) if "class_name" in dets.data
+                else names[int(dets.class_id[k])])
+        out.append((name, [float(v) for v in dets.xyxy[k]], float(dets.confidence[k])))
+    return out
 
 
 # --------------------------------------------------------------------------- workflows
@@ -953,44 +963,54 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> i
 
 def detect_in_folder(project: Project, engine: Engine,
                      should_stop: Callable[[], bool] = lambda: False,
-                     classes: list[str] | None = None) -> Iterator[tuple[int, int, str]]:
+                     classes: list[str] | None = None
+                     ) -> Iterator[tuple[int, int, str, str | None]]:
     """"Detect in all images": each class's prompts from every image (and loaded class
-    embeddings / text phrases) averaged into one class embedding, applied to every image.
+    embeddings / text phrases) averaged into one class embedding, applied to every image
+    (through app.batch.label_folder, the same loop as the headless ``label`` command).
 
-    A generator yielding (done, total, file) after each image, so the UI can show progress;
-    stops early when ``should_stop()`` is true (results so far are kept). The whole run is
-    one undo step, autosaved at the end and every 20 images.
+    A generator yielding (done, total, file, error) after each image, error being the
+    message for an unreadable image (skipped) or None; stops early when ``should_stop()``
+    is true (results so far are kept). The whole run is one undo step, autosaved at the end
+    and every 20 images.
     """
+    from app.batch import label_folder
+
     embs = engine.class_embeddings(project, None, classes)
     if not embs:
         raise ProjectError("no class has any prompt, text phrase or loaded embedding yet: "
                            "draw a box or point on an image first")
-    n = len(project.images)
-    with project._edit("detect in all images", scope=None):
-        for i in range(n):
-            if should_stop():
-                break
-            dets = engine.detect(project, i, embs)
-            project.apply_detections(i, dets)
+    files = [im.file for im in project.images]
+    n = len(files)
+    with project._edit("detect in all images", scope=None), engine.lock:
+        results = label_folder(engine.predictor, str(project.root), files, embs,
+                               should_cancel=should_stop)
+        for i, res in enumerate(results):
+            assert res.file_name == files[i]
+            if res.error is None:
+                project.apply_detections(i, detections_to_list(res.detections, list(embs)))
             if (i + 1) % 20 == 0:
                 project._autosave()
-            yield i + 1, n, project.images[i].file
+            yield i + 1, n, res.file_name, res.error
 
 
 def search_images(project: Project, engine: Engine, cls: str,
                   should_stop: Callable[[], bool] = lambda: False) -> list[tuple[int, float]]:
     """Rank the folder's images by how strongly class ``cls`` appears: the max detection
-    score of that class per image (0 if none), highest first -> [(image index, score)].
-    Does not change the project."""
+    score of that class per image (0 if none or unreadable), highest first ->
+    [(image index, score)]. Does not change the project."""
+    from app.batch import label_folder
+
     project.get_class(cls)
     embs = engine.class_embeddings(project, None, [cls])
     if not embs:
         raise ProjectError(f"class {cls!r} has no prompt, text phrase or loaded embedding yet")
     scores = []
-    for i in range(len(project.images)):
-        if should_stop():
-            break
-        dets = engine.detect(project, i, embs)
-        scores.append((i, max((s for c, _, s in dets if c == cls), default=0.0)))
+    files = [im.file for im in project.images]
+    with engine.lock:
+        for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
+                                             should_cancel=should_stop)):
+            dets = [] if res.error else detections_to_list(res.detections, [cls])
+            scores.append((i, max((s for c, _, s in dets if c == cls), default=0.0)))
     scores.sort(key=lambda t: -t[1])
     return scores

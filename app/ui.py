@@ -267,11 +267,18 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         t = time.perf_counter()
         progress((0, len(p.images)), desc="detecting in all images")
         done = total = 0
-        for done, total, file in detect_in_folder(p, engine, should_stop=lambda: sess.cancel):
+        failed = []
+        for done, total, file, error in detect_in_folder(p, engine,
+                                                         should_stop=lambda: sess.cancel):
             progress((done, total), desc=f"detecting: {file}")
+            if error:
+                failed.append(error)
+                gr.Warning(f"skipped: {error}")
         secs = time.perf_counter() - t
         msg = (f"cancelled after {done}/{total} images" if sess.cancel and done < total
                else f"detected in {done} images ({secs:.1f} s)")
+        if failed:
+            msg += f"; {len(failed)} unreadable image(s) skipped"
         return refresh(sess, "detect_all", msg)
 
     def on_cancel(sess):

@@ -381,6 +381,15 @@ def test_export_yolo(project, engine, tmp_path):
     assert len(ds.annotations) == 2 and ds.categories == ["cell"]
 
 
+def test_detect_in_all_images_skips_unreadable_files(project, engine, folder):
+    project.add_prompt("box", [10, 10, 30, 20])
+    (folder / "b.png").write_bytes(b"truncated")
+    steps = list(detect_in_folder(project, engine))
+    assert [s[3] is not None for s in steps] == [False, True, False]
+    assert "b.png" in steps[1][3]
+    assert [im.status for im in project.images] == ["predicted", "untouched", "predicted"]
+
+
 def test_search_ranks_images_by_class_strength(project, engine):
     project.add_prompt("box", [10, 10, 30, 20], image=1)
     ranked = search_images(project, engine, "cell")
