@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from trex2.synthetic import ObjectSource, Scene, generate_scene, load_object_sources
+from trex2.synthetic import (ObjectSource, Scene, _mutate, _random_spec, _render_spec, generate_scene,
+                             load_object_sources)
 
 TRAIN_ROOT = Path("/work/shared/data/train")
 SEEDS = range(16)
@@ -93,6 +94,29 @@ def test_size_and_density_ranges():
         max_per_label = max(max_per_label, int(np.bincount(s.labels).max()))
     assert min(long_sides) < 14 and max(long_sides) > 150
     assert max_per_label >= 30   # dense counting scenes occur
+
+
+def _square(spec: dict, side: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Render a prototype centred on a square canvas (keeps its aspect), premultiplied rgb + alpha."""
+    rgb, a = _render_spec(spec, side)
+    h, w = a.shape
+    n = max(h, w)
+    big_rgb, big_a = np.zeros((n, n, 3), np.float32), np.zeros((n, n), np.float32)
+    big_rgb[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] = rgb * a[..., None]
+    big_a[(n - h) // 2:(n - h) // 2 + h, (n - w) // 2:(n - w) // 2 + w] = a
+    return cv2.resize(big_rgb, (side, side)), cv2.resize(big_a, (side, side))
+
+
+def test_mutated_sibling_prototypes_look_different():
+    """Siblings are labelled as different classes, so they must never render (nearly) alike."""
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        spec = _random_spec(rng)
+        sibling = _mutate(spec, rng, small=seed % 2 == 1)
+        (ra, aa), (rb, ab) = _square(spec), _square(sibling)
+        union = np.maximum(aa, ab) > 0.5
+        changed = (np.abs(ra - rb).max(2)[union] > 40).mean()
+        assert changed >= 0.04, f"seed {seed}: sibling differs on only {changed:.1%} of the object"
 
 
 def test_plain_tuple_sources_are_accepted():

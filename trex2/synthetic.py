@@ -60,12 +60,13 @@ def _rand_color(rng) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h, s, v), np.float32) * 255
 
 
-def _distinct_color(rng, old: np.ndarray, min_dist: float = 90.0) -> np.ndarray:
-    for _ in range(50):
+def _distinct_color(rng, *old: np.ndarray, min_dist: float = 90.0) -> np.ndarray:
+    """A random colour at least ``min_dist`` (RGB distance) from each of ``old``."""
+    for _ in range(100):
         c = _rand_color(rng)
-        if np.linalg.norm(c - old) >= min_dist:
+        if all(np.linalg.norm(c - o) >= min_dist for o in old):
             return c
-    return (255.0 - old).astype(np.float32)   # the complement is always far enough
+    return (255.0 - old[0]).astype(np.float32)   # far from old[0] at least
 
 
 def _smooth_noise(rng, h: int, w: int, cells: int) -> np.ndarray:
@@ -164,16 +165,18 @@ def _background(rng, size: int, sources, exclude_sets: set[str]) -> np.ndarray:
 # ----------------------------------------------------------------------------- prototypes
 SHAPES = ("ellipse", "polygon", "star", "superellipse", "blob", "ring")
 FILLS = ("solid", "gradient", "stripes", "noise", "radial", "spots", "checker")
+SMOOTH_FILLS = ("solid", "gradient", "noise", "radial")
 INNERS = (None, "dot", "cross", "bar", "shape")
 
 
 def _random_spec(rng) -> dict:
     aspect = rng.uniform(0.35, 0.7) if rng.random() < 0.4 else rng.uniform(0.8, 1.0)
+    c1, c2 = _rand_color(rng), _rand_color(rng)
     return dict(shape=str(rng.choice(SHAPES)), n=int(rng.integers(3, 9)), seed=int(rng.integers(2**31)),
                 aspect=float(aspect),
                 star_r=float(rng.uniform(0.35, 0.6)), power=float(rng.uniform(4, 10)),
                 hole=float(rng.uniform(0.35, 0.7)), fill=str(rng.choice(FILLS)),
-                c1=_rand_color(rng), c2=_rand_color(rng), c3=_rand_color(rng),
+                c1=c1, c2=c2, c3=_distinct_color(rng, c1, c2),   # c3: outline and inner mark
                 shade=bool(rng.random() < 0.5),
                 outline=float(rng.uniform(0.03, 0.1)) if rng.random() < 0.35 else 0.0,
                 inner=INNERS[int(rng.integers(len(INNERS)))])   # (a ring shows only None or "bar")
@@ -201,10 +204,12 @@ def _mutate(spec: dict, rng, small: bool) -> dict:
         seen = _inner_seen(spec)   # marks inside a ring's hole are invisible
         while _inner_seen(new) == seen:
             new["inner"] = INNERS[int(rng.integers(len(INNERS)))]
-    else:
-        new["fill"] = str(rng.choice([f for f in FILLS if f != spec["fill"]]))
-        if new["fill"] != "solid" and np.linalg.norm(new["c2"] - new["c1"]) < 60:
-            new["c2"] = _distinct_color(rng, new["c1"])
+    else:   # smooth fills look alike: a smooth fill becomes a patterned one, patterned any other
+        smooth = spec["fill"] in SMOOTH_FILLS
+        new["fill"] = str(rng.choice([f for f in FILLS if f != spec["fill"]
+                                      and not (smooth and f in SMOOTH_FILLS)]))
+        if np.linalg.norm(new["c2"] - new["c1"]) < 120:
+            new["c2"] = _distinct_color(rng, new["c1"], min_dist=120)
     return new
 
 
@@ -256,7 +261,7 @@ def _render_spec(spec: dict, side: int) -> tuple[np.ndarray, np.ndarray]:
         rgb = rgb * (1.25 - 0.8 * d)[..., None]
     c3 = spec["c3"].tolist()
     if spec["inner"] == "dot":
-        r = max(1, int(0.22 * rad * spec["aspect"]))
+        r = max(1, int(0.3 * rad * max(spec["aspect"], 0.6)))
         cv2.circle(rgb, (int(c), int(c)), r, c3, -1, cv2.LINE_AA)
     elif spec["inner"] == "cross":
         th = max(1, int(0.12 * rad))
@@ -435,7 +440,7 @@ def _prototypes(rng, sizes: list[float], sources, size: int):
         spec = (_mutate(specs[int(rng.integers(len(specs)))], rng, small=sizes[j] < 40)
                 if specs and rng.random() < 0.6 else _random_spec(rng))
         if np.linalg.norm(spec["c1"] - bg_mean) < 60:   # keep objects visible on the background
-            spec = {**spec, "c1": _distinct_color(rng, bg_mean, 60)}
+            spec = {**spec, "c1": _distinct_color(rng, bg_mean, min_dist=60)}
         specs.append(spec)
         protos.append(_render_spec(spec, int(sizes[j] * 1.3)))
     return protos, bg
