@@ -101,6 +101,10 @@ def build_view(sess: Session, engine: Engine, action: str | None = None,
         return {**base, "image": None, "prompts": [], "boxes": [],
                 "message": message or f"No images in {p.root}. Upload some in the 'Images' tab."}
     im = p.current
+    if not message and not im.prompts and not im.boxes:
+        message = ("drag a box around one example (or click one with the point tool), then D: "
+                   "detect in this image, Shift+D: in all images")
+        base["message"] = message
     preview, w, h = engine.preview(p.image_path())
     im.size = (w, h)
     return {**base,

@@ -184,6 +184,21 @@ def test_label_folder_in_browser(app_server):
         above = [b for b in v["boxes"] if b["score"] >= v["threshold"]]
         assert shown == len(above) > 0, (shown, v["threshold"], [b["score"] for b in v["boxes"]])
 
+        # the threshold slider filters the boxes on screen without running the model
+        scores = sorted(b["score"] for b in v["boxes"])
+        t_orig = v["threshold"]
+        t_new = (round((scores[-1] + t_orig) / 2, 3) if scores[-1] > t_orig + 0.002
+                 else round(t_orig / 2, 3))
+        slider = page.locator("#tx-threshold input[type=number]")
+        slider.fill(str(t_new))
+        slider.press("Enter")
+        _wait_view(page, f"v.action === 'threshold' && Math.abs(v.threshold - {t_new}) < 1e-6")
+        shown = int(page.locator("#tx-canvas .tx-wrap").get_attribute("data-visible-boxes"))
+        assert shown == sum(s >= t_new for s in scores)
+        slider.fill(str(t_orig))
+        slider.press("Enter")
+        _wait_view(page, f"v.action === 'threshold' && Math.abs(v.threshold - {t_orig}) < 1e-6")
+
         # review with the keyboard: Tab selects the next pending box, A accepts it
         page.locator("#tx-canvas .tx-wrap").focus()
         page.keyboard.press("Tab")

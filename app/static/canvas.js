@@ -26,7 +26,6 @@ const HANDLE = 6;             // handle half-size, css px
 const api = window.trexCanvas = window.trexCanvas || {};
 api.renders = api.renders || 0;
 
-function $(sel) { return document.querySelector(sel); }
 function clickButton(id) { const b = document.getElementById(id); if (b) b.click(); }
 function colorOf(cls) {
   const c = view && view.classes.find(k => k.name === cls);
@@ -433,6 +432,16 @@ function onKey(e) {
   else handled = false;
   if (handled) e.preventDefault();
 }
+// The threshold slider redraws at once on every movement; Python persists it on change.
+function onSlider(e) {
+  const t = e.target;
+  if (!view || !t || !t.closest || !t.closest('#tx-threshold')) return;
+  const x = parseFloat(t.value);
+  if (!isNaN(x) && x >= 0 && x <= 1) { view.threshold = x; render(); }
+}
+if (api.sliderHandler) document.removeEventListener('input', api.sliderHandler);
+api.sliderHandler = onSlider;
+document.addEventListener('input', onSlider);
 function onKeyUp(e) { if (e.key === ' ') spaceDown = false; }
 if (api.keyHandler) document.removeEventListener('keydown', api.keyHandler);
 if (api.keyUpHandler) document.removeEventListener('keyup', api.keyUpHandler);
