@@ -423,7 +423,7 @@ function onKey(e) {
   else if (k === 'Tab' && document.activeElement === root) selectNextBox(e.shiftKey ? -1 : 1);
   else if (k === 'Escape') { selected = null; local = null; drag = null; send('select', {id: null}); render(); }
   else if (k === '0') { fit(); render(); }
-  else if (k === ' ') { spaceDown = true; }
+  else if (k === ' ' && (document.activeElement === root || document.activeElement === document.body)) { spaceDown = true; }
   else if (/^[1-9]$/.test(k) && view && view.classes[Number(k) - 1]) {
     const cls = view.classes[Number(k) - 1].name;
     const sel = findSelected();
@@ -462,9 +462,9 @@ function onView() {
   if (selected && !findSelected()) selected = null;
   if (v.image && newImage) {
     imgReady = false;
-    imgUrl = v.image.url;
-    img.onload = () => { if (img.src.endsWith(imgUrl) || img.src === imgUrl) { imgReady = true; render(); } };
-    img.onerror = () => { view.message = 'could not load the preview image'; render(); };
+    const token = imgUrl = v.image.url;
+    img.onload = () => { if (imgUrl === token) { imgReady = true; render(); } };
+    img.onerror = () => { if (imgUrl === token) { view.message = 'could not load the preview image'; render(); } };
     img.src = imgUrl;
   }
   render();
