@@ -65,6 +65,9 @@ class AppConfig:
     project_path: Path | None
     engine: Engine
     tmp_dir: Path
+    #: folders that typed-in file paths (prompt files) may be in; None: anywhere (the app
+    #: is bound to this machine only, so its user is the machine's user)
+    path_roots: list[Path] | None = None
 
 
 @dataclass
@@ -381,7 +384,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @file_guard
     def on_save_prompts(sess, path):
         p = sess.project
-        path = Path(path.strip()) if path and path.strip() else _out_dir(sess, "prompts") / "prompts.json"
+        path = (_check_user_path(cfg, path.strip()) if path and path.strip()
+                else _out_dir(sess, "prompts") / "prompts.json")
         p.save_prompts(path)
         shown = path
         if not _is_under(path, cfg.tmp_dir):
@@ -390,10 +394,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         return str(shown), f"prompt set saved to {path}"
 
     @guarded
-    def on_load_prompts(sess, path, upload):
-        src = (path or "").strip() or (upload if isinstance(upload, str) else None)
+    def on_load_prompts(sess, path):
+        src = (path or "").strip()
         if not src:
-            raise ProjectError("give the path of a prompt file (or upload one)")
+            raise ProjectError("give the path of a prompt file")
+        src = _check_user_path(cfg, src)
         n_in, n_ext = sess.project.load_prompts(src)
         return refresh(sess, "load_prompts", f"loaded {n_in} prompts on this folder's images and "
                                              f"{n_ext} on other images from {src}", force=True)
@@ -507,9 +512,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                         elem_id="tx-prompt-path", value=_demo_prompts(cfg.images_dir))
                     prompt_save = gr.Button("Save prompt set", size="sm")
                     prompt_load = gr.Button("Load prompt file", size="sm")
-                prompt_upload = gr.File(label="...or upload a prompt file (its image paths must "
-                                              "resolve from where it is uploaded)",
-                                        file_types=[".json"], type="filepath")
                 with gr.Row():
                     emb_save = gr.Button("Save class embeddings", size="sm")
                     emb_upload = gr.File(label="Load class embeddings (.safetensors)",
@@ -552,7 +554,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         cls_del.click(on_class_delete, [state], main)
         export_btn.click(on_export, [state, fmt, only_rev], [export_file, export_msg])
         prompt_save.click(on_save_prompts, [state, prompt_path], [files_out, files_msg])
-        prompt_load.click(on_load_prompts, [state, prompt_path, prompt_upload], main)
+        prompt_load.click(on_load_prompts, [state, prompt_path], main)
         emb_save.click(on_save_embeddings, [state], [files_out, files_msg],
                        concurrency_id="model")
         emb_upload.upload(on_load_embeddings, [state, emb_upload], main)
@@ -578,6 +580,16 @@ def _demo_prompts(images_dir: Path) -> str:
     """On the bundled demo folder, suggest its prompt file so a first user can try loading it."""
     candidate = DEMO_IMAGES.parent / "prompts-blood.json"
     return str(candidate) if Path(images_dir).resolve() == DEMO_IMAGES and candidate.exists() else ""
+
+
+def _check_user_path(cfg: AppConfig, path: str) -> Path:
+    """A file path typed into the UI, checked against cfg.path_roots when the app is
+    reachable from other machines (a remote user must not read or write arbitrary files)."""
+    p = Path(path).expanduser().resolve()
+    if cfg.path_roots is not None and not any(_is_under(p, r) for r in cfg.path_roots):
+        raise ProjectError(f"{path} is outside the folders this app may use: "
+                           f"{', '.join(str(r) for r in cfg.path_roots)}")
+    return p
 
 
 def _is_under(path: Path, folder: Path) -> bool:
@@ -610,8 +622,15 @@ def launch(images_dir, project_path=None, host="127.0.0.1", port=None, engine=No
     if engine.preview_dir is None:
         engine.preview_dir = tmp_dir / "previews"
     engine.preview_dir.mkdir(parents=True, exist_ok=True)
-    cfg = AppConfig(images_dir, Path(project_path).resolve() if project_path else None, engine,
-                    tmp_dir)
+    project_path = Path(project_path).resolve() if project_path else None
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    roots = None if loopback else [images_dir.parent,
+                                   (project_path or default_project_path(images_dir)).parent]
+    if not loopback:
+        print(f"warning: serving on {host}: anyone who can reach this address can view and "
+              f"label {images_dir}; typed-in file paths are limited to "
+              f"{', '.join(map(str, roots))}", file=sys.stderr)
+    cfg = AppConfig(images_dir, project_path, engine, tmp_dir, roots)
     demo = build_app(cfg)
     engine.prefetch()  # load the model in the background while the page opens
     demo.queue(default_concurrency_limit=1)

@@ -444,3 +444,16 @@ def test_views_are_per_session(project, engine, folder, tmp_path):
     assert len(v1["prompts"]) == 1 and v2["prompts"] == []
     assert v1["image"]["width"] == W and v1["image"]["url"].startswith("gradio_api/file=")
     assert "cell" in stats_html(s1)
+
+
+def test_typed_paths_are_limited_when_served_on_the_network(tmp_path):
+    from app.ui import AppConfig, _check_user_path
+
+    net = AppConfig(tmp_path / "imgs", None, None, tmp_path, path_roots=[tmp_path / "data"])
+    ok = tmp_path / "data" / "p.json"
+    assert _check_user_path(net, str(ok)) == ok.resolve()
+    for bad in ("/etc/passwd", str(tmp_path / "data" / ".." / "x.json"), str(tmp_path)):
+        with pytest.raises(ProjectError, match="outside the folders"):
+            _check_user_path(net, bad)
+    local = AppConfig(tmp_path / "imgs", None, None, tmp_path, path_roots=None)
+    assert _check_user_path(local, "/etc/hosts") == Path("/etc/hosts").resolve()
