@@ -82,8 +82,20 @@ class Session:
     #: held while a handler changes the project; a long run (detect in all images) makes
     #: other edits answer "busy" instead of interleaving with it
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: what the long run holding the lock does ("" when none)
+    long_job: str = ""
     last_images_sig: tuple | None = None
     last_classes_sig: tuple | None = None
+
+
+def _acquire(sess: Session) -> bool:
+    """Take the session lock: wait for short handlers, give up at once during a long run
+    (detect in all images, search), so edits are refused with a message instead of hanging."""
+    while True:
+        if sess.lock.acquire(timeout=0.05):
+            return True
+        if sess.long_job:
+            return False
 
 
 # ----------------------------------------------------------------------------- views
@@ -185,9 +197,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         def wrapper(sess, *args, **kwargs):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
-            if not sess.lock.acquire(timeout=0.5):
-                gr.Warning("busy: detecting in all images (press Cancel to stop it)")
-                return refresh(sess, "busy", "busy: detecting in all images")
+            if not _acquire(sess):
+                gr.Warning(f"busy: {sess.long_job} (press Cancel to stop it)")
+                return refresh(sess, "busy", f"busy: {sess.long_job}")
             try:
                 return fn(sess, *args, **kwargs)
             except (ProjectError, ValueError, OSError) as e:
@@ -270,6 +282,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @guarded
     def on_detect_all(sess, progress=gr.Progress()):
         sess.cancel = False
+        sess.long_job = "detecting in all images"
+        try:
+            return _detect_all(sess, progress)
+        finally:
+            sess.long_job = ""
+
+    def _detect_all(sess, progress):
         p = sess.project
         t = time.perf_counter()
         progress((0, len(p.images)), desc="detecting in all images")
@@ -348,8 +367,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         def wrapper(sess, *args):
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
-            if not sess.lock.acquire(timeout=0.5):
-                raise gr.Error("busy: detecting in all images (press Cancel to stop it)")
+            if not _acquire(sess):
+                raise gr.Error(f"busy: {sess.long_job} (press Cancel to stop it)")
             try:
                 return fn(sess, *args)
             except (ProjectError, ValueError, OSError) as e:
@@ -436,7 +455,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             raise ProjectError("pick a class to search for")
         progress(0, desc=f"ranking images by {cls}")
         sess.cancel = False
-        ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel)
+        sess.long_job = f"ranking images by {cls}"
+        try:
+            ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel)
+        finally:
+            sess.long_job = ""
         sess.search = ranked
         items = []
         for i, score in ranked:
