@@ -21,7 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from exports.boxes import clip_xyxy
+from exports import atomic_write_text, clip_xyxy
 from trex2.image_io import ImageLoadError, list_images, load_image
 
 SIDECAR_SUFFIX = ".partial.jsonl"
@@ -260,13 +260,8 @@ def read_sidecar(path: str) -> tuple[dict, dict[str, dict], int]:
 
 
 def create_sidecar(path: str, header: dict) -> None:
-    """Write a new sidecar holding only ``header``, atomically (temp file + rename)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(header) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a new sidecar holding only ``header``, atomically (temp file + fsync + rename)."""
+    atomic_write_text(path, json.dumps(header) + "\n")
 
 
 def append_record(f, rec: dict) -> None:
