@@ -28,6 +28,19 @@ SIDECAR_SUFFIX = ".partial.jsonl"
 SIDECAR_FORMAT = "trex2-label-partial/1"
 
 
+HELP = """Label every image under IMAGE_DIR (recursively) with the prompts in PROMPTS; write a COCO file.
+
+Default (cross-image): all exemplars of a category, on any image of the prompt file, are pooled
+into one class that is detected on every image. --per-image: each image uses only the exemplars
+drawn on that same image (others get no detections). Negative exemplars, point prompts and
+category text prompts are honoured. All detections above a low floor are written with their
+score; info.score_threshold is the recommended acceptance threshold.
+
+Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
+kill), run the same command with --resume to continue. Unreadable images are skipped with a
+warning. Exit code 0 if any image was labeled, 1 if none could be read, 2 on bad input."""
+
+
 class LabelError(Exception):
     """Bad input or state for ``label``; the message is shown to the user as is."""
 
@@ -394,7 +407,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="app.py label", description=__doc__,
+    ap = argparse.ArgumentParser(prog="app.py label", description=HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (searched recursively)")
     ap.add_argument("--prompts", required=True, metavar="PROMPTS",
