@@ -203,6 +203,20 @@ def scene_cache() -> list[CachedImage]:
     return images
 
 
+@pytest.mark.parametrize("hw", [(200, 300), (300, 200), (256, 256), (100, 256)])
+def test_cached_image_frame(hw):
+    """A training image sits in the top-left corner of a size x size canvas: its boxes and its valid
+    extent (which limits query selection) must be fractions of that same canvas."""
+    model = small_model(pretrained=False)
+    H, W = hw
+    cached = cache_image(model, np.zeros((H, W, 3), np.uint8), [[0, 0, W, H]], [0], "g", SIZE)
+    assert [tuple(f.shape[1:]) for f in cached.features] == [(32, 32), (16, 16), (8, 8)]
+    vw, vh = cached.valid_wh
+    s = SIZE / max(H, W)
+    assert vw == pytest.approx(W * s / SIZE, abs=1 / SIZE) and vh == pytest.approx(H * s / SIZE, abs=1 / SIZE)
+    assert torch.allclose(cached.boxes, torch.tensor([[vw / 2, vh / 2, vw, vh]]), atol=1 / SIZE)
+
+
 def make_episodes(images: list[CachedImage]) -> list[dict]:
     """Two fixed episodes: box prompts on image 0, a box and a point prompt on image 1."""
     eps = []
