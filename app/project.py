@@ -343,6 +343,15 @@ class Project:
             raise ProjectError(f"no images in {self.root}")
         return self.goto((self.index + delta) % len(self.images))
 
+    def next_to_review(self) -> ImageRec:
+        """Go to the next image (after the current one, wrapping) that is not reviewed yet."""
+        n = len(self.images)
+        for k in range(1, n + 1):
+            i = (self.index + k) % n
+            if self.images[i].status != "reviewed":
+                return self.goto(i)
+        raise ProjectError("every image is reviewed: export when ready")
+
     def index_of(self, file: str) -> int:
         for i, im in enumerate(self.images):
             if im.file == file:

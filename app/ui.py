@@ -48,10 +48,12 @@ SHORTCUTS = [
     ("Tab / Shift+Tab", "select next / previous pending box (canvas focused)"),
     ("A", "accept the selected box (then jumps to the next)"),
     ("X or R", "reject the selected box (then jumps to the next)"),
-    ("Shift+A", "accept all boxes above the threshold on this image"),
+    ("Shift+A", "accept all boxes above the threshold on this image (marks it reviewed, "
+                "also when it has nothing to label)"),
     ("Del / Backspace", "delete the selected prompt or box"),
     ("Ctrl+Z / Ctrl+Shift+Z or Ctrl+Y", "undo / redo"),
     ("\u2192 or . / \u2190 or ,", "next / previous image"),
+    ("U", "next image not reviewed yet"),
     ("Esc", "clear the selection"),
     ("mouse wheel / right-drag / 0", "zoom / pan / fit the image"),
 ]
@@ -261,6 +263,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @guarded
     def on_nav(sess, delta):
         sess.project.step(delta)
+        sess.selected = None
+        return refresh(sess, "nav")
+
+    @guarded
+    def on_next_to_review(sess):
+        sess.project.next_to_review()
         sess.selected = None
         return refresh(sess, "nav")
 
@@ -484,6 +492,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 with gr.Row():
                     prev_btn = gr.Button("\u2190 Prev", elem_id="tx-prev", size="sm", min_width=60)
                     next_btn = gr.Button("Next \u2192", elem_id="tx-next", size="sm", min_width=60)
+                    review_btn = gr.Button("Next to review (U)", elem_id="tx-next-review",
+                                           size="sm", min_width=60)
                     det_btn = gr.Button("Detect in this image (D)", elem_id="tx-detect-this",
                                         variant="primary", size="sm")
                     det_all_btn = gr.Button("Detect in all images (Shift+D)", elem_id="tx-detect-all",
@@ -560,6 +570,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                   show_progress="hidden", queue=True)
         prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden")
         next_btn.click(on_nav, [state, gr.State(1)], main, show_progress="hidden")
+        review_btn.click(on_next_to_review, [state], main, show_progress="hidden")
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
         det_btn.click(on_detect_this, [state], main, show_progress="hidden",
                       concurrency_id="model")

@@ -457,3 +457,14 @@ def test_typed_paths_are_limited_when_served_on_the_network(tmp_path):
             _check_user_path(net, bad)
     local = AppConfig(tmp_path / "imgs", None, None, tmp_path, path_roots=None)
     assert _check_user_path(local, "/etc/hosts") == Path("/etc/hosts").resolve()
+
+
+def test_next_to_review_skips_reviewed_images(project):
+    project.accept_all(image=1)                          # nothing to label: reviewed anyway
+    assert project.images[1].status == "reviewed"
+    assert project.next_to_review().file == "sub/c.jpg"
+    assert project.next_to_review().file == "a.jpg"
+    project.accept_all(image=0)
+    project.accept_all(image=2)
+    with pytest.raises(ProjectError, match="every image is reviewed"):
+        project.next_to_review()

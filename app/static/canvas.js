@@ -419,6 +419,7 @@ function onKey(e) {
   else if (k === 'd') clickButton('tx-detect-this');
   else if (k === 'D') clickButton('tx-detect-all');
   else if (k === 'ArrowRight' || k === '.') clickButton('tx-next');
+  else if (k === 'u' || k === 'U') clickButton('tx-next-review');
   else if (k === 'ArrowLeft' || k === ',') clickButton('tx-prev');
   else if (k === 'Tab' && document.activeElement === root) selectNextBox(e.shiftKey ? -1 : 1);
   else if (k === 'Escape') { selected = null; local = null; drag = null; send('select', {id: null}); render(); }
