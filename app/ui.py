@@ -231,11 +231,14 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     # ------------------------------------------------------------------ canvas ops
     @guarded
-    def on_op(sess, evt: gr.EventData):
+    def on_op(sess, auto_detect, evt: gr.EventData):
         data = dict(evt._data or {})
         p = sess.project
         op = data.get("op")
         iid = data.get("id")
+        prompt_op = op in ("add_prompt", "negative") or (
+            op in ("move", "delete") and iid is not None
+            and any(q.id == iid for q in p.current.prompts))
         if op == "select":
             sess.selected = iid
             return (sess,) + (gr.skip(),) * 5
@@ -258,6 +261,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 p.relabel(int(iid), data["cls"])
         else:
             raise ProjectError(f"unknown canvas operation {op!r}")
+        if auto_detect and prompt_op and p.current.prompts:
+            t = time.perf_counter()
+            n = detect_in_image(p, engine)
+            ms = (time.perf_counter() - t) * 1000
+            return refresh(sess, "detect", f"{n} new boxes in this image ({ms:.0f} ms)")
         return refresh(sess, op)
 
     @guarded
@@ -505,7 +513,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                                            elem_id="tx-accept-all", size="sm")
                     undo_btn = gr.Button("Undo (Ctrl+Z)", elem_id="tx-undo", size="sm", min_width=60)
                     redo_btn = gr.Button("Redo (Ctrl+Y)", elem_id="tx-redo", size="sm", min_width=60)
-                progress_box = gr.HTML("", elem_id="tx-progress", min_height=24)
+                with gr.Row():
+                    auto_cb = gr.Checkbox(label="Detect in this image after each prompt change",
+                                          value=False, elem_id="tx-auto", scale=2)
+                    progress_box = gr.HTML("", elem_id="tx-progress", min_height=24, scale=3)
                 threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
                                       elem_id="tx-threshold")
             with gr.Column(scale=2, min_width=280):
@@ -566,7 +577,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
         main = [state, canvas, stats, class_dd, image_dd, threshold]
         demo.load(on_load, None, main)
-        canvas.op(on_op, [state], main, trigger_mode="multiple",
+        canvas.op(on_op, [state, auto_cb], main, trigger_mode="multiple",
                   show_progress="hidden", queue=True)
         prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden")
         next_btn.click(on_nav, [state, gr.State(1)], main, show_progress="hidden")

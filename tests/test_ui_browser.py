@@ -203,6 +203,17 @@ def test_label_folder_in_browser(app_server):
         slider.press("Enter")
         _wait_view(page, f"v.action === 'threshold' && Math.abs(v.threshold - {t_orig}) < 1e-6")
 
+        # with "detect after each prompt change" on, a point prompt re-runs detection
+        page.locator("#tx-auto input").check()
+        page.locator("#tx-canvas .tx-wrap").focus()
+        page.keyboard.press("p")
+        second = gt_boxes["img0.jpg"][1]
+        page.mouse.click(*_to_page(page, (second[0] + second[2]) / 2, (second[1] + second[3]) / 2))
+        _wait_view(page, "v.prompts.length === 2 && v.action === 'detect'")
+        assert _view(page)["prompts"][1]["kind"] == "point"
+        page.locator("#tx-auto input").uncheck()
+        page.keyboard.press("b")
+
         # review with the keyboard: Tab selects the next pending box, A accepts it
         page.locator("#tx-canvas .tx-wrap").focus()
         page.keyboard.press("Tab")
