@@ -22,9 +22,9 @@ def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None
     """Write {name: ClassEmbedding} to a safetensors file (names in the JSON metadata), atomically."""
     tensors = {}
     for i, ce in enumerate(classes.values()):
-        tensors[f"{i}.embedding"] = ce.embedding.detach().float().contiguous()
+        tensors[f"{i}.embedding"] = ce.embedding.detach().float().clone().contiguous()
         if ce.negatives.numel():
-            tensors[f"{i}.negatives"] = ce.negatives.detach().float().contiguous()
+            tensors[f"{i}.negatives"] = ce.negatives.detach().float().clone().contiguous()
     meta = {"format": "trex2-class-embeddings", "names": json.dumps(list(classes))}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)

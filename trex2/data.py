@@ -29,7 +29,10 @@ class CachedImage:
 
 def canvas_features(model, image: np.ndarray, size: int):
     """Image -> backbone maps of a square size x size canvas, resize factor, valid extent."""
-    x, scale, valid = model.preprocess(image)
+    x, scale, _ = model.preprocess(image)
+    if max(x.shape[2:]) > size:
+        raise ValueError(f"canvas size {size} is smaller than the model's image_size")
+    valid = (round(image.shape[1] * scale) / size, round(image.shape[0] * scale) / size)
     x = F.pad(x, (0, size - x.shape[3], 0, size - x.shape[2]), value=127.0)
     with torch.no_grad():
         feats = model.backbone(x)

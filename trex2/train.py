@@ -60,6 +60,26 @@ def load_cache(path: str) -> list[CachedImage]:
             for d in torch.load(path, weights_only=True)]
 
 
+def fix_valid_extent(images: list[CachedImage], train_root: str, size: int) -> None:
+    """Recompute each real image's extent in the square canvas from the sizes in gt.json (caches
+    built before this was fixed in data.canvas_features stored the extent in the 32-px padded
+    canvas). Order: as read_coco_set yields them."""
+    from exports import read_coco
+    groups: dict[str, list[CachedImage]] = {}
+    for im in images:
+        if not im.group.startswith("synthetic"):
+            groups.setdefault(im.group, []).append(im)
+    for name, ims in groups.items():
+        gt = read_coco(os.path.join(train_root, name, "gt.json"))
+        recs = [r for r in gt.images if any(a.box[2] - a.box[0] > 1 and a.box[3] - a.box[1] > 1
+                                            for a in gt.annotations_for(r.file_name))]
+        if len(recs) != len(ims):
+            raise ValueError(f"feature cache does not match {name}: rebuild it")
+        for im, r in zip(ims, recs):
+            scale = size / max(r.width, r.height)
+            im.valid_wh = (round(r.width * scale) / size, round(r.height * scale) / size)
+
+
 def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips: list[bool],
                    num_queries: int = 300, class_names: list[str | None] | None = None):
     """Forward a batch of episodes and return the summed loss dict. With a text encoder attached
@@ -214,6 +234,7 @@ def main(argv=None) -> int:
         save_cache(images, args.cache)
     if args.cache_only:
         return 0
+    fix_valid_extent(images, args.train_root, args.size)
     held, train = [], []
     seen: dict[str, int] = {}
     for im in images:
