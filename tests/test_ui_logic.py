@@ -468,3 +468,30 @@ def test_next_to_review_skips_reviewed_images(project):
     project.accept_all(image=2)
     with pytest.raises(ProjectError, match="every image is reviewed"):
         project.next_to_review()
+
+
+def test_workflow_with_the_real_predictor_class(project, tmp_path, monkeypatch):
+    """The same workflow through trex2.Predictor itself (untrained weights: this checks the
+    integration, not accuracy), and the text-encoder message when a phrase has no CLIP."""
+    model = trex2.TRex2(trex2.ModelConfig()).eval()
+    engine = Engine(predictor=trex2.Predictor(model), preview_dir=tmp_path / "pv")
+    project.add_prompt("box", [10, 10, 40, 30])
+    detect_in_image(project, engine)
+    assert project.current.status == "predicted"
+    for b in project.current.boxes:
+        assert 0 <= b.score <= 1 and b.cls == "cell"
+        x1, y1, x2, y2 = b.xyxy
+        assert 0 <= x1 < x2 <= W + 1e-3 and 0 <= y1 < y2 <= H + 1e-3
+    steps = list(detect_in_folder(project, engine))
+    assert len(steps) == 3 and engine.predictor.encode_count == 3
+    project.update_class("cell", text="a red blood cell")
+    monkeypatch.delenv("TREX2_CLIP_DIR", raising=False)
+    with pytest.raises(ProjectError, match="a red blood cell"):
+        detect_in_image(project, engine)
+
+
+def test_cli_rejects_a_missing_folder(tmp_path, capsys):
+    from app.ui import main
+
+    assert main(["--images", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
