@@ -356,7 +356,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     # ------------------------------------------------------------------ classes
     @guarded
     def on_class_add(sess, name, color, text):
-        sess.project.add_class(name, color or None, text)
+        used = {c.color.lower() for c in sess.project.classes}
+        # the editor still shows the picked class's colour: a new class gets its own
+        color = None if not color or color.lower() in used else color
+        sess.project.add_class(name, color, text)
         return refresh(sess, "class", f"added class {name.strip()}")
 
     @guarded
@@ -533,9 +536,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                                           elem_id="tx-class-text", max_lines=1)
                     with gr.Row():
                         cls_add = gr.Button("Add class", elem_id="tx-class-add", size="sm")
-                        cls_upd = gr.Button("Update selected", elem_id="tx-class-update", size="sm")
-                        cls_del = gr.Button("Delete selected", elem_id="tx-class-delete", size="sm",
-                                            variant="stop")
+                        cls_upd = gr.Button("Update picked class", elem_id="tx-class-update",
+                                            size="sm")
+                        cls_del = gr.Button("Delete picked class", elem_id="tx-class-delete",
+                                            size="sm", variant="stop")
                 with gr.Accordion("Keyboard shortcuts", open=False):
                     gr.HTML("<table class='tx-shortcuts'>" + "".join(
                         f"<tr><td><kbd>{_esc(k)}</kbd></td><td>{_esc(v)}</td></tr>"
@@ -594,6 +598,15 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         threshold.change(on_threshold, [state, threshold], main, show_progress="hidden",
                          trigger_mode="always_last")
         class_dd.input(on_class_pick, [state, class_dd], main, show_progress="hidden")
+        def class_fields(sess, name):
+            """Fill the class editor with the picked class (name, colour, text phrase)."""
+            if sess is None or not name or name not in sess.project.class_names:
+                return gr.skip(), gr.skip(), gr.skip()
+            c = sess.project.get_class(name)
+            return c.name, c.color, c.text or ""
+
+        class_dd.change(class_fields, [state, class_dd], [cls_name, cls_color, cls_text],
+                        show_progress="hidden")
         cls_add.click(on_class_add, [state, cls_name, cls_color, cls_text], main)
         cls_upd.click(on_class_update, [state, cls_name, cls_color, cls_text], main)
         cls_del.click(on_class_delete, [state], main)
