@@ -229,6 +229,20 @@ def test_label_folder_in_browser(app_server):
         _wait_view(page, f"v.action === 'redo' && v.boxes.some(b => b.id === {sel['id']}"
                          f" && b.state === 'accepted')")
 
+        # edit: with the select tool, drag the accepted box's bottom-right corner
+        page.keyboard.press("v")
+        box = next(b for b in _view(page)["boxes"] if b["id"] == sel["id"])
+        x1, y1, x2, y2 = box["xyxy"]
+        # (selected through the canvas API: the exemplar prompt may overlap this box)
+        page.evaluate(f"window.trexCanvas.select('box', {sel['id']})")
+        page.mouse.move(*_to_page(page, x2, y2))
+        page.mouse.down()
+        page.mouse.move(*_to_page(page, x2 - 6, y2 - 5), steps=3)
+        page.mouse.up()
+        _wait_view(page, f"v.action === 'move' && v.boxes.some(b => b.id === {sel['id']}"
+                         f" && Math.abs(b.xyxy[2] - {x2 - 6}) < 1.5 && b.state === 'accepted')")
+        page.keyboard.press("b")
+
         # detect in all images (prompts of every image averaged per class), with progress
         _click_and_time(page, "tx-detect-all", "detect_all", 180_000)
         statuses = page.locator("#tx-stats").inner_text()
