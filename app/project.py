@@ -267,8 +267,10 @@ class Project:
         for i, d in snap["images"].items():
             self.images[i] = ImageRec.from_json(d)
 
-    def _edit(self, label: str, scope=None):
-        """Context manager recording one undo step (scope as in :meth:`_snapshot`)."""
+    def _edit(self, label: str, scope=None, keep_partial: bool = False):
+        """Context manager recording one undo step (scope as in :meth:`_snapshot`). On an
+        exception the change is rolled back, or, with keep_partial (long runs), what was done
+        so far is kept as the undo step and saved before the exception propagates."""
         project = self
 
         class _Ctx:
@@ -277,7 +279,7 @@ class Project:
                 return self
 
             def __exit__(self, exc_type, exc, tb):
-                if exc_type is not None:
+                if exc_type is not None and not keep_partial:
                     project._restore(self.before)
                     return False
                 project._undo.append((label, self.before, project._snapshot(scope)))
@@ -991,7 +993,7 @@ def detect_in_folder(project: Project, engine: Engine,
                            "draw a box or point on an image first")
     files = [im.file for im in project.images]
     n = len(files)
-    with project._edit("detect in all images", scope=None), engine.lock:
+    with project._edit("detect in all images", scope=None, keep_partial=True), engine.lock:
         results = label_folder(engine.predictor, str(project.root), files, embs,
                                should_cancel=should_stop)
         for i, res in enumerate(results):

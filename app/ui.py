@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             except (ProjectError, ValueError, OSError) as e:
                 gr.Warning(str(e))
                 return refresh(sess, "error", str(e))
+            except Exception as e:  # noqa: BLE001 - a model/bug error: tell the user, log it
+                traceback.print_exc()
+                msg = f"{type(e).__name__}: {e}"
+                gr.Warning(msg)
+                return refresh(sess, "error", msg)
             finally:
                 sess.lock.release()
         return wrapper

@@ -495,3 +495,22 @@ def test_cli_rejects_a_missing_folder(tmp_path, capsys):
 
     assert main(["--images", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_detect_in_all_images_keeps_done_images_when_the_model_fails(project, engine, fake):
+    project.add_prompt("box", [10, 10, 30, 20])
+    real = fake.detect
+
+    def flaky(emb, classes, score_threshold=None):
+        if fake.detect_calls >= 2:
+            raise RuntimeError("model failed")
+        return real(emb, classes, score_threshold)
+
+    fake.detect = flaky
+    with pytest.raises(RuntimeError, match="model failed"):
+        list(detect_in_folder(project, engine))
+    assert [im.status for im in project.images] == ["predicted", "predicted", "untouched"]
+    saved = Project(project.root, project.path)           # what was done is on disk too
+    assert [im.status for im in saved.images] == ["predicted", "predicted", "untouched"]
+    project.undo()
+    assert all(not im.boxes for im in project.images)
