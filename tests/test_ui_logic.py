@@ -514,3 +514,12 @@ def test_detect_in_all_images_keeps_done_images_when_the_model_fails(project, en
     assert [im.status for im in saved.images] == ["predicted", "predicted", "untouched"]
     project.undo()
     assert all(not im.boxes for im in project.images)
+
+
+def test_app_builds_offline_with_analytics_off(folder, tmp_path, engine):
+    from app.ui import AppConfig, build_app
+
+    demo = build_app(AppConfig(folder, tmp_path / "p.json", engine, tmp_path))
+    assert demo.analytics_enabled is False
+    config = json.dumps(demo.get_config_file(), default=str)
+    assert "fonts.googleapis" not in config and "cdn.jsdelivr" not in config
