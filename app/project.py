@@ -617,13 +617,19 @@ class Project:
     # ----------------------------------------------------------------- detections
     def apply_detections(self, i: int, boxes: list[tuple[str, list[float], float]]) -> int:
         """Merge model detections (class, xyxy, score) into image i (no undo step: callers
-        wrap this in one). Pending model boxes are replaced; boxes the user accepted,
+        wrap this in one). Boxes are clipped to the image. Pending model boxes are replaced; boxes the user accepted,
         rejected or drew are kept, and new detections duplicating them (same class,
         IoU > DUPLICATE_IOU) are dropped. Returns how many new boxes were added."""
         im = self.images[i]
+        w, h = self.image_size(i)
         kept = [b for b in im.boxes if b.state != "pending" or b.source == "manual"]
         added = 0
         for cls, xyxy, score in boxes:
+            x1, y1, x2, y2 = (float(v) for v in xyxy)
+            xyxy = [min(max(x1, 0.0), w), min(max(y1, 0.0), h),
+                    min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
+            if xyxy[2] - xyxy[0] < 1 or xyxy[3] - xyxy[1] < 1:
+                continue  # nothing left inside the image
             if any(k.cls == cls and _box_iou(k.xyxy, xyxy) > DUPLICATE_IOU for k in kept):
                 continue
             kept.append(BoxRec(self._new_id(), cls, [round(float(v), 2) for v in xyxy],

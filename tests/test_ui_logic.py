@@ -523,3 +523,8 @@ def test_app_builds_offline_with_analytics_off(folder, tmp_path, engine):
     assert demo.analytics_enabled is False
     config = json.dumps(demo.get_config_file(), default=str)
     assert "fonts.googleapis" not in config and "cdn.jsdelivr" not in config
+
+
+def test_detections_are_clipped_to_the_image(project):
+    project.apply_detections(0, [("cell", [-5, 10, 30, 70], 0.9), ("cell", [79.5, 0, 99, 9], 0.8)])
+    assert [b.xyxy for b in project.images[0].boxes] == [[0.0, 10.0, 30.0, 60.0]]

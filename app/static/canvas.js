@@ -57,7 +57,8 @@ function fit() {
   if (!view || !view.image) return;
   const W = view.image.width, H = view.image.height;
   const sw = stage.clientWidth, sh = stage.clientHeight;
-  const s = Math.min(sw / W, sh / H);
+  const m = 12;  // margin, so handles on the image border can be grabbed
+  const s = Math.max(Math.min((sw - 2 * m) / W, (sh - 2 * m) / H), 0.01);
   xf = {s: s, ox: (sw - W * s) / 2, oy: (sh - H * s) / 2, fitted: true};
 }
 function toImg(e) {
