@@ -40,6 +40,10 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
            "#bfef45", "#fabed4", "#469990", "#dcbeff", "#9a6324", "#fffac8", "#800000",
            "#aaffc3", "#808000", "#ffd8b1", "#000075", "#a9a9a9", "#ffe119")
 UNDO_LIMIT = 100
+#: Detections kept per image and class (best first) and the lowest score kept: the
+#: threshold slider can go this low without re-running the model.
+KEEP_PER_CLASS = 200
+KEEP_MIN_SCORE = 0.01
 #: Class created for the first prompt of a project that has no class yet.
 DEFAULT_CLASS = "object"
 
@@ -617,20 +621,26 @@ class Project:
     # ----------------------------------------------------------------- detections
     def apply_detections(self, i: int, boxes: list[tuple[str, list[float], float]]) -> int:
         """Merge model detections (class, xyxy, score) into image i (no undo step: callers
-        wrap this in one). Boxes are clipped to the image. Pending model boxes are replaced; boxes the user accepted,
+        wrap this in one). Boxes are clipped to the image; per class, the KEEP_PER_CLASS best
+        scoring >= KEEP_MIN_SCORE are kept. Pending model boxes are replaced; boxes the user accepted,
         rejected or drew are kept, and new detections duplicating them (same class,
         IoU > DUPLICATE_IOU) are dropped. Returns how many new boxes were added."""
         im = self.images[i]
         w, h = self.image_size(i)
         kept = [b for b in im.boxes if b.state != "pending" or b.source == "manual"]
+        decided = list(kept)
         added = 0
-        for cls, xyxy, score in boxes:
+        per_class: dict[str, int] = {}
+        for cls, xyxy, score in sorted(boxes, key=lambda d: -d[2]):
+            if score < KEEP_MIN_SCORE or per_class.get(cls, 0) >= KEEP_PER_CLASS:
+                continue  # too weak to ever be wanted: keeps the project file small
+            per_class[cls] = per_class.get(cls, 0) + 1
             x1, y1, x2, y2 = (float(v) for v in xyxy)
             xyxy = [min(max(x1, 0.0), w), min(max(y1, 0.0), h),
                     min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
             if xyxy[2] - xyxy[0] < 1 or xyxy[3] - xyxy[1] < 1:
                 continue  # nothing left inside the image
-            if any(k.cls == cls and _box_iou(k.xyxy, xyxy) > DUPLICATE_IOU for k in kept):
+            if any(k.cls == cls and _box_iou(k.xyxy, xyxy) > DUPLICATE_IOU for k in decided):
                 continue
             kept.append(BoxRec(self._new_id(), cls, [round(float(v), 2) for v in xyxy],
                                round(float(score), 4)))

@@ -528,3 +528,12 @@ def test_app_builds_offline_with_analytics_off(folder, tmp_path, engine):
 def test_detections_are_clipped_to_the_image(project):
     project.apply_detections(0, [("cell", [-5, 10, 30, 70], 0.9), ("cell", [79.5, 0, 99, 9], 0.8)])
     assert [b.xyxy for b in project.images[0].boxes] == [[0.0, 10.0, 30.0, 60.0]]
+
+
+def test_only_the_best_detections_per_class_are_kept(project, monkeypatch):
+    import app.project as ap
+
+    monkeypatch.setattr(ap, "KEEP_PER_CLASS", 2)
+    dets = [("cell", [0, 0, 10 + k, 10], s) for k, s in enumerate((0.2, 0.9, 0.005, 0.5, 0.7))]
+    project.apply_detections(0, dets)
+    assert [b.score for b in project.images[0].boxes] == [0.9, 0.7]
