@@ -375,6 +375,7 @@ canvas.addEventListener('pointerup', e => {
   }
   render();
 });
+canvas.addEventListener('pointercancel', () => { drag = null; local = null; render(); });
 stage.addEventListener('wheel', e => {
   if (!view || !view.image) return;
   e.preventDefault();
