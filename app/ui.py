@@ -271,7 +271,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             t = time.perf_counter()
             n = detect_in_image(p, engine)
             ms = (time.perf_counter() - t) * 1000
-            return refresh(sess, "detect", f"{n} new boxes in this image ({ms:.0f} ms)")
+            return refresh(sess, "detect", _detect_message(p, n, ms))
         return refresh(sess, op)
 
     @guarded
@@ -299,7 +299,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         t = time.perf_counter()
         n = detect_in_image(sess.project, engine)
         ms = (time.perf_counter() - t) * 1000
-        return refresh(sess, "detect", f"{n} new boxes in this image ({ms:.0f} ms)")
+        return refresh(sess, "detect", _detect_message(sess.project, n, ms))
 
     @guarded
     def on_detect_all(sess, progress=gr.Progress()):
@@ -632,6 +632,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                          concurrency_id="model")
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
     return demo
+
+
+def _detect_message(p: Project, n_new: int, ms: float) -> str:
+    shown = sum(1 for b in p.visible_boxes() if b.state == "pending" and b.score is not None)
+    return (f"{shown} boxes at score \u2265 {p.threshold:.2f} ({n_new} candidates; the slider "
+            f"shows more or fewer) ({ms:.0f} ms)")
 
 
 def _forget_session(sess: Session | None) -> None:

@@ -334,6 +334,9 @@ def take_screenshot(out: Path) -> None:
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(out))
             browser.close()
+        from PIL import Image
+
+        Image.open(out).convert("RGB").quantize(256).save(out, optimize=True)  # smaller file
     finally:
         demo.close()
 
