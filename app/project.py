@@ -44,6 +44,9 @@ UNDO_LIMIT = 100
 #: threshold slider can go this low without re-running the model.
 KEEP_PER_CLASS = 200
 KEEP_MIN_SCORE = 0.01
+#: Image embeddings the UI keeps in memory (about 6.5 MB each for a 640x480 image), so
+#: going back to an image seen recently needs no new encoding.
+EMBEDDING_CACHE_IMAGES = 64
 #: Class created for the first prompt of a project that has no class yet.
 DEFAULT_CLASS = "object"
 
@@ -843,7 +846,8 @@ class Engine:
         with self._lock:
             if self._predictor is None:
                 import trex2
-                self._predictor = trex2.Predictor(trex2.load_model())
+                self._predictor = trex2.Predictor(trex2.load_model(),
+                                                  cache_size=EMBEDDING_CACHE_IMAGES)
             return self._predictor
 
     @property

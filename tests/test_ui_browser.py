@@ -56,12 +56,13 @@ def _make_folder(dest: Path) -> dict[str, list[list[float]]]:
     from PIL import Image
 
     from exports import read_coco
+    from trex2.image_io import load_image
 
     gt = read_coco(DEMO / "gt-blood.json")
     dest.mkdir(parents=True, exist_ok=True)
     boxes = {}
     for k, rel in enumerate(SRC_IMAGES):
-        im = Image.open(DEMO / rel).convert("RGB")
+        im = Image.fromarray(load_image(DEMO / rel))
         scale = SIDE / max(im.size)
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.BILINEAR)
         name = f"img{k}.jpg"
