@@ -32,8 +32,8 @@ class ModelConfig:
     n_heads: int = 4
     n_points: int = 4
     d_ffn: int = 512
-    num_queries: int = 900         # decoder queries per class at inference (no cap on detections
-                                   # below this; training uses fewer, see train.py --queries)
+    num_queries: int = 300         # decoder queries per class, as in training (train.py --queries)
+    dense_queries: int = 1500      # used instead when the first pass fills most queries (dense scenes)
     image_size: int = 640          # long side of the canvas the image is resized to
     score_threshold: float = 0.3   # recommended acceptance threshold (calibrated after training)
     nms_iou: float = 0.7           # duplicate suppression between queries of one class

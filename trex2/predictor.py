@@ -161,8 +161,15 @@ class Predictor:
         cls = torch.stack([classes[n].embedding for n in names])
         C = len(names)
         valid = torch.tensor([emb.valid_wh] * C)
-        outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, pre=emb.decoder_pre)
+        cfg = self.model.cfg
+        outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, cfg.num_queries,
+                                                pre=emb.decoder_pre)
         logits, boxes = outputs[-1]
+        if cfg.dense_queries > cfg.num_queries and (logits.sigmoid() >= floor).sum(1).max() > 0.6 * cfg.num_queries:
+            # a dense scene: most queries found something, so look again with more of them
+            outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, cfg.dense_queries,
+                                                    pre=emb.decoder_pre)
+            logits, boxes = outputs[-1]
         xyxy, conf, ids = [], [], []
         for c, name in enumerate(names):
             neg = classes[name].negatives

@@ -203,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     ap.add_argument("--queries", type=int, default=300, help="decoder queries per episode in training")
     ap.add_argument("--init", default=None, help="start from these weights")
     ap.add_argument("--seed", type=int, default=0)
@@ -258,8 +259,8 @@ def main(argv=None) -> int:
     budget = args.minutes * 60
     rng = np.random.default_rng(args.seed + 1)
     while step < args.steps and time.time() - t0 < budget:
-        frac = min(1.0, (time.time() - t0) / budget, step / args.steps)
-        lr = args.lr * (min(1.0, (step + 1) / 200)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        frac = min(1.0, max((time.time() - t0) / budget, step / args.steps))  # cosine over the run
+        lr = args.lr * (min(1.0, (step + 1) / args.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         episodes = [sampler.sample() for _ in range(args.batch)]
