@@ -191,8 +191,9 @@ function render() {
       const xyxy = moving ? drag.shape.xyxy : b.xyxy;
       const c = colorOf(b.cls);
       const txt = b.cls + (b.score === null ? '' : ' ' + b.score.toFixed(2)) + (b.state === 'accepted' ? ' \u2713' : '');
-      drawBoxShape(xyxy, c, {width: b.state === 'accepted' ? 3 : 2, dash: b.state === 'accepted' ? [] : [5, 3],
-                             fill: b.state === 'accepted' ? c + '22' : null, text: txt, selected: isSel});
+      // pending: thin solid line; accepted: thick line, tinted, with a check mark
+      drawBoxShape(xyxy, c, {width: b.state === 'accepted' ? 3 : 1.5, dash: [],
+                             fill: b.state === 'accepted' ? c + '33' : null, text: txt, selected: isSel});
     }
     for (const p of view.prompts) {
       const isSel = sel && sel.type === 'prompt' && sel.rec.id === p.id;
