@@ -179,13 +179,16 @@ def test_label_folder_in_browser(app_server):
 
         # detect in this image; the second run is on an already-encoded image
         first_ms = _click_and_time(page, "tx-detect-this", "detect")
-        latency_ms = _click_and_time(page, "tx-detect-this", "detect")
-        v = _view(page)
-        model_ms = float(re.search(r"\((\d+) ms\)", v["message"]).group(1))
-        print(f"\ndetect click -> boxes on screen: first {first_ms:.0f} ms, "
-              f"already-encoded image {latency_ms:.0f} ms (goal <= 300 ms), of which "
-              f"model (prompt embedding + detect) {model_ms:.0f} ms, UI round trip and "
-              f"drawing {latency_ms - model_ms:.0f} ms")
+        runs = []                                   # (click -> boxes on screen, model) ms
+        for _ in range(3):
+            total = _click_and_time(page, "tx-detect-this", "detect")
+            v = _view(page)
+            runs.append((total, float(re.search(r"\((\d+) ms\)", v["message"]).group(1))))
+        latency_ms, model_ms = sorted(runs)[1]      # the median run
+        print(f"\ndetect click -> boxes on screen: first {first_ms:.0f} ms; already-encoded image, "
+              f"median of 3: {latency_ms:.0f} ms (goal <= 300 ms; runs "
+              f"{', '.join(f'{t:.0f}' for t, _ in runs)} ms), of which model (prompt embedding "
+              f"+ detect) {model_ms:.0f} ms, UI round trip and drawing {latency_ms - model_ms:.0f} ms")
         assert v["boxes"], "the model returned no box at all"
         shown = int(page.locator("#tx-canvas .tx-wrap").get_attribute("data-visible-boxes"))
         assert shown == sum(b["score"] >= v["threshold"] for b in v["boxes"])
