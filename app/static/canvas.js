@@ -114,10 +114,17 @@ function layout() {
   }
   if (xf.fitted) fit();
 }
+let labelRects = [];  // labels drawn in this frame, to keep new ones off them
+function overlaps(a) {
+  return labelRects.some(b => a[0] < b[0] + b[2] && b[0] < a[0] + a[2] && a[1] < b[1] + b[3] && b[1] < a[1] + a[3]);
+}
 function label(text, x, y, color) {
   ctx.font = '12px system-ui, sans-serif';
   const w = ctx.measureText(text).width + 6;
-  const ty = y - 16 < 0 ? y : y - 16;
+  let ty = y - 16 < 0 ? y : y - 16;
+  if (overlaps([x, ty, w, 16])) ty = y;         // above is taken: inside the box's top edge
+  if (overlaps([x, ty, w, 16])) ty = y + 16;
+  labelRects.push([x, ty, w, 16]);
   ctx.fillStyle = color;
   ctx.fillRect(x, ty, w, 16);
   ctx.fillStyle = '#000';
@@ -167,6 +174,7 @@ function render() {
   const dpr = window.devicePixelRatio || 1;
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  labelRects = [];
   let nVisible = 0;
   if (!view || !view.image) {
     ctx.fillStyle = '#ccc';
