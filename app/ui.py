@@ -123,7 +123,12 @@ def build_view(sess: Session, engine: Engine, action: str | None = None,
         message = ("drag a box around one example (or click one with the point tool), then D: "
                    "detect in this image, Shift+D: in all images")
         base["message"] = message
-    preview, w, h = engine.preview(p.image_path())
+    try:
+        preview, w, h = engine.preview(p.image_path())
+    except (ValueError, OSError) as e:  # ImageLoadError is a ValueError
+        return {**base, "image": None, "prompts": [], "boxes": [],
+                "message": f"cannot show image {p.index + 1}/{len(p.images)}: {e} "
+                           f"(Next / Prev to move on)"}
     im.size = (w, h)
     return {**base,
             "image": {"url": _file_url(preview), "width": w, "height": h, "file": im.file,

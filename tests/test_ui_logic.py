@@ -537,3 +537,17 @@ def test_only_the_best_detections_per_class_are_kept(project, monkeypatch):
     dets = [("cell", [0, 0, 10 + k, 10], s) for k, s in enumerate((0.2, 0.9, 0.005, 0.5, 0.7))]
     project.apply_detections(0, dets)
     assert [b.score for b in project.images[0].boxes] == [0.9, 0.7]
+
+
+def test_view_of_an_unreadable_image_names_it_and_keeps_the_session_usable(project, engine,
+                                                                           folder, tmp_path):
+    from app.ui import Session, build_view, stats_html
+
+    (folder / "b.png").write_bytes(b"broken")
+    s = Session(project, tmp_path)
+    project.goto(1)
+    v = build_view(s, engine)
+    assert v["image"] is None and "b.png" in v["message"]
+    assert "cell" in stats_html(s)
+    project.step(1)
+    assert build_view(s, engine)["image"]["file"] == "sub/c.jpg"
