@@ -1026,7 +1026,9 @@ def detect_in_folder(project: Project, engine: Engine,
 
 
 def search_images(project: Project, engine: Engine, cls: str,
-                  should_stop: Callable[[], bool] = lambda: False) -> list[tuple[int, float]]:
+                  should_stop: Callable[[], bool] = lambda: False,
+                  on_progress: Callable[[int, int], None] | None = None
+                  ) -> list[tuple[int, float]]:
     """Rank the folder's images by how strongly class ``cls`` appears: the max detection
     score of that class per image (0 if none or unreadable), highest first ->
     [(image index, score)]. Does not change the project."""
@@ -1040,7 +1042,8 @@ def search_images(project: Project, engine: Engine, cls: str,
     files = [im.file for im in project.images]
     with engine.lock:
         for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
-                                             should_cancel=should_stop)):
+                                             should_cancel=should_stop,
+                                             on_progress=on_progress)):
             dets = [] if res.error else detections_to_list(res.detections, [cls])
             scores.append((i, max((s for c, _, s in dets if c == cls), default=0.0)))
     scores.sort(key=lambda t: -t[1])

@@ -487,14 +487,20 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         sess.cancel = False
         sess.long_job = f"ranking images by {cls}"
         try:
-            ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel)
+            ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel,
+                                   on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"))
         finally:
             sess.long_job = ""
-        sess.search = ranked
         items = []
+        shown = []
         for i, score in ranked:
-            prev, _, _ = engine.preview(p.image_path(i))
+            try:
+                prev, _, _ = engine.preview(p.image_path(i))
+            except (ValueError, OSError):
+                continue  # unreadable: it scored 0 and has nothing to show
             items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
+            shown.append((i, score))
+        sess.search = shown
         return items, f"{len(ranked)} images ranked by the max score of {cls!r}"
 
     @guarded
