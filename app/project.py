@@ -42,7 +42,7 @@ PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f
 UNDO_LIMIT = 100
 #: Detections kept per image and class (best first) and the lowest score kept: the
 #: threshold slider can go this low without re-running the model.
-KEEP_PER_CLASS = 200
+KEEP_PER_CLASS = 1000  # dense scenes (crowds, cells, seeds) can hold hundreds
 KEEP_MIN_SCORE = 0.01
 #: Image embeddings the UI keeps in memory (about 6.5 MB each for a 640x480 image), so
 #: going back to an image seen recently needs no new encoding.

@@ -39,7 +39,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 REPO = Path(__file__).resolve().parent.parent
 DEMO_IMAGES = REPO / "demo" / "images"
 
-#: (keys, action) shown in the UI and in docs/QUICKSTART.md.
+#: (keys, action) shown in the UI and in the README (keyboard shortcuts).
 SHORTCUTS = [
     ("B / P / M / V", "tool: box prompt / point prompt / draw a label box by hand / select"),
     ("N", "next prompts are negative (\"not this\"); with a prompt selected: toggle it"),

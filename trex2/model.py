@@ -110,6 +110,7 @@ class TRex2(nn.Module):
         meta = {"config": json.dumps(dataclasses.asdict(self.cfg)), "extra": json.dumps(extra or {})}
         tmp = f"{path}.tmp{os.getpid()}"
         save_file({k: v.contiguous() for k, v in self.trainable_state_dict().items()}, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
 

@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
-    ap.add_argument("--queries", type=int, default=300, help="decoder queries per episode in training")
+    ap.add_argument("--queries", type=int, default=300, help="decoder queries per episode in training "
+                    "and per class at inference (saved in the weights' config)")
     ap.add_argument("--init", default=None, help="start from these weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -226,6 +227,7 @@ def main(argv=None) -> int:
     else:
         model = TRex2(ModelConfig(d_model=args.d_model, enc_layers=args.enc_layers,
                                   dec_layers=args.dec_layers, image_size=args.size))
+    model.cfg.num_queries = args.queries
     if os.path.isfile(args.cache):
         images = load_cache(args.cache)
         log(f"loaded {len(images)} cached images from {args.cache}")
@@ -278,7 +280,8 @@ def main(argv=None) -> int:
         if step % 50 == 0:  # share the 2 cores politely when other work runs
             torch.set_num_threads(1 if os.getloadavg()[0] > 3 else args.threads)
         for k, v in losses.items():
-            avg[k] = 0.98 * avg.get(k, float(v)) + 0.02 * float(v)
+            v = float(v.detach())
+            avg[k] = 0.98 * avg.get(k, v) + 0.02 * v
         if step % 25 == 0:
             log(f"step {step} lr {lr:.2e} " + " ".join(f"{k} {v:.3f}" for k, v in avg.items())
                 + f" total {sum(avg.values()):.3f} ({(time.time() - t0) / step:.2f} s/step)")
