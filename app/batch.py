@@ -423,8 +423,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run with the same prompts")
     ap.add_argument("--weights", metavar="PATH", default=None,
                     help="model weights (.safetensors; default: the shipped trex2/weights)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="CPU threads for the model (default: torch's; 1 is much faster on a busy machine)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.error("--threads must be >= 1")
+        import torch
+        torch.set_num_threads(a.threads)
     try:
         s = run(a.image_dir, a.prompts, a.out, per_image=a.per_image, score_threshold=a.score_threshold,
                 resume=a.resume, weights=a.weights, progress=not a.quiet)

@@ -153,7 +153,8 @@ def bench_speed(a) -> dict:
         ours, theirs = [], []
         for i in range(max(1, a.repeat // 2)):
             cmd = [sys.executable, "app.py", "label", str(folder), "--prompts", str(prompts_path), "--quiet",
-                   "--out", str(Path(tmp) / f"o{i}.json")] + (["--weights", a.weights] if a.weights else [])
+                   "--out", str(Path(tmp) / f"o{i}.json")] + (["--weights", a.weights] if a.weights else []) \
+                + (["--threads", str(a.threads)] if a.threads else [])
             ours.append(run_timed(cmd))
             theirs.append(run_timed([sys.executable, str(a.baseline), str(folder), "--prompts", str(prompts_path),
                                      "--out", str(Path(tmp) / f"b{i}.json"), "--quiet"]))
@@ -232,7 +233,8 @@ def bench_memory(a) -> dict:
         out = Path(tmp) / "out.json"
         side = Path(str(out) + ".partial.jsonl")
         cmd = [sys.executable, "app.py", "label", str(folder), "--prompts", str(prompts), "--out", str(out),
-               "--quiet"] + (["--weights", a.weights] if a.weights else [])
+               "--quiet"] + (["--weights", a.weights] if a.weights else []) \
+            + (["--threads", str(a.threads)] if a.threads else [])
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         samples, t0, pending = [], time.perf_counter(), list(checkpoints)
         while proc.poll() is None and pending:
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", default=str(DEFAULT_BASELINE), metavar="PATH",
                     help="baseline_template.py (default: ../shared/tools/baseline_template.py from the repo root)")
     ap.add_argument("--weights", metavar="PATH", default=None, help="model weights (default: shipped)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="torch CPU threads, here and in the label runs (default: torch's)")
     ap.add_argument("--memory", action="store_true", help="memory-flatness run instead of the speed figures")
     ap.add_argument("--memory-images", type=int, default=2000, help="images in the --memory folder (default 2000)")
     ap.add_argument("--memory-size", type=int, default=256, help="side of the --memory images in px (default 256)")
@@ -268,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if bool(a.images) != bool(a.prompts):
         ap.error("--images and --prompts go together")
+    if a.threads is not None:
+        import torch
+        torch.set_num_threads(a.threads)
     if a.memory:
         r = bench_memory(a)
     else:
