@@ -82,6 +82,17 @@ def iou(a, b):
     return inter / (area(a)[:, None] + area(b)[None] - inter)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here and in the CLI subprocesses (--threads 1): on a busy 2-core machine two
+    threads are several times slower, and in-process and CLI runs must compute alike."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def predictor():
     return trex2.Predictor(trex2.load_model())
@@ -184,8 +195,8 @@ def test_cli_end_to_end_with_bad_files(dataset, tmp_path):
     out = tmp_path / "out" / "labels.json"
     out.parent.mkdir()
     p = subprocess.run([sys.executable, "app.py", "label", str(folder), "--prompts", dataset["cross"],
-                        "--out", str(out), "--score-threshold", "0.4"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                        "--out", str(out), "--score-threshold", "0.4", "--threads", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     for bad in ("empty.jpg", "notes.png", "truncated.png"):
         assert bad in p.stderr
@@ -201,7 +212,8 @@ def test_cli_end_to_end_with_bad_files(dataset, tmp_path):
     only_bad.mkdir()
     (only_bad / "empty.jpg").write_bytes(b"")
     p = subprocess.run([sys.executable, "app.py", "label", str(only_bad), "--prompts", dataset["cross"],
-                        "--out", str(tmp_path / "x.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+                        "--out", str(tmp_path / "x.json"), "--threads", "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 1 and "no image could be read" in p.stderr and "Traceback" not in p.stderr
 
 
@@ -259,7 +271,8 @@ def _content(data):
 def test_resume_after_sigkill_matches_clean_run(dataset, clean_cross, predictor, tmp_path):
     out = tmp_path / "resumed.json"
     sidecar = Path(str(out) + batch.SIDECAR_SUFFIX)
-    cmd = [sys.executable, "app.py", "label", dataset["images"], "--prompts", dataset["cross"], "--out", str(out)]
+    cmd = [sys.executable, "app.py", "label", dataset["images"], "--prompts", dataset["cross"], "--out", str(out),
+           "--threads", "1"]
     _kill_after(cmd, sidecar, n_done=3)
     assert not out.exists() and sidecar.exists()
     header, records, _ = batch.read_sidecar(str(sidecar))
