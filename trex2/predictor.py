@@ -149,6 +149,23 @@ class Predictor:
         neg = self._visual_embeddings(negatives or [])
         return ClassEmbedding(torch.stack(parts).mean(0), neg)
 
+    def _decode(self, emb: ImageEmbedding, names, classes, cls, num_queries: int, floor: float):
+        """Decoder + postprocess for the classes `names` (embeddings cls (C, d)) -> [(scores, boxes)]."""
+        valid = torch.tensor([emb.valid_wh] * len(names))
+        outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, num_queries,
+                                                pre=emb.decoder_pre)
+        logits, boxes = outputs[-1]
+        out = []
+        for c, name in enumerate(names):
+            neg = classes[name].negatives
+            neg_logits = None
+            if neg.numel():
+                head = self.model.decoder.class_head
+                neg_logits = torch.stack([head(queries[c:c + 1], n[None])[0] for n in neg]).max(0).values
+            _, s, b = postprocess(logits[c], boxes[c], self.model.cfg.nms_iou, floor, neg_logits)
+            out.append((s, b))
+        return out
+
     @torch.no_grad()
     def detect(self, emb: ImageEmbedding, classes: dict[str, ClassEmbedding],
                score_threshold: float | None = None) -> sv.Detections:
@@ -159,28 +176,19 @@ class Predictor:
         if not names:
             return sv.Detections.empty()
         cls = torch.stack([classes[n].embedding for n in names])
-        C = len(names)
-        valid = torch.tensor([emb.valid_wh] * C)
         cfg = self.model.cfg
-        outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, cfg.num_queries,
-                                                pre=emb.decoder_pre)
-        logits, boxes = outputs[-1]
-        if cfg.dense_queries > cfg.num_queries and (logits.sigmoid() >= floor).sum(1).max() > 0.6 * cfg.num_queries:
-            # a dense scene: most queries found something, so look again with more of them
-            outputs, _, queries = self.model.decode(emb.memory, emb.shapes, cls, valid, cfg.dense_queries,
-                                                    pre=emb.decoder_pre)
-            logits, boxes = outputs[-1]
-        xyxy, conf, ids = [], [], []
-        for c, name in enumerate(names):
-            neg = classes[name].negatives
-            neg_logits = None
-            if neg.numel():
-                head = self.model.decoder.class_head
-                neg_logits = torch.stack([head(queries[c:c + 1], n[None])[0] for n in neg]).max(0).values
-            _, s, b = postprocess(logits[c], boxes[c], self.model.cfg.nms_iou, floor, neg_logits)
-            xyxy.append(emb.to_pixels(b))
-            conf.append(s.numpy())
-            ids.append(np.full(len(s), c))
+        results = self._decode(emb, names, classes, cls, cfg.num_queries, floor)
+        # a dense scene: if a class fills half of its queries with confident boxes, look again
+        # with more queries (no fixed cap on the number of objects)
+        dense = [c for c, (s, _) in enumerate(results)
+                 if (s >= self.score_threshold).sum() > 0.5 * cfg.num_queries]
+        if dense and cfg.dense_queries > cfg.num_queries:
+            again = self._decode(emb, [names[c] for c in dense], classes, cls[dense], cfg.dense_queries, floor)
+            for c, r in zip(dense, again):
+                results[c] = r
+        xyxy = [emb.to_pixels(b) for _, b in results]
+        conf = [s.numpy() for s, _ in results]
+        ids = [np.full(len(s), c) for c, (s, _) in enumerate(results)]
         xyxy = np.concatenate(xyxy).astype(np.float32)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         class_id = np.concatenate(ids).astype(int)[keep]

@@ -294,7 +294,8 @@ def main(argv=None) -> int:
         log(f"calibration on {len(held)} held-out images: {cal}")
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
-                          "synthetic": args.synthetic, "train_images": len(train)})
+                          "synthetic_scenes": sum(im.group.startswith("synthetic") for im in images),
+                          "train_images": len(train)})
     log(f"saved {args.out} after {step} steps")
     return 0
 
