@@ -101,10 +101,6 @@ class EpisodeSampler:
                 "targets": im.boxes[im.labels == lab]}
 
 
-def hflip_features(feats: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [f.flip(-1) for f in feats]
-
-
 def hflip_boxes(b: torch.Tensor) -> torch.Tensor:
     """Mirror cx, cy, w, h boxes of a canvas the image fills entirely."""
     b = b.clone()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .box_ops import box_iou, cxcywh_to_xyxy
-from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, hflip_features, read_coco_set
+from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, read_coco_set
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
