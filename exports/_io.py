@@ -30,6 +30,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike, what: str):
+    """Parse a JSON file; FileNotFoundError / ValueError name `what` ("COCO file", ...) and the path."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: {what} is not valid JSON ({e})") from e
+
+
 def atomic_write_json(path: str | os.PathLike, obj, indent: int | None = 1) -> Path:
     """Serialise ``obj`` as strict JSON (NaN/inf rejected) and write it atomically."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False, allow_nan=False)

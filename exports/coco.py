@@ -17,7 +17,6 @@ On disk: ``bbox = [x, y, w, h]`` absolute pixels clipped to the image, ``area = 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from ._io import atomic_write_json, check_relative_posix
+from ._io import atomic_write_json, check_relative_posix, read_json
 from .boxes import clip_xyxy, xywh_to_xyxy, xyxy_to_xywh
 
 __all__ = [
@@ -302,15 +301,7 @@ def parse_coco(data: dict, source: str = "<dict>") -> CocoDataset:
 
 def read_coco(path: str | os.PathLike) -> CocoDataset:
     """Read and validate a COCO file (see :func:`parse_coco`). Errors name the file."""
-    path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"COCO file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return parse_coco(data, source=str(path))
+    return parse_coco(read_json(path, "COCO file"), source=str(path))
 
 
 def coco_results(pred: CocoDataset, gt: CocoDataset, *, strict: bool = True) -> list[dict]:

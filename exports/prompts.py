@@ -18,14 +18,13 @@ pixels, points xy float pixels, in the EXIF-corrected frame.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write_json, check_relative_posix
+from ._io import atomic_write_json, check_relative_posix, read_json
 from .boxes import clip_xyxy, xywh_to_xyxy, xyxy_to_xywh
 
 __all__ = ["Prompt", "PromptCategory", "PromptSet", "read_prompts", "write_prompts"]
@@ -148,13 +147,7 @@ def read_prompts(path: str | os.PathLike) -> PromptSet:
     empty boxes, points outside the image, a non-boolean ``negative``, ...).
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompt file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: prompt file is not valid JSON ({e})") from e
+    data = read_json(path, "prompt file")
     src = str(path)
     if not isinstance(data, dict):
         raise ValueError(f"{src}: prompt file must be a JSON object")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .box_ops import xyxy_to_cxcywh
 from .image_io import load_image
 
 
@@ -41,8 +42,7 @@ def canvas_features(model, image: np.ndarray, size: int):
 
 def cache_image(model, image, boxes_xyxy, labels, group, size) -> CachedImage:
     feats, scale, valid = canvas_features(model, image, size)
-    b = torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)) * scale / size
-    b = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
+    b = xyxy_to_cxcywh(torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)) * scale / size)
     return CachedImage(feats, b, torch.as_tensor(np.asarray(labels), dtype=torch.long), group, valid)
 
 

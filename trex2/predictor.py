@@ -35,11 +35,14 @@ class ImageEmbedding:
     image_size: tuple[int, int]       # (H, W) of the original image
     decoder_pre: dict                 # BoxDecoder.precompute(memory): class-independent decoder work
 
+    def _clip(self, b: torch.Tensor) -> torch.Tensor:
+        """Clip (K, 4) xyxy pixel boxes to the image."""
+        H, W = self.image_size
+        return torch.stack([b[:, 0].clamp(0, W), b[:, 1].clamp(0, H), b[:, 2].clamp(0, W), b[:, 3].clamp(0, H)], -1)
+
     def to_canvas(self, boxes_xyxy: np.ndarray) -> torch.Tensor:
         """(K, 4) xyxy image pixels -> (K, 4) cx, cy, w, h in [0, 1] of the canvas."""
-        H, W = self.image_size
-        b = torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4))
-        b = torch.stack([b[:, 0].clamp(0, W), b[:, 1].clamp(0, H), b[:, 2].clamp(0, W), b[:, 3].clamp(0, H)], -1)
+        b = self._clip(torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)))
         ch, cw = self.canvas_hw
         b = b * self.scale / torch.tensor([cw, ch, cw, ch], dtype=torch.float32)
         return xyxy_to_cxcywh(b)
@@ -48,8 +51,7 @@ class ImageEmbedding:
         """(K, 4) canvas cx, cy, w, h -> (K, 4) xyxy image pixels, clipped to the image."""
         ch, cw = self.canvas_hw
         b = cxcywh_to_xyxy(boxes_cxcywh) * torch.tensor([cw, ch, cw, ch], dtype=torch.float32) / self.scale
-        H, W = self.image_size
-        b = torch.stack([b[:, 0].clamp(0, W), b[:, 1].clamp(0, H), b[:, 2].clamp(0, W), b[:, 3].clamp(0, H)], -1)
+        b = self._clip(b)
         return b.numpy().astype(np.float32)
 
 
