@@ -28,22 +28,49 @@ class CachedImage:
     valid_wh: tuple[float, float]     # image extent in the canvas
 
 
-def canvas_features(model, image: np.ndarray, size: int):
-    """Image -> backbone maps of a square size x size canvas, resize factor, valid extent."""
+def canvas_features(model, image: np.ndarray, size: int, zoom: float = 1.0):
+    """Image -> backbone maps of a square size x size canvas (on the backbone's device), resize
+    factor, valid extent. zoom < 1 shrinks the image further inside the canvas (scale augmentation:
+    smaller objects, grey padding right and bottom as at inference)."""
     x, scale, _ = model.preprocess(image)
     if max(x.shape[2:]) > size:
         raise ValueError(f"canvas size {size} is smaller than the model's image_size")
+    if zoom < 1.0:
+        nh, nw = round(image.shape[0] * scale), round(image.shape[1] * scale)
+        x = F.interpolate(x[..., :nh, :nw], size=(max(1, round(nh * zoom)), max(1, round(nw * zoom))),
+                          mode="bilinear", align_corners=False, antialias=True)
+        scale *= zoom
     valid = (round(image.shape[1] * scale) / size, round(image.shape[0] * scale) / size)
     x = F.pad(x, (0, size - x.shape[3], 0, size - x.shape[2]), value=127.0)
+    device = next(model.backbone.parameters()).device
     with torch.no_grad():
-        feats = model.backbone(x)
+        feats = model.backbone(x.to(device))
     return [f[0].half() for f in feats], scale, valid
 
 
-def cache_image(model, image, boxes_xyxy, labels, group, size) -> CachedImage:
-    feats, scale, valid = canvas_features(model, image, size)
+def cache_image(model, image, boxes_xyxy, labels, group, size, zoom: float = 1.0) -> CachedImage:
+    feats, scale, valid = canvas_features(model, image, size, zoom)
     b = xyxy_to_cxcywh(torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)) * scale / size)
     return CachedImage(feats, b, torch.as_tensor(np.asarray(labels), dtype=torch.long), group, valid)
+
+
+def random_crop(rng: np.random.Generator, image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray,
+                min_side: float = 0.5, min_visible: float = 0.6):
+    """Zoom-in augmentation: a random crop of min_side..1 of each image side (pixels). Boxes are
+    clipped to it and kept when at least min_visible of their area stays inside. -> (image, boxes,
+    labels), or None when no box survives."""
+    h, w = image.shape[:2]
+    f = rng.uniform(min_side, 1.0)
+    cw, ch = max(2, round(w * f)), max(2, round(h * f))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    b = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    clipped = np.clip(b - [x0, y0, x0, y0], 0, [cw, ch, cw, ch])
+    area = lambda a: np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    keep = area(clipped) >= min_visible * np.maximum(area(b), 1e-6)
+    keep &= (clipped[:, 2] - clipped[:, 0] > 1) & (clipped[:, 3] - clipped[:, 1] > 1)
+    if not keep.any():
+        return None
+    return image[y0:y0 + ch, x0:x0 + cw], clipped[keep], np.asarray(labels)[keep]
 
 
 def read_coco_set(set_dir: str):

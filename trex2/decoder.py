@@ -89,7 +89,7 @@ class BoxDecoder(nn.Module):
 
     def proposal_boxes(self, feat, anchors, idx):
         """Boxes of the proposals at token indices idx (B, M) -> (B, M, 4) cx, cy, w, h."""
-        rows = torch.arange(len(idx))[:, None]
+        rows = torch.arange(len(idx), device=idx.device)[:, None]
         return (self.enc_box(feat[rows, idx]) + inverse_sigmoid(anchors[0][idx])).sigmoid()
 
     def forward(self, memory, shapes, class_emb, valid_wh, num_queries: int, pre: dict | None = None):
@@ -106,7 +106,7 @@ class BoxDecoder(nn.Module):
         enc_logits = enc_logits.masked_fill(~inside, float("-inf"))
         k = min(num_queries, memory.shape[1])
         idx = enc_logits.topk(k, dim=1).indices
-        q = feat[torch.arange(B)[:, None], idx].detach()
+        q = feat[torch.arange(B, device=idx.device)[:, None], idx].detach()
         ref = self.proposal_boxes(feat, anchors, idx).detach()
         outputs = []
         for layer, box_head in zip(self.layers, self.box_heads):

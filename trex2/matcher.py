@@ -26,11 +26,12 @@ def match_cost(logits: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor,
 def hungarian_match(logits: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor):
     """One-to-one assignment minimising match_cost -> (pred indices, target indices), LongTensors."""
     if targets.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
         return empty, empty
     cost = match_cost(logits.float(), boxes.float(), targets.float())
     rows, cols = linear_sum_assignment(cost.cpu().numpy())
-    return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    return (torch.as_tensor(rows, dtype=torch.long, device=logits.device),
+            torch.as_tensor(cols, dtype=torch.long, device=logits.device))
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def topk_inside_match(logits: torch.Tensor, boxes: torch.Tensor, anchors: torch.
     whose anchor centre lies inside it; a token claimed twice keeps its cheapest target.
     anchors (N, 4) cx, cy, w, h -> (token indices, target indices)."""
     if targets.numel() == 0:
-        empty = torch.zeros(0, dtype=torch.long)
+        empty = torch.zeros(0, dtype=torch.long, device=logits.device)
         return empty, empty
     cost = match_cost(logits.float(), boxes.float(), targets.float())       # (N, G)
     t = cxcywh_to_xyxy(targets)
@@ -50,7 +51,7 @@ def topk_inside_match(logits: torch.Tensor, boxes: torch.Tensor, anchors: torch.
     kk = min(k, cost.shape[0])
     vals, idx = cost.topk(kk, dim=0, largest=False)                           # (k, G)
     ok = torch.isfinite(vals)
-    tok, tgt = idx[ok], torch.arange(cost.shape[1]).expand(kk, -1)[ok]
+    tok, tgt = idx[ok], torch.arange(cost.shape[1], device=idx.device).expand(kk, -1)[ok]
     c = vals[ok]
     order = torch.argsort(c)                       # cheapest first; keep first occurrence per token
     tok, tgt = tok[order], tgt[order]

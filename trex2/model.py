@@ -109,7 +109,8 @@ class TRex2(nn.Module):
         """Atomic safetensors write; the config (and `extra`) go in the metadata as JSON."""
         meta = {"config": json.dumps(dataclasses.asdict(self.cfg)), "extra": json.dumps(extra or {})}
         tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in self.trainable_state_dict().items()}, tmp, metadata=meta)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}, tmp,
+                  metadata=meta)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 

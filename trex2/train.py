@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .box_ops import box_iou, cxcywh_to_xyxy
-from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, read_coco_set
+from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop, read_coco_set
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
@@ -25,59 +25,80 @@ from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 DEFAULT_TRAIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
 
 
-def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log) -> list[CachedImage]:
+_SOURCES = None   # object sources shared with forked synthetic-scene workers
+
+
+def _scene(args):
+    """Synthetic scene number s, drawn from its own seeded generator (same scenes for any worker count)."""
     from . import synthetic
-    images = []
+    seed, s, size = args
+    scene = synthetic.generate_scene(np.random.default_rng([seed, s]), size, _SOURCES)
+    return scene.image, scene.boxes, scene.labels
+
+
+def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log, holdout: int = 4,
+                zoom_out: int = 0, zoom_in: int = 0, workers: int = 1):
+    """Backbone features of every training image -> (train, held). The first `holdout` images of each
+    real set are kept apart (no augmentation) to calibrate the score threshold. Each other real image
+    also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas) and `zoom_in` random crops."""
+    from . import synthetic
+    global _SOURCES
+    _SOURCES = synthetic.load_object_sources(train_root, rng=np.random.default_rng(seed))
+    jobs = [(seed, s, size) for s in range(n_synthetic)]
+    pool = None
+    if workers > 1:   # scenes are drawn in the background while the real images are cached
+        import multiprocessing as mp
+        pool = mp.get_context("fork").Pool(workers)
+        scenes = pool.imap(_scene, jobs, chunksize=8)
+    else:
+        scenes = map(_scene, jobs)
+    rng = np.random.default_rng(seed)
+    train, held = [], []
     for name in sorted(os.listdir(train_root)):
         set_dir = os.path.join(train_root, name)
         if not os.path.isfile(os.path.join(set_dir, "gt.json")):
             continue
         if "dev" in os.path.abspath(set_dir).split(os.sep):
             raise ValueError("refusing to train on a dev set")
-        n0 = len(images)
-        for image, boxes, labels in read_coco_set(set_dir):
-            images.append(cache_image(model, image, boxes, labels, name, size))
-        log(f"cached {len(images) - n0} images of {name}")
-    rng = np.random.default_rng(seed)
-    sources = synthetic.load_object_sources(train_root, rng=rng)
-    for s in range(n_synthetic):
-        scene = synthetic.generate_scene(rng, size, sources)
-        if len(scene.boxes):
-            images.append(cache_image(model, scene.image, scene.boxes, scene.labels, f"synthetic{s}", size))
-        if (s + 1) % 100 == 0:
+        n0 = len(train)
+        for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
+            if n < holdout:
+                held.append(cache_image(model, image, boxes, labels, name, size))
+                continue
+            train.append(cache_image(model, image, boxes, labels, name, size))
+            for _ in range(zoom_out):
+                train.append(cache_image(model, image, boxes, labels, name, size, float(rng.uniform(0.35, 0.8))))
+            for _ in range(zoom_in):
+                crop = random_crop(rng, image, boxes, labels)
+                if crop is not None:
+                    train.append(cache_image(model, *crop, name, size))
+        log(f"cached {len(train) - n0} training views of {name}")
+    for s, (image, boxes, labels) in enumerate(scenes):
+        if len(boxes):
+            train.append(cache_image(model, image, boxes, labels, f"synthetic{s}", size))
+        if (s + 1) % 500 == 0:
             log(f"cached {s + 1} synthetic scenes")
-    return images
+    if pool is not None:
+        pool.close()
+    return train, held
 
 
-def save_cache(images: list[CachedImage], path: str) -> None:
-    torch.save([{"features": im.features, "boxes": im.boxes, "labels": im.labels, "group": im.group,
-                 "valid_wh": list(im.valid_wh)} for im in images], path + ".tmp")
+def save_cache(train: list[CachedImage], held: list[CachedImage], path: str) -> None:
+    rec = lambda im, h: {"features": [f.cpu() for f in im.features], "boxes": im.boxes, "labels": im.labels,
+                         "group": im.group, "valid_wh": list(im.valid_wh), "held": h}
+    torch.save([rec(im, False) for im in train] + [rec(im, True) for im in held], path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
-def load_cache(path: str) -> list[CachedImage]:
-    return [CachedImage(d["features"], d["boxes"], d["labels"], d["group"], tuple(d["valid_wh"]))
-            for d in torch.load(path, weights_only=True)]
-
-
-def fix_valid_extent(images: list[CachedImage], train_root: str, size: int) -> None:
-    """Recompute each real image's extent in the square canvas from the sizes in gt.json (caches
-    built before this was fixed in data.canvas_features stored the extent in the 32-px padded
-    canvas). Order: as read_coco_set yields them."""
-    from exports import read_coco
-    groups: dict[str, list[CachedImage]] = {}
-    for im in images:
-        if not im.group.startswith("synthetic"):
-            groups.setdefault(im.group, []).append(im)
-    for name, ims in groups.items():
-        gt = read_coco(os.path.join(train_root, name, "gt.json"))
-        recs = [r for r in gt.images if any(a.box[2] - a.box[0] > 1 and a.box[3] - a.box[1] > 1
-                                            for a in gt.annotations_for(r.file_name))]
-        if len(recs) != len(ims):
-            raise ValueError(f"feature cache does not match {name}: rebuild it")
-        for im, r in zip(ims, recs):
-            scale = size / max(r.width, r.height)
-            im.valid_wh = (round(r.width * scale) / size, round(r.height * scale) / size)
+def load_cache(path: str, device: str = "cpu") -> tuple[list[CachedImage], list[CachedImage]]:
+    train, held = [], []
+    for d in torch.load(path, weights_only=True):
+        if "held" not in d:
+            raise ValueError(f"{path} is a feature cache of an older format: delete it to rebuild")
+        im = CachedImage([f.to(device) for f in d["features"]], d["boxes"], d["labels"], d["group"],
+                         tuple(d["valid_wh"]))
+        (held if d["held"] else train).append(im)
+    return train, held
 
 
 def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips: list[bool],
@@ -86,6 +107,7 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     and class_names given (None for a nameless class), the text embeddings of the named classes
     are aligned with their visual embeddings by InfoNCE (other classes of the batch are the
     negatives)."""
+    dev = next(model.parameters()).device
     needed = sorted({e["target"] for e in episodes} | {e["source"] for e in episodes})
     slot = {i: n for n, i in enumerate(needed)}
     feats = [torch.stack([images[i].features[lvl].float() for i in needed]) for lvl in range(3)]
@@ -93,7 +115,7 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     for e, f in zip(episodes, flips):
         if f:
             flip_img[e["target"]] = flip_img[e["source"]] = True
-    flip_rows = torch.tensor([flip_img[i] for i in needed])
+    flip_rows = torch.tensor([flip_img[i] for i in needed], device=dev)
     feats = [torch.where(flip_rows[:, None, None, None], f.flip(-1), f) for f in feats]
     memory, shapes = model.encode_features(feats)
 
@@ -110,10 +132,10 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
         if flip_img[e["target"]]:
             t = hflip_boxes(t)
         boxes[b, :len(p)], is_point[b, :len(p)], valid[b, :len(p)] = p, e["is_point"], True
-        targets.append(t)
-    src = torch.tensor([slot[e["source"]] for e in episodes])
-    tgt = torch.tensor([slot[e["target"]] for e in episodes])
-    class_emb = model.encode_prompts(memory[src], shapes, boxes, is_point, valid)
+        targets.append(t.to(dev))
+    src = torch.tensor([slot[e["source"]] for e in episodes], device=dev)
+    tgt = torch.tensor([slot[e["target"]] for e in episodes], device=dev)
+    class_emb = model.encode_prompts(memory[src], shapes, boxes.to(dev), is_point.to(dev), valid.to(dev))
     align = None
     if model.text_encoder is not None and class_names and any(class_names):
         named = [b for b, n in enumerate(class_names) if n]
@@ -123,7 +145,7 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
         vis = torch.stack([class_emb[[b for b in named if class_names[b] == n]].mean(0) for n in names])
         if len(names) > 1:
             align = contrastive_alignment_loss(vis, text)
-    valid_wh = torch.tensor([images[e["target"]].valid_wh for e in episodes])
+    valid_wh = torch.tensor([images[e["target"]].valid_wh for e in episodes], device=dev)
     pre = model.decoder.precompute(memory[tgt], shapes)
     outputs, (enc_logits, _), _ = model.decode(memory[tgt], shapes, class_emb, valid_wh, num_queries, pre)
 
@@ -196,11 +218,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="app.py train", description=__doc__)
     ap.add_argument("--out", default=DEFAULT_WEIGHTS)
     ap.add_argument("--train-root", default=DEFAULT_TRAIN_ROOT)
-    ap.add_argument("--cache", default="cache/train_features.pt", help="feature cache (built if missing)")
+    ap.add_argument("--cache", default="cache/train_features.pt",
+                    help="feature cache (built if missing; '' to build in memory only)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a machine with a GPU")
+    ap.add_argument("--workers", type=int, default=1, help="processes generating synthetic scenes")
+    ap.add_argument("--zoom-out", type=int, default=1, help="shrunk copies of each real training image")
+    ap.add_argument("--zoom-in", type=int, default=1, help="random crops of each real training image")
     ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
     ap.add_argument("--holdout", type=int, default=4, help="images per real set kept for calibration")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="also stop training at this Unix time (leaves time to calibrate and save)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
@@ -228,22 +257,20 @@ def main(argv=None) -> int:
         model = TRex2(ModelConfig(d_model=args.d_model, enc_layers=args.enc_layers,
                                   dec_layers=args.dec_layers, image_size=args.size))
     model.cfg.num_queries = args.queries
-    if os.path.isfile(args.cache):
-        images = load_cache(args.cache)
-        log(f"loaded {len(images)} cached images from {args.cache}")
+    model.to(args.device)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.cache and os.path.isfile(args.cache):
+        train, held = load_cache(args.cache, args.device)
+        log(f"loaded {len(train)} training and {len(held)} held-out cached images from {args.cache}")
     else:
-        images = build_cache(model, args.train_root, args.synthetic, args.size, args.seed, log)
-        os.makedirs(os.path.dirname(args.cache) or ".", exist_ok=True)
-        save_cache(images, args.cache)
+        train, held = build_cache(model, args.train_root, args.synthetic, args.size, args.seed, log,
+                                  args.holdout, args.zoom_out, args.zoom_in, args.workers)
+        if args.cache:
+            os.makedirs(os.path.dirname(args.cache) or ".", exist_ok=True)
+            save_cache(train, held, args.cache)
     if args.cache_only:
         return 0
-    fix_valid_extent(images, args.train_root, args.size)
-    held, train = [], []
-    seen: dict[str, int] = {}
-    for im in images:
-        real = not im.group.startswith("synthetic")
-        seen[im.group] = seen.get(im.group, 0) + 1
-        (held if real and seen[im.group] <= args.holdout else train).append(im)
     log(f"{len(train)} training images, {len(held)} held out for calibration")
 
     names_of: dict[str, list[str]] = {}
@@ -259,6 +286,8 @@ def main(argv=None) -> int:
     model.train()
     t0, step, avg = time.time(), 0, {}
     budget = args.minutes * 60
+    if args.deadline:
+        budget = min(budget, args.deadline - t0)
     rng = np.random.default_rng(args.seed + 1)
     while step < args.steps and time.time() - t0 < budget:
         frac = min(1.0, max((time.time() - t0) / budget, step / args.steps))  # cosine over the run
@@ -277,7 +306,7 @@ def main(argv=None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 0.1)
         opt.step()
         step += 1
-        if step % 50 == 0:  # share the 2 cores politely when other work runs
+        if step % 50 == 0 and args.device == "cpu":  # share the 2 cores politely when other work runs
             torch.set_num_threads(1 if os.getloadavg()[0] > 3 else args.threads)
         for k, v in losses.items():
             v = float(v.detach())
@@ -287,14 +316,17 @@ def main(argv=None) -> int:
                 + f" total {sum(avg.values()):.3f} ({(time.time() - t0) / step:.2f} s/step)")
         if step % 250 == 0:
             model.save(args.out, {"steps": step})
-    model.eval()
+    model.cpu().eval()   # calibration and the saved weights are on the CPU, where inference runs
+    for im in held:
+        im.features = [f.cpu() for f in im.features]
     cal = calibrate_threshold(model, held) if held else {}
     if cal:
         model.cfg.score_threshold = round(cal["score_threshold"], 3)
         log(f"calibration on {len(held)} held-out images: {cal}")
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
-                          "synthetic_scenes": sum(im.group.startswith("synthetic") for im in images),
+                          "synthetic_scenes": sum(im.group.startswith("synthetic") for im in train),
+                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr,
                           "train_images": len(train)})
     log(f"saved {args.out} after {step} steps")
     return 0
