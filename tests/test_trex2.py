@@ -22,7 +22,7 @@ from trex2.backbone import EfficientNetLite0
 from trex2.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
 from trex2.data import CachedImage, cache_image
 from trex2.deformable_attention import MSDeformAttn
-from trex2.matcher import hungarian_match, match_cost, topk_inside_match
+from trex2.matcher import hungarian_match, match_cost, pad_targets, topk_inside_match
 from trex2.model import ModelConfig, TRex2
 from trex2.predictor import Predictor, postprocess
 from trex2.synthetic import generate_scene
@@ -277,19 +277,28 @@ def _random_boxes(g: torch.Generator, n: int) -> torch.Tensor:
 
 
 def test_hungarian_matches_brute_force():
+    """Episodes of different target counts matched in one padded batch: each episode's assignment
+    has the minimal total cost (brute force over permutations)."""
     g = torch.Generator().manual_seed(0)
     for Q in range(1, 7):
-        for G in range(1, 5):
-            for _ in range(3):
-                logits = torch.randn(Q, generator=g) * 2
-                boxes, targets = _random_boxes(g, Q), _random_boxes(g, G)
-                cost = match_cost(logits, boxes, targets)
-                assert cost.shape == (Q, G)
-                rows, cols = hungarian_match(logits, boxes, targets)
+        for _ in range(3):
+            Gs = [1, 2, 3, 4, 0]
+            logits = torch.randn(len(Gs), Q, generator=g) * 2
+            boxes = torch.stack([_random_boxes(g, Q) for _ in Gs])
+            tlist = [_random_boxes(g, G) for G in Gs]
+            targets, valid = pad_targets(tlist)
+            assert targets.shape == (len(Gs), 4, 4) and valid.sum(1).tolist() == Gs
+            bi, rows, cols = hungarian_match(logits, boxes, targets, valid)
+            for b, G in enumerate(Gs):
+                r, c = rows[bi == b], cols[bi == b]
                 n = min(Q, G)
-                assert len(rows) == len(cols) == n
-                assert len(set(rows.tolist())) == n and len(set(cols.tolist())) == n
-                got = float(cost[rows, cols].sum())
+                assert len(r) == len(c) == n
+                assert len(set(r.tolist())) == n and len(set(c.tolist())) == n
+                if G == 0:
+                    continue
+                cost = match_cost(logits[b], boxes[b], tlist[b])
+                assert cost.shape == (Q, G)
+                got = float(cost[r, c].sum())
                 if Q >= G:
                     best = min(float(cost[list(p), list(range(G))].sum())
                                for p in itertools.permutations(range(Q), G))
@@ -297,8 +306,8 @@ def test_hungarian_matches_brute_force():
                     best = min(float(cost[list(range(Q)), list(p)].sum())
                                for p in itertools.permutations(range(G), Q))
                 assert got == pytest.approx(best, abs=1e-4), (Q, G)
-    r, c = hungarian_match(torch.zeros(3), _random_boxes(g, 3), torch.zeros(0, 4))
-    assert len(r) == len(c) == 0
+    empty = pad_targets([torch.zeros(0, 4)])
+    assert all(len(x) == 0 for x in hungarian_match(torch.zeros(1, 3), _random_boxes(g, 3)[None], *empty))
 
 
 def test_match_cost_prefers_the_right_box():
@@ -320,7 +329,13 @@ def test_topk_inside_match():
         targets = torch.cat([_random_boxes(g, 3), torch.tensor([[0.5, 0.5, 0.3, 0.3], [0.52, 0.5, 0.3, 0.3]])])
         logits = torch.randn(N, generator=g)
         boxes = (anchors + torch.randn(N, 4, generator=g) * 0.02).clamp(0.01, 0.99)
-        tok, tgt = topk_inside_match(logits, boxes, anchors, targets, k=k)
+        # batched with a second, unrelated episode: the first episode's result must not change
+        other = _random_boxes(g, 2)
+        tg, tv = pad_targets([targets, other])
+        bi, tok, tgt = topk_inside_match(torch.stack([logits, logits.flip(0)]), torch.stack([boxes, boxes]),
+                                         anchors, tg, tv, k=k)
+        assert set(tgt[bi == 1].tolist()) <= {0, 1}
+        tok, tgt = tok[bi == 0], tgt[bi == 0]
         assert len(tok) == len(tgt) > 0
         assert len(set(tok.tolist())) == len(tok), "a token was assigned twice"
         t = cxcywh_to_xyxy(targets)
@@ -341,8 +356,8 @@ def test_topk_inside_match():
             assert cost[a, b] == min(cost[a, j] for j in range(len(targets)) if a in tops[j])
         assert any(len([j for j in range(len(targets)) if a in tops[j]]) > 1 for a in tok.tolist()) \
             or trial > 0, "the test needs contested tokens"
-    tok, tgt = topk_inside_match(torch.zeros(N), anchors, anchors, torch.zeros(0, 4))
-    assert len(tok) == len(tgt) == 0
+    bi, tok, tgt = topk_inside_match(torch.zeros(1, N), anchors[None], anchors, *pad_targets([torch.zeros(0, 4)]))
+    assert len(bi) == len(tok) == len(tgt) == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,19 +23,19 @@ def box_area(b: torch.Tensor) -> torch.Tensor:
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairwise IoU and union of xyxy boxes a (N, 4), b (M, 4) -> (N, M), (N, M)."""
-    lt = torch.max(a[:, None, :2], b[None, :, :2])
-    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    """Pairwise IoU and union of xyxy boxes a (..., N, 4), b (..., M, 4) -> (..., N, M), (..., N, M)."""
+    lt = torch.max(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.min(a[..., :, None, 2:], b[..., None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    union = box_area(a)[:, None] + box_area(b)[None, :] - inter
+    union = box_area(a)[..., :, None] + box_area(b)[..., None, :] - inter
     return inter / union.clamp(min=1e-9), union
 
 
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise generalised IoU of xyxy boxes a (N, 4), b (M, 4) -> (N, M) in [-1, 1]."""
+    """Pairwise generalised IoU of xyxy boxes a (..., N, 4), b (..., M, 4) -> (..., N, M) in [-1, 1]."""
     iou, union = box_iou(a, b)
-    lt = torch.min(a[:, None, :2], b[None, :, :2])
-    rb = torch.max(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.min(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.max(a[..., :, None, 2:], b[..., None, :, 2:])
     hull = (rb - lt).clamp(min=0).prod(-1)
     return iou - (hull - union) / hull.clamp(min=1e-9)
 

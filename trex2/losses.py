@@ -19,21 +19,22 @@ def sigmoid_focal_loss(logits, labels, alpha: float = 0.25, gamma: float = 2.0) 
     return (a_t * (1 - p_t) ** gamma * ce).sum()
 
 
-def detection_loss(logits, boxes, targets, pred_idx, tgt_idx, num_boxes: float,
+def detection_loss(logits, boxes, targets, match, num_boxes: float,
                    soft_labels: bool = True) -> dict[str, torch.Tensor]:
-    """logits (Q,), boxes (Q, 4), targets (G, 4) cx, cy, w, h; matched index pairs. Classification
-    target of a matched query is its IoU with the target (IoU-aware, helps score calibration) when
-    soft_labels, else 1. Losses are normalised by num_boxes."""
+    """logits (B, Q), boxes (B, Q, 4), padded targets (B, G, 4) cx, cy, w, h; match = (batch, pred,
+    target) index triples from matcher.py. Classification target of a matched query is its IoU with
+    the target (IoU-aware, helps score calibration) when soft_labels, else 1; unmatched queries
+    are negatives. Losses are summed and normalised by num_boxes."""
+    bi, pi, ti = match
     labels = torch.zeros_like(logits)
-    if len(pred_idx):
-        pb, tb = boxes[pred_idx], targets[tgt_idx]
-        giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(pb), cxcywh_to_xyxy(tb)))
+    if len(pi):
+        pb, tb = cxcywh_to_xyxy(boxes[bi, pi]), cxcywh_to_xyxy(targets[bi, ti])
+        giou = generalized_box_iou(pb[:, None], tb[:, None])[:, 0, 0]
         if soft_labels:
-            iou = torch.diag(box_iou(cxcywh_to_xyxy(pb.detach()), cxcywh_to_xyxy(tb))[0])
-            labels[pred_idx] = iou.clamp(min=0.01)
+            labels[bi, pi] = box_iou(pb.detach()[:, None], tb[:, None])[0][:, 0, 0].clamp(min=0.01)
         else:
-            labels[pred_idx] = 1.0
-        l1 = F.l1_loss(pb, tb, reduction="sum") / num_boxes
+            labels[bi, pi] = 1.0
+        l1 = F.l1_loss(boxes[bi, pi], targets[bi, ti], reduction="sum") / num_boxes
         lg = (1 - giou).sum() / num_boxes
     else:
         l1 = lg = boxes.sum() * 0

@@ -19,7 +19,7 @@ import torch
 from .box_ops import box_iou, cxcywh_to_xyxy
 from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop, read_coco_set
 from .losses import contrastive_alignment_loss, detection_loss
-from .matcher import hungarian_match, topk_inside_match
+from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 
 DEFAULT_TRAIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
@@ -149,28 +149,20 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     pre = model.decoder.precompute(memory[tgt], shapes)
     outputs, (enc_logits, _), _ = model.decode(memory[tgt], shapes, class_emb, valid_wh, num_queries, pre)
 
-    anchors = pre["anchors"][0]
+    tg, tv = pad_targets(targets)
     num = max(1.0, float(sum(len(t) for t in targets)))
+    parts = []
+    for logits, bx in outputs:
+        parts.append(detection_loss(logits, bx, tg, hungarian_match(logits.detach(), bx.detach(), tg, tv), num))
+    # dense proposals (one-to-many: the k cheapest tokens inside each target)
+    all_tokens = torch.arange(enc_logits.shape[1], device=dev).expand(B, -1)
+    prop = model.decoder.proposal_boxes(pre["feat"], pre["anchors"], all_tokens)
+    match = topk_inside_match(enc_logits.detach(), prop.detach(), pre["anchors"][0], tg, tv)
+    parts.append({f"enc_{k}": v for k, v in detection_loss(enc_logits, prop, tg, match, num).items()})
     total: dict[str, torch.Tensor] = {}
-    for b in range(B):
-        parts = []
-        for logits, bx in outputs:
-            pi, ti = hungarian_match(logits[b].detach(), bx[b].detach(), targets[b])
-            parts.append(detection_loss(logits[b], bx[b], targets[b], pi, ti, num))
-        # dense proposals: boxes are only computed for tokens whose anchor centre is in a target
-        t = cxcywh_to_xyxy(targets[b])
-        inside = ((anchors[:, None, 0] > t[:, 0]) & (anchors[:, None, 0] < t[:, 2])
-                  & (anchors[:, None, 1] > t[:, 1]) & (anchors[:, None, 1] < t[:, 3])).any(1)
-        cand = torch.nonzero(inside).flatten()
-        cand_boxes = model.decoder.proposal_boxes(pre["feat"][b:b + 1], pre["anchors"], cand[None])[0]
-        ci, ti = topk_inside_match(enc_logits[b, cand].detach(), cand_boxes.detach(), anchors[cand], targets[b])
-        boxes_full = cand_boxes.new_zeros(len(anchors), 4)
-        boxes_full = boxes_full.index_copy(0, cand, cand_boxes)
-        parts.append({f"enc_{k}": v for k, v in detection_loss(enc_logits[b], boxes_full, targets[b],
-                                                                cand[ci], ti, num).items()})
-        for part in parts:
-            for k, v in part.items():
-                total[k] = total.get(k, 0) + v
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
     if align is not None:
         total["align"] = align
     return total
