@@ -24,6 +24,8 @@ class SameConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
+        if s == 1:   # odd kernel, stride 1: symmetric padding, done inside the convolution
+            return F.conv2d(x, self.weight, self.bias, 1, k // 2, self.dilation, self.groups)
         ih, iw = x.shape[-2:]
         ph = max((-(-ih // s) - 1) * s + k - ih, 0)
         pw = max((-(-iw // s) - 1) * s + k - iw, 0)
@@ -70,6 +72,7 @@ class EfficientNetLite0(nn.Module):
         self._blocks = nn.ModuleList(blocks)
         if pretrained:
             self.load_pretrained()
+        self.fold_batchnorm()
         self.requires_grad_(False)
         self.eval()
 
@@ -88,16 +91,34 @@ class EfficientNetLite0(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"backbone weights do not match: missing {missing}, unexpected {unexpected}")
 
+    @torch.no_grad()
+    def fold_batchnorm(self) -> None:
+        """Fold the frozen BatchNorm statistics into the preceding convolutions (same function up to
+        float rounding, ~1.15x faster); the BatchNorm layers become identities."""
+        def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            conv.weight.mul_(s.view(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bn.bias - bn.running_mean * s)
+        pairs = [(self, "_conv_stem", "_bn0")]
+        for blk in self._blocks:
+            pairs += [(blk, "_expand_conv", "_bn0")] if blk.expand else []
+            pairs += [(blk, "_depthwise_conv", "_bn1"), (blk, "_project_conv", "_bn2")]
+        for module, conv, bn in pairs:
+            if isinstance(getattr(module, bn), nn.BatchNorm2d):
+                fold(getattr(module, conv), getattr(module, bn))
+                setattr(module, bn, nn.Identity())
+
     def train(self, mode: bool = True):
         return super().train(False)  # BatchNorm statistics stay frozen
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = (x - 127.0) / 128.0
+        # channels-last layout: oneDNN's depthwise and 1x1 convolutions run ~1.5x faster on a CPU
+        x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         outs = []
-        for i, block in enumerate(self._blocks):
+        for i, block in enumerate(self._blocks[:OUT_BLOCKS[-1] + 1]):
             x = block(x)
             if i in OUT_BLOCKS:
-                outs.append(x)
+                outs.append(x.contiguous())
         return outs

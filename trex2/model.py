@@ -53,13 +53,14 @@ class TRex2(nn.Module):
         self.text_proj_state: dict[str, torch.Tensor] = {}   # trained text projection, if shipped
 
     # -- image path -------------------------------------------------------------------------
-    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, float, tuple[float, float]]:
+    def preprocess(self, image: np.ndarray, size: int | None = None) -> tuple[torch.Tensor, float, tuple[float, float]]:
         """RGB uint8 (H, W, 3) -> canvas (1, 3, S_h, S_w) float 0..255, resize factor (canvas px per
-        image px), valid extent (w, h) of the image in the canvas as fractions of the canvas."""
+        image px), valid extent (w, h) of the image in the canvas as fractions of the canvas.
+        The long side is resized to `size` px (default cfg.image_size)."""
         h, w = image.shape[:2]
-        scale = self.cfg.image_size / max(h, w)
+        scale = (size or self.cfg.image_size) / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
         ph, pw = -(-nh // STRIDE) * STRIDE, -(-nw // STRIDE) * STRIDE
         x = F.pad(x, (0, pw - nw, 0, ph - nh), value=127.0)
