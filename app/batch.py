@@ -65,6 +65,7 @@ def file_key(path: str) -> tuple:
 
 def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                  score_threshold: float | None = None,
+                 canvas: Callable[[str, tuple[int, int]], int] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None) -> Iterator[ImageResult]:
     """Detect ``classes`` on each image ``image_dir/file_name``, one at a time, in order.
@@ -73,7 +74,8 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     ``(abs_path, image_embedding) -> dict`` giving the classes of one image (per-image prompts;
     an empty dict means no detections). Unreadable images yield a result with ``error`` set.
     ``on_progress(done, total)`` is called after each image; ``should_cancel()`` is polled
-    before each image and stops the generator when it returns True.
+    before each image and stops the generator when it returns True. ``canvas(abs_path, (H, W))``
+    gives the canvas long side to encode an image at (default: the model's).
     """
     import supervision as sv
 
@@ -87,7 +89,11 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
         except (ImageLoadError, OSError) as e:
             yield ImageResult(rel, path, None, None, str(e))
         else:
-            emb = predictor.encode_image(image, key=file_key(path))
+            if canvas is None:
+                emb = predictor.encode_image(image, key=file_key(path))
+            else:
+                size = canvas(os.path.abspath(path), image.shape[:2])
+                emb = predictor.encode_image(image, key=file_key(path), size=size)
             cls = classes(os.path.abspath(path), emb) if callable(classes) else classes
             dets = predictor.detect(emb, cls, score_threshold=score_threshold) if cls else sv.Detections.empty()
             yield ImageResult(rel, path, tuple(image.shape[:2]), dets)
@@ -164,12 +170,24 @@ class PromptSource:
                                  f"and no text prompt")
         return cls(path, "prompts", h.hexdigest(), ps.category_names, prompt_set=ps)
 
-    def _image_embedding(self, predictor, image):
+    def _image_embedding(self, predictor, image, canvas=None):
         try:
             pixels = load_image(image)
         except ImageLoadError as e:
             raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
-        return predictor.encode_image(pixels, key=file_key(str(image)))
+        size = canvas(os.path.abspath(image), pixels.shape[:2]) if canvas is not None else None
+        return predictor.encode_image(pixels, key=file_key(str(image)), size=size)
+
+    def object_side(self, image=None) -> float | None:
+        """Typical exemplar size in pixels (trex2.predictor.object_side of each category's positive
+        boxes, the smallest category's) over the whole file, or on one image; None if unknown."""
+        from trex2.predictor import object_side
+        if self.kind != "prompts":
+            return None
+        sides = [object_side([p.box for p in self.prompt_set.select(image, c.name, False) if p.box is not None])
+                 for c in self.prompt_set.categories]
+        sides = [v for v in sides if v]
+        return min(sides) if sides else None
 
     def _embed(self, predictor, name: str, pos: list, neg: list):
         import trex2
@@ -185,9 +203,10 @@ class PromptSource:
         b, q = ps.boxes(image, name, negative), ps.points(image, name, negative)
         return [(emb, b, q)] if len(b) or len(q) else []
 
-    def cross_image_classes(self, predictor) -> dict:
+    def cross_image_classes(self, predictor, canvas=None) -> dict:
         """{name: ClassEmbedding}: each category's exemplars on all prompt images (each image
-        encoded once), its negatives and text pooled into one class embedding."""
+        encoded once, at canvas(path, (H, W)) px if given), its negatives and text pooled into one
+        class embedding."""
         if self.kind == "embeddings":
             return dict(self.embeddings)
         ps, embs, out = self.prompt_set, {}, {}
@@ -197,7 +216,7 @@ class PromptSource:
                 if not ps.select(image, c.name):
                     continue
                 if image not in embs:
-                    embs[image] = self._image_embedding(predictor, image)
+                    embs[image] = self._image_embedding(predictor, image, canvas)
                 pos += self._prompts_on(ps, image, embs[image], c.name, False)
                 neg += self._prompts_on(ps, image, embs[image], c.name, True)
             out[c.name] = self._embed(predictor, c.name, pos, neg)
@@ -285,10 +304,24 @@ def append_record(f, rec: dict) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def _options(image_dir: str, prompts: "PromptSource", per_image: bool) -> dict:
+def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: str = "auto") -> dict:
     """What decides the detections; a resumed run must match it exactly."""
     return {"image_dir": os.path.realpath(image_dir), "prompts_sha256": prompts.sha256,
-            "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image"}
+            "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image",
+            "canvas": str(canvas)}
+
+
+def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int) -> Callable:
+    """canvas(abs_path, (H, W)) -> canvas long side. "auto": the model's size, enlarged (up to
+    trex2.predictor.MAX_CANVAS) where the exemplars would be too small to see (small-object mode;
+    per image from that image's exemplars with --per-image); a number: that size for every image."""
+    from trex2.predictor import canvas_size
+    if canvas != "auto":
+        return lambda path, hw: int(canvas)
+    pooled = prompts.object_side()
+    if per_image:
+        return lambda path, hw: canvas_size(hw, prompts.object_side(os.path.realpath(path)), base)
+    return lambda path, hw: canvas_size(hw, pooled, base)
 
 
 def _check_progress(out: str, options: dict, resume: bool) -> dict[str, dict] | None:
@@ -341,7 +374,7 @@ def _write_output(out: str, file_names: list[str], records: dict[str, dict], cat
 
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
-        weights: str | None = None, progress: bool = True, warn=None) -> dict:
+        weights: str | None = None, progress: bool = True, warn=None, canvas: str = "auto") -> dict:
     """The ``label`` command as a function. Returns a summary dict; raises LabelError on bad input."""
     if warn is None:
         from tqdm import tqdm
@@ -358,7 +391,10 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise LabelError(f"output folder does not exist: {out_dir}")
-    options = _options(image_dir, prompts, per_image)
+    canvas = str(canvas)
+    if canvas != "auto" and not (canvas.isdigit() and int(canvas) % 32 == 0 and 64 <= int(canvas) <= 4096):
+        raise LabelError(f"--canvas must be 'auto' or a multiple of 32 between 64 and 4096, got {canvas!r}")
+    options = _options(image_dir, prompts, per_image, canvas)
     records = _check_progress(out, options, resume)
     if resume and records is None:
         warn(f"--resume: no progress file {sidecar_path(out)}; starting from the beginning")
@@ -370,7 +406,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             predictor = trex2.Predictor(trex2.load_model(weights))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise LabelError(f"cannot load the model: {e}") from None
-    classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor)
+    sizes = canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
+    classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
     side_f = _open_progress(out, options, records)
     records = dict(records or {})
     try:
@@ -382,7 +419,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             bar = tqdm(total=len(file_names), initial=len(file_names) - len(todo), unit="img",
                        file=sys.stderr, dynamic_ncols=True, desc="label")
         try:
-            for res in label_folder(predictor, image_dir, todo, classes):
+            for res in label_folder(predictor, image_dir, todo, classes, canvas=sizes):
                 if res.error is not None:
                     warn(f"skipped {res.error}")
                 rec = result_record(res, cat_index)
@@ -396,7 +433,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         threshold = float(predictor.score_threshold if score_threshold is None else score_threshold)
         info = {"description": "app.py label: T-Rex2-style visual-prompt detections",
                 "prompts": os.path.abspath(prompts_path), "image_dir": os.path.abspath(image_dir),
-                "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold}
+                "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold,
+                "canvas": canvas}
         n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
     finally:
         side_f.close()
@@ -425,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="model weights (.safetensors; default: the shipped trex2/weights)")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="CPU threads for the model (default: torch's; 1 is much faster on a busy machine)")
+    ap.add_argument("--canvas", default="auto", metavar="auto|PX",
+                    help="long side the images are resized to for the model. auto (default): 640, or more "
+                         "(up to 1280, about 4x slower) when the exemplars would be smaller than 24 px "
+                         "there; a number fixes it")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.threads is not None:
@@ -434,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         s = run(a.image_dir, a.prompts, a.out, per_image=a.per_image, score_threshold=a.score_threshold,
-                resume=a.resume, weights=a.weights, progress=not a.quiet)
+                resume=a.resume, weights=a.weights, progress=not a.quiet, canvas=a.canvas)
     except LabelError as e:
         print(f"app.py label: error: {e}", file=sys.stderr)
         return 2

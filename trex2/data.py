@@ -92,27 +92,39 @@ class EpisodeSampler:
     """Draws training episodes from cached images."""
 
     def __init__(self, images: list[CachedImage], seed: int = 0, max_prompts: int = 3,
-                 cross_image_prob: float = 0.3, point_prob: float = 0.2):
+                 cross_image_prob: float = 0.3, point_prob: float = 0.2, absent_prob: float = 0.0):
         self.images = images
         self.rng = np.random.default_rng(seed)
         self.max_prompts, self.cross_p, self.point_p = max_prompts, cross_image_prob, point_prob
+        self.absent_p = absent_prob
         self.by_group_label: dict[tuple[str, int], list[int]] = {}
         for i, im in enumerate(images):
             for lab in set(im.labels.tolist()):
                 self.by_group_label.setdefault((im.group, lab), []).append(i)
+        self.group_labels: dict[str, set[int]] = {}
+        for g, lab in self.by_group_label:
+            self.group_labels.setdefault(g, set()).add(lab)
 
     def sample(self):
         """-> dict with target image index, prompt image index, label, prompt boxes (K, 4) canvas
-        cx, cy, w, h, is_point (K,), target boxes (G, 4), hflip flags."""
+        cx, cy, w, h, is_point (K,), target boxes (G, 4). With absent_prob, that share of the
+        episodes (where the image's set has a category the image lacks) has no targets: the model
+        learns to report nothing rather than its best guess."""
         rng = self.rng
         i = int(rng.integers(len(self.images)))
         im = self.images[i]
         labels = im.labels.numpy()
-        lab = int(rng.choice(np.unique(labels)))
-        src = i
-        peers = self.by_group_label[(im.group, lab)]
-        if len(peers) > 1 and rng.random() < self.cross_p:
-            src = int(rng.choice([p for p in peers if p != i]))
+        absent = sorted(self.group_labels[im.group] - set(labels.tolist()))
+        if absent and rng.random() < self.absent_p:
+            # a category of the set that this image lacks: prompts from another image, no targets
+            lab = int(rng.choice(absent))
+            src = int(rng.choice(self.by_group_label[(im.group, lab)]))
+        else:
+            lab = int(rng.choice(np.unique(labels)))
+            src = i
+            peers = self.by_group_label[(im.group, lab)]
+            if len(peers) > 1 and rng.random() < self.cross_p:
+                src = int(rng.choice([p for p in peers if p != i]))
         src_boxes = self.images[src].boxes[self.images[src].labels == lab]
         k = int(rng.integers(1, min(self.max_prompts, len(src_boxes)) + 1))
         pick = src_boxes[torch.as_tensor(rng.choice(len(src_boxes), k, replace=False))].clone()

@@ -53,7 +53,8 @@ class TRex2(nn.Module):
         self.text_proj_state: dict[str, torch.Tensor] = {}   # trained text projection, if shipped
 
     # -- image path -------------------------------------------------------------------------
-    def preprocess(self, image: np.ndarray, size: int | None = None) -> tuple[torch.Tensor, float, tuple[float, float]]:
+    def preprocess(self, image: np.ndarray,
+                   size: int | None = None) -> tuple[torch.Tensor, float, tuple[float, float]]:
         """RGB uint8 (H, W, 3) -> canvas (1, 3, S_h, S_w) float 0..255, resize factor (canvas px per
         image px), valid extent (w, h) of the image in the canvas as fractions of the canvas.
         The long side is resized to `size` px (default cfg.image_size)."""

@@ -23,6 +23,30 @@ from .class_embedding import ClassEmbedding
 from .model import TRex2
 
 SCORE_FLOOR = 0.05  # detections below this are never returned
+MIN_OBJECT_PX = 32  # small-object mode: exemplars are enlarged to at least this side in the canvas
+                    # (~5th percentile of the training objects at their own 640 px canvas)
+MAX_CANVAS = 2560   # ... by a (tiled) canvas long side of at most this many pixels
+TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
+
+
+def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
+                min_object: float = MIN_OBJECT_PX, max_size: int = MAX_CANVAS) -> int:
+    """Canvas long side (px, a multiple of 32) for an image of (H, W) px whose objects are about
+    `object_side` px (sqrt of box area, in image pixels): `base` unless that would shrink the
+    objects below `min_object` canvas px; then larger, up to `max_size` (the image is then cut into
+    overlapping tiles, see Predictor.encode_image). None (unknown size) -> base."""
+    if not object_side or object_side <= 0:
+        return base
+    want = min_object * max(image_hw) / object_side
+    return int(min(max(base, -(-want // 32) * 32), max(base, max_size)))
+
+
+def object_side(boxes_xyxy) -> float | None:
+    """Median sqrt(w * h) of (K, 4) xyxy pixel boxes, or None when there are none."""
+    b = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
+    if not len(b):
+        return None
+    return float(np.median(np.sqrt(np.clip(b[:, 2] - b[:, 0], 1, None) * np.clip(b[:, 3] - b[:, 1], 1, None))))
 
 
 @dataclass
@@ -53,6 +77,53 @@ class ImageEmbedding:
         b = cxcywh_to_xyxy(boxes_cxcywh) * torch.tensor([cw, ch, cw, ch], dtype=torch.float32) / self.scale
         b = self._clip(b)
         return b.numpy().astype(np.float32)
+
+
+@dataclass
+class TiledEmbedding:
+    """An image encoded as overlapping tiles (small-object mode): each tile is an ImageEmbedding of
+    the crop image[y0:y1, x0:x1] at the model's canvas size."""
+    tiles: list[tuple[tuple[int, int, int, int], ImageEmbedding]]   # ((x0, y0, x1, y1), embedding)
+    image_size: tuple[int, int]                                      # (H, W) of the original image
+
+    def tile_for(self, box_xyxy) -> int:
+        """Index of the tile that holds the box (or point, x1 = x2) with the widest margin."""
+        x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+        margins = [min(x1 - a, y1 - b, c - x2, d - y2) for (a, b, c, d), _ in self.tiles]
+        return int(np.argmax(margins))
+
+
+def tile_windows(length: int, window: int, overlap: float = TILE_OVERLAP) -> list[int]:
+    """Start offsets of windows of `window` px covering [0, length) with about `overlap` shared."""
+    if window >= length:
+        return [0]
+    n = int(np.ceil((length - window) / (window * (1 - overlap)))) + 1
+    return [round(i * (length - window) / (n - 1)) for i in range(n)]
+
+
+def merge_tiles(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, tile: np.ndarray,
+                cut: np.ndarray, iou: float, cover: float = 0.7) -> np.ndarray:
+    """Duplicates between overlapping tiles -> kept indices (sorted). Within a class, greedily keeps
+    whole boxes before boxes cut by an inner tile edge (`cut`), best score first, and drops a box
+    that overlaps a kept one by IoU > `iou`, or, when the two come from different tiles, covers
+    more than `cover` of the smaller one (an object cut by one tile's edge and whole in the next)."""
+    keep: list[int] = []
+    for c in np.unique(class_id):
+        idx = np.flatnonzero(class_id == c)
+        idx = idx[np.lexsort((-scores[idx], cut[idx]))]
+        b = xyxy[idx].astype(np.float64)
+        inter = np.prod(np.clip(np.minimum(b[:, None, 2:], b[None, :, 2:])
+                                - np.maximum(b[:, None, :2], b[None, :, :2]), 0, None), -1)
+        area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), -1)
+        dup = inter / np.maximum(area[:, None] + area[None] - inter, 1e-9) > iou
+        other = tile[idx][:, None] != tile[idx][None]
+        dup |= other & (inter / np.maximum(np.minimum(area[:, None], area[None]), 1e-9) > cover)
+        suppressed = np.zeros(len(idx), dtype=bool)
+        for i in range(len(idx)):
+            if not suppressed[i]:
+                keep.append(int(idx[i]))
+                suppressed |= dup[i]
+    return np.array(sorted(keep), dtype=int)
 
 
 def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
@@ -95,31 +166,57 @@ class Predictor:
         return float(self.model.cfg.score_threshold)
 
     @torch.no_grad()
-    def encode_image(self, image: np.ndarray, key=None) -> ImageEmbedding:
-        """RGB uint8 (H, W, 3) -> ImageEmbedding, cached by `key` (or by a hash of the pixels)."""
+    def encode_image(self, image: np.ndarray, key=None, size: int | None = None):
+        """RGB uint8 (H, W, 3) -> ImageEmbedding, cached by `key` (or by a hash of the pixels).
+        size: canvas long side in px (default the model's image_size, 640). Above image_size the
+        image is resized to that long side and cut into overlapping image_size tiles (small-object
+        mode; a TiledEmbedding, about one encode per tile), see canvas_size."""
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
                 and image.dtype == np.uint8):
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {getattr(image, 'shape', type(image))}")
+        base = int(self.model.cfg.image_size)
+        size = int(size or base)
+        if size % 32 or not 64 <= size <= 8192:
+            raise ValueError(f"canvas size must be a multiple of 32 between 64 and 8192, got {size}")
         if key is None:
             key = hashlib.sha1(np.ascontiguousarray(image).data).hexdigest() + str(image.shape)
+        key = (key, size)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        x, scale, valid = self.model.preprocess(image)
-        memory, shapes = self.model.encode_features(self.model.backbone(x))
-        emb = ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image.shape[:2],
-                             self.model.decoder.precompute(memory, shapes))
-        self.encode_count += 1
+        H, W = image.shape[:2]
+        window = int(np.ceil(base * max(H, W) / size))     # tile side in image pixels
+        if size <= base or window >= max(H, W):
+            emb = self._encode(image, min(size, base) if size <= base else base)
+        else:
+            tiles = []
+            for y0 in tile_windows(H, window):
+                for x0 in tile_windows(W, window):
+                    x1, y1 = min(W, x0 + window), min(H, y0 + window)
+                    # every tile at the same scale: a short edge tile is not enlarged
+                    crop = image[y0:y1, x0:x1]
+                    tile_size = round(base * max(crop.shape[:2]) / window)
+                    tiles.append(((x0, y0, x1, y1), self._encode(crop, tile_size)))
+            emb = TiledEmbedding(tiles, (H, W))
         self.cache[key] = emb
-        while len(self.cache) > self.cache_size:
+        # a tiled image counts as many entries as it has tiles (memory), the newest always stays
+        weight = lambda e: len(e.tiles) if isinstance(e, TiledEmbedding) else 1  # noqa: E731
+        while len(self.cache) > 1 and sum(weight(e) for e in self.cache.values()) > self.cache_size:
             self.cache.popitem(last=False)
         return emb
+
+    def _encode(self, image: np.ndarray, size: int) -> ImageEmbedding:
+        x, scale, valid = self.model.preprocess(image, size)
+        memory, shapes = self.model.encode_features(self.model.backbone(x))
+        self.encode_count += 1
+        return ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image.shape[:2],
+                              self.model.decoder.precompute(memory, shapes))
 
     @torch.no_grad()
     def _visual_embeddings(self, prompts) -> torch.Tensor:
         """[(emb, boxes, points?), ...] -> (n_images, d): one global-token output per image."""
         out = []
-        for item in prompts:
+        for item in self._split_tiled(prompts):
             emb, boxes = item[0], item[1]
             points = item[2] if len(item) > 2 else None
             b = emb.to_canvas(np.zeros((0, 4)) if boxes is None else boxes)
@@ -133,6 +230,25 @@ class Predictor:
             valid = torch.ones(1, len(b), dtype=torch.bool)
             out.append(self.model.encode_prompts(emb.memory, emb.shapes, b[None], is_point[None], valid)[0])
         return torch.stack(out) if out else torch.zeros(0, self.model.cfg.d_model)
+
+    @staticmethod
+    def _split_tiled(prompts):
+        """Prompt tuples on TiledEmbeddings -> tuples on the tiles holding each box or point, in the
+        tiles' pixels; other tuples pass through."""
+        for item in prompts:
+            emb = item[0]
+            if not isinstance(emb, TiledEmbedding):
+                yield item
+                continue
+            boxes = np.zeros((0, 4)) if item[1] is None else np.asarray(item[1], np.float64).reshape(-1, 4)
+            points = np.zeros((0, 2)) if len(item) < 3 or item[2] is None else item[2]
+            points = np.asarray(points, np.float64).reshape(-1, 2)
+            where_b = [emb.tile_for(b) for b in boxes]
+            where_p = [emb.tile_for([x, y, x, y]) for x, y in points]
+            for t in sorted(set(where_b) | set(where_p)):
+                (x0, y0, _, _), tile = emb.tiles[t]
+                yield (tile, boxes[[i for i, w in enumerate(where_b) if w == t]].reshape(-1, 4) - [x0, y0, x0, y0],
+                       points[[i for i, w in enumerate(where_p) if w == t]].reshape(-1, 2) - [x0, y0])
 
     @torch.no_grad()
     def embed_prompts(self, prompts=(), negatives=None, text: str | None = None) -> ClassEmbedding:
@@ -177,6 +293,8 @@ class Predictor:
         names = list(classes)
         if not names:
             return sv.Detections.empty()
+        if isinstance(emb, TiledEmbedding):
+            return self._detect_tiled(emb, classes, score_threshold)
         cls = torch.stack([classes[n].embedding for n in names])
         cfg = self.model.cfg
         results = self._decode(emb, names, classes, cls, cfg.num_queries, floor)
@@ -194,6 +312,31 @@ class Predictor:
         xyxy = np.concatenate(xyxy).astype(np.float32)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         class_id = np.concatenate(ids).astype(int)[keep]
-        return sv.Detections(xyxy=xyxy[keep], confidence=np.concatenate(conf).astype(np.float32)[keep],
-                             class_id=class_id, data={"class_name": np.array(names, dtype=object)[class_id]
-                                                      if len(class_id) else np.array([], dtype=object)})
+        return _detections(xyxy[keep], np.concatenate(conf).astype(np.float32)[keep], class_id, names)
+
+    def _detect_tiled(self, emb: TiledEmbedding, classes, score_threshold) -> sv.Detections:
+        """detect() on each tile, boxes moved to image pixels, duplicates between tiles merged."""
+        H, W = emb.image_size
+        xyxy, conf, ids, cut, where = [], [], [], [], []
+        for t, ((x0, y0, x1, y1), tile) in enumerate(emb.tiles):
+            d = self.detect(tile, classes, score_threshold)
+            b = d.xyxy + np.array([x0, y0, x0, y0], np.float32)
+            # touches an edge of the tile that is inside the image: the object may go on beyond it
+            cut.append(((b[:, 0] <= x0 + 1) & (x0 > 0)) | ((b[:, 1] <= y0 + 1) & (y0 > 0))
+                       | ((b[:, 2] >= x1 - 1) & (x1 < W)) | ((b[:, 3] >= y1 - 1) & (y1 < H)))
+            xyxy.append(b)
+            conf.append(d.confidence)
+            ids.append(d.class_id)
+            where.append(np.full(len(b), t))
+        xyxy, conf, ids, cut, where = (np.concatenate(v) for v in (xyxy, conf, ids, cut, where))
+        keep = merge_tiles(xyxy, conf, ids, where, cut, self.model.cfg.nms_iou)
+        return _detections(xyxy[keep], conf[keep], ids[keep].astype(int), list(classes))
+
+
+def _detections(xyxy: np.ndarray, confidence: np.ndarray, class_id: np.ndarray, names: list[str]) -> sv.Detections:
+    """sv.Detections with data["class_name"] from class ids into names."""
+    class_id = np.asarray(class_id, dtype=int)
+    return sv.Detections(xyxy=np.asarray(xyxy, np.float32).reshape(-1, 4),
+                         confidence=np.asarray(confidence, np.float32), class_id=class_id,
+                         data={"class_name": np.array(names, dtype=object)[class_id] if len(class_id)
+                               else np.array([], dtype=object)})

@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes generating synthetic scenes")
     ap.add_argument("--zoom-out", type=int, default=1, help="shrunk copies of each real training image")
     ap.add_argument("--zoom-in", type=int, default=1, help="random crops of each real training image")
+    ap.add_argument("--absent", type=float, default=0.0,
+                    help="share of episodes prompting a category the target image lacks (no targets)")
     ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
     ap.add_argument("--holdout", type=int, default=4, help="images per real set kept for calibration")
     ap.add_argument("--steps", type=int, default=100000)
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
         for name in sorted(os.listdir(args.train_root)):
             if os.path.isfile(os.path.join(args.train_root, name, "gt.json")):
                 names_of[name] = read_coco(os.path.join(args.train_root, name, "gt.json")).categories
-    sampler = EpisodeSampler(train, seed=args.seed)
+    sampler = EpisodeSampler(train, seed=args.seed, absent_prob=args.absent)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4, foreach=True)
     model.train()
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
                           "synthetic_scenes": sum(im.group.startswith("synthetic") for im in train),
-                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr,
+                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
                           "train_images": len(train)})
     log(f"saved {args.out} after {step} steps")
     return 0
