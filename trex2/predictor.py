@@ -111,18 +111,17 @@ def merge_tiles(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, tile
     for c in np.unique(class_id):
         idx = np.flatnonzero(class_id == c)
         idx = idx[np.lexsort((-scores[idx], cut[idx]))]
-        b = xyxy[idx].astype(np.float64)
-        inter = np.prod(np.clip(np.minimum(b[:, None, 2:], b[None, :, 2:])
-                                - np.maximum(b[:, None, :2], b[None, :, :2]), 0, None), -1)
+        b, t = xyxy[idx].astype(np.float64), tile[idx]
         area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), -1)
-        dup = inter / np.maximum(area[:, None] + area[None] - inter, 1e-9) > iou
-        other = tile[idx][:, None] != tile[idx][None]
-        dup |= other & (inter / np.maximum(np.minimum(area[:, None], area[None]), 1e-9) > cover)
         suppressed = np.zeros(len(idx), dtype=bool)
-        for i in range(len(idx)):
-            if not suppressed[i]:
-                keep.append(int(idx[i]))
-                suppressed |= dup[i]
+        for i in range(len(idx)):       # one row at a time: memory stays linear in the boxes
+            if suppressed[i]:
+                continue
+            keep.append(int(idx[i]))
+            inter = np.prod(np.clip(np.minimum(b[i, 2:], b[:, 2:]) - np.maximum(b[i, :2], b[:, :2]), 0, None), -1)
+            dup = inter / np.maximum(area[i] + area - inter, 1e-9) > iou
+            dup |= (t != t[i]) & (inter / np.maximum(np.minimum(area[i], area), 1e-9) > cover)
+            suppressed |= dup
     return np.array(sorted(keep), dtype=int)
 
 
