@@ -178,16 +178,22 @@ class PromptSource:
         size = canvas(os.path.abspath(image), pixels.shape[:2]) if canvas is not None else None
         return predictor.encode_image(pixels, key=file_key(str(image)), size=size)
 
-    def object_side(self, image=None) -> float | None:
-        """Typical exemplar size in pixels (trex2.predictor.object_side of each category's positive
-        boxes, the smallest category's) over the whole file, or on one image; None if unknown."""
+    def object_sides(self) -> tuple[float | None, dict[str, float]]:
+        """Typical exemplar size in pixels: trex2.predictor.object_side of each category's positive
+        boxes, the smallest category's -> (over the whole file, {real path of an image: on that
+        image}); (None, {}) when unknown (no boxes, or a class-embedding file)."""
         from trex2.predictor import object_side
         if self.kind != "prompts":
-            return None
-        sides = [object_side([p.box for p in self.prompt_set.select(image, c.name, False) if p.box is not None])
-                 for c in self.prompt_set.categories]
-        sides = [v for v in sides if v]
-        return min(sides) if sides else None
+            return None, {}
+        boxes: dict[tuple[str | None, str], list] = {}
+        for p in self.prompt_set.prompts:
+            if p.box is not None and not p.negative:
+                for image in (None, str(p.image)):
+                    boxes.setdefault((image, p.category), []).append(p.box)
+        smallest: dict[str | None, float] = {}
+        for (image, _), b in boxes.items():
+            smallest[image] = min(smallest.get(image, float("inf")), object_side(b))
+        return smallest.pop(None, None), smallest
 
     def _embed(self, predictor, name: str, pos: list, neg: list):
         import trex2
@@ -318,9 +324,9 @@ def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: i
     from trex2.predictor import canvas_size
     if canvas != "auto":
         return lambda path, hw: int(canvas)
-    pooled = prompts.object_side()
+    pooled, by_image = prompts.object_sides()
     if per_image:
-        return lambda path, hw: canvas_size(hw, prompts.object_side(os.path.realpath(path)), base)
+        return lambda path, hw: canvas_size(hw, by_image.get(os.path.realpath(path)), base)
     return lambda path, hw: canvas_size(hw, pooled, base)
 
 

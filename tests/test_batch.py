@@ -430,6 +430,18 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     sizes.clear()
     batch.run(dataset["images"], str(small), str(tmp_path / "c.json"), predictor=rec, progress=False, canvas="640")
     assert set(sizes) == {640}
+    # --per-image: each image by its own exemplars (6 px on img00 only; the rest stay at 640)
+    per = json.loads(Path(dataset["per"]).read_text())
+    first = min(i["id"] for i in per["images"] if i["file_name"].endswith("img00.png"))
+    for a in per["annotations"]:
+        if a["image_id"] == first:
+            a["bbox"] = [a["bbox"][0], a["bbox"][1], 6.0, 6.0]
+    small_per = Path(dataset["per"]).with_name("small-per.json")
+    small_per.write_text(json.dumps(per))
+    sizes.clear()
+    batch.run(dataset["images"], str(small_per), str(tmp_path / "e.json"), predictor=rec, progress=False,
+              per_image=True)
+    assert sorted(sizes) == [640] * (N_IMAGES - 1) + [1216]
     with pytest.raises(batch.LabelError, match="--canvas"):
         batch.run(dataset["images"], str(small), str(tmp_path / "d.json"), predictor=rec, progress=False,
                   canvas="100")
