@@ -398,8 +398,13 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     if not os.path.isdir(out_dir):
         raise LabelError(f"output folder does not exist: {out_dir}")
     canvas = str(canvas)
-    if canvas != "auto" and not (canvas.isdigit() and int(canvas) % 32 == 0 and 64 <= int(canvas) <= 4096):
-        raise LabelError(f"--canvas must be 'auto' or a multiple of 32 between 64 and 4096, got {canvas!r}")
+    if canvas != "auto":
+        from trex2.predictor import check_canvas_size
+        try:
+            check_canvas_size(int(canvas) if canvas.isdigit() else -1)
+        except ValueError:
+            raise LabelError(f"--canvas must be 'auto' or a multiple of 32 between 64 and 8192, "
+                             f"got {canvas!r}") from None
     options = _options(image_dir, prompts, per_image, canvas)
     records = _check_progress(out, options, resume)
     if resume and records is None:
@@ -470,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="CPU threads for the model (default: torch's; 1 is much faster on a busy machine)")
     ap.add_argument("--canvas", default="auto", metavar="auto|PX",
-                    help="long side the images are resized to for the model. auto (default): 640, or more "
-                         "(up to 1280, about 4x slower) when the exemplars would be smaller than 24 px "
-                         "there; a number fixes it")
+                    help="long side the images are resized to for the model. auto (default): 640, or, "
+                         "when the exemplars would be smaller than 32 px there, larger (up to 2560) with "
+                         "the image cut into overlapping 640 px tiles (about one encode per tile); a "
+                         "multiple of 32 fixes it")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.threads is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box_ops import xyxy_to_cxcywh
+from .box_ops import box_area, xyxy_to_cxcywh
 from .image_io import load_image
 
 
@@ -65,8 +65,8 @@ def random_crop(rng: np.random.Generator, image: np.ndarray, boxes_xyxy: np.ndar
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     b = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
     clipped = np.clip(b - [x0, y0, x0, y0], 0, [cw, ch, cw, ch])
-    area = lambda a: np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    keep = area(clipped) >= min_visible * np.maximum(area(b), 1e-6)
+    visible, whole = box_area(torch.from_numpy(clipped)).numpy(), box_area(torch.from_numpy(b)).numpy()
+    keep = visible >= min_visible * np.maximum(whole, 1e-6)
     keep &= (clipped[:, 2] - clipped[:, 0] > 1) & (clipped[:, 3] - clipped[:, 1] > 1)
     if not keep.any():
         return None

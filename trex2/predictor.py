@@ -18,7 +18,7 @@ import numpy as np
 import supervision as sv
 import torch
 
-from .box_ops import box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from .box_ops import box_area, box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
 from .class_embedding import ClassEmbedding
 from .model import TRex2
 
@@ -39,6 +39,13 @@ def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
         return base
     want = min_object * max(image_hw) / object_side
     return int(min(max(base, -(-want // 32) * 32), max(base, max_size)))
+
+
+def check_canvas_size(size: int) -> int:
+    """`size` as an int if it is a usable canvas long side (a multiple of 32, 64..8192), else ValueError."""
+    if int(size) != size or size % 32 or not 64 <= size <= 8192:
+        raise ValueError(f"canvas size must be a multiple of 32 between 64 and 8192, got {size}")
+    return int(size)
 
 
 def object_side(boxes_xyxy) -> float | None:
@@ -111,17 +118,17 @@ def merge_tiles(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, tile
     for c in np.unique(class_id):
         idx = np.flatnonzero(class_id == c)
         idx = idx[np.lexsort((-scores[idx], cut[idx]))]
-        b, t = xyxy[idx].astype(np.float64), tile[idx]
-        area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), -1)
-        suppressed = np.zeros(len(idx), dtype=bool)
+        b, t = torch.as_tensor(xyxy[idx], dtype=torch.float64), torch.as_tensor(tile[idx])
+        area = box_area(b)
+        suppressed = torch.zeros(len(idx), dtype=torch.bool)
         for i in range(len(idx)):       # one row at a time: memory stays linear in the boxes
             if suppressed[i]:
                 continue
             keep.append(int(idx[i]))
-            inter = np.prod(np.clip(np.minimum(b[i, 2:], b[:, 2:]) - np.maximum(b[i, :2], b[:, :2]), 0, None), -1)
-            dup = inter / np.maximum(area[i] + area - inter, 1e-9) > iou
-            dup |= (t != t[i]) & (inter / np.maximum(np.minimum(area[i], area), 1e-9) > cover)
-            suppressed |= dup
+            overlap, union = box_iou(b[i:i + 1], b)
+            inter = (overlap * union)[0]
+            smaller = torch.minimum(area[i], area).clamp(min=1e-9)
+            suppressed |= (overlap[0] > iou) | ((t != t[i]) & (inter / smaller > cover))
     return np.array(sorted(keep), dtype=int)
 
 
@@ -174,9 +181,7 @@ class Predictor:
                 and image.dtype == np.uint8):
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {getattr(image, 'shape', type(image))}")
         base = int(self.model.cfg.image_size)
-        size = int(size or base)
-        if size % 32 or not 64 <= size <= 8192:
-            raise ValueError(f"canvas size must be a multiple of 32 between 64 and 8192, got {size}")
+        size = check_canvas_size(size or base)
         if key is None:
             key = hashlib.sha1(np.ascontiguousarray(image).data).hexdigest() + str(image.shape)
         key = (key, size)
@@ -186,7 +191,7 @@ class Predictor:
         H, W = image.shape[:2]
         window = int(np.ceil(base * max(H, W) / size))     # tile side in image pixels
         if size <= base or window >= max(H, W):
-            emb = self._encode(image, min(size, base) if size <= base else base)
+            emb = self._encode(image, min(size, base))
         else:
             tiles = []
             for y0 in tile_windows(H, window):
@@ -242,12 +247,11 @@ class Predictor:
             boxes = np.zeros((0, 4)) if item[1] is None else np.asarray(item[1], np.float64).reshape(-1, 4)
             points = np.zeros((0, 2)) if len(item) < 3 or item[2] is None else item[2]
             points = np.asarray(points, np.float64).reshape(-1, 2)
-            where_b = [emb.tile_for(b) for b in boxes]
-            where_p = [emb.tile_for([x, y, x, y]) for x, y in points]
-            for t in sorted(set(where_b) | set(where_p)):
+            where_b = np.array([emb.tile_for(b) for b in boxes], dtype=int)
+            where_p = np.array([emb.tile_for([x, y, x, y]) for x, y in points], dtype=int)
+            for t in np.union1d(where_b, where_p):
                 (x0, y0, _, _), tile = emb.tiles[t]
-                yield (tile, boxes[[i for i, w in enumerate(where_b) if w == t]].reshape(-1, 4) - [x0, y0, x0, y0],
-                       points[[i for i, w in enumerate(where_p) if w == t]].reshape(-1, 2) - [x0, y0])
+                yield tile, boxes[where_b == t] - [x0, y0, x0, y0], points[where_p == t] - [x0, y0]
 
     @torch.no_grad()
     def embed_prompts(self, prompts=(), negatives=None, text: str | None = None) -> ClassEmbedding:

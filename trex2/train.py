@@ -52,34 +52,37 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
         scenes = pool.imap(_scene, jobs, chunksize=8)
     else:
         scenes = map(_scene, jobs)
-    rng = np.random.default_rng(seed)
-    train, held = [], []
-    for name in sorted(os.listdir(train_root)):
-        set_dir = os.path.join(train_root, name)
-        if not os.path.isfile(os.path.join(set_dir, "gt.json")):
-            continue
-        if "dev" in os.path.abspath(set_dir).split(os.sep):
-            raise ValueError("refusing to train on a dev set")
-        n0 = len(train)
-        for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
-            if n < holdout:
-                held.append(cache_image(model, image, boxes, labels, name, size))
+    try:
+        rng = np.random.default_rng(seed)
+        train, held = [], []
+        for name in sorted(os.listdir(train_root)):
+            set_dir = os.path.join(train_root, name)
+            if not os.path.isfile(os.path.join(set_dir, "gt.json")):
                 continue
-            train.append(cache_image(model, image, boxes, labels, name, size))
-            for _ in range(zoom_out):
-                train.append(cache_image(model, image, boxes, labels, name, size, float(rng.uniform(0.35, 0.8))))
-            for _ in range(zoom_in):
-                crop = random_crop(rng, image, boxes, labels)
-                if crop is not None:
-                    train.append(cache_image(model, *crop, name, size))
-        log(f"cached {len(train) - n0} training views of {name}")
-    for s, (image, boxes, labels) in enumerate(scenes):
-        if len(boxes):
-            train.append(cache_image(model, image, boxes, labels, f"synthetic{s}", size))
-        if (s + 1) % 500 == 0:
-            log(f"cached {s + 1} synthetic scenes")
-    if pool is not None:
-        pool.close()
+            if "dev" in os.path.abspath(set_dir).split(os.sep):
+                raise ValueError("refusing to train on a dev set")
+            n0 = len(train)
+            for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
+                if n < holdout:
+                    held.append(cache_image(model, image, boxes, labels, name, size))
+                    continue
+                train.append(cache_image(model, image, boxes, labels, name, size))
+                for _ in range(zoom_out):
+                    zoom = float(rng.uniform(0.35, 0.8))
+                    train.append(cache_image(model, image, boxes, labels, name, size, zoom))
+                for _ in range(zoom_in):
+                    crop = random_crop(rng, image, boxes, labels)
+                    if crop is not None:
+                        train.append(cache_image(model, *crop, name, size))
+            log(f"cached {len(train) - n0} training views of {name}")
+        for s, (image, boxes, labels) in enumerate(scenes):
+            if len(boxes):
+                train.append(cache_image(model, image, boxes, labels, f"synthetic{s}", size))
+            if (s + 1) % 500 == 0:
+                log(f"cached {s + 1} synthetic scenes")
+    finally:
+        if pool is not None:
+            pool.terminate()
     return train, held
 
 
