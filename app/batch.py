@@ -75,7 +75,7 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     an empty dict means no detections). Unreadable images yield a result with ``error`` set.
     ``on_progress(done, total)`` is called after each image; ``should_cancel()`` is polled
     before each image and stops the generator when it returns True. ``canvas(abs_path, (H, W))``
-    gives the canvas long side to encode an image at (default: the model's).
+    gives the canvas long side to encode an image at (None or no ``canvas``: the model's).
     """
     import supervision as sv
 
@@ -89,10 +89,10 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
         except (ImageLoadError, OSError) as e:
             yield ImageResult(rel, path, None, None, str(e))
         else:
-            if canvas is None:
+            size = None if canvas is None else canvas(os.path.abspath(path), image.shape[:2])
+            if size is None:
                 emb = predictor.encode_image(image, key=file_key(path))
             else:
-                size = canvas(os.path.abspath(path), image.shape[:2])
                 emb = predictor.encode_image(image, key=file_key(path), size=size)
             cls = classes(os.path.abspath(path), emb) if callable(classes) else classes
             dets = predictor.detect(emb, cls, score_threshold=score_threshold) if cls else sv.Detections.empty()

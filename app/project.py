@@ -678,6 +678,19 @@ class Project:
                  np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
         return out
 
+    def exemplar_side(self, images: list[int] | None = None,
+                      classes: list[str] | None = None) -> float | None:
+        """Typical positive exemplar box size in px (trex2.predictor.object_side per class, the
+        smallest class's) over the prompts of prompts_by_class(images); None without boxes.
+        Decides whether images are encoded larger and tiled (small objects, Engine.canvas)."""
+        from trex2.predictor import object_side
+
+        sides = [object_side(np.concatenate([b for _, b, _ in g["pos"]]))
+                 for c, g in self.prompts_by_class(images).items()
+                 if classes is None or c in classes]
+        sides = [v for v in sides if v is not None]
+        return min(sides) if sides else None
+
     # ----------------------------------------------------------------- export
     def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:
         """(file, class, xyxy) of every accepted box in the folder, folder order."""
@@ -840,6 +853,7 @@ class Engine:
         self.preview_max_side = preview_max_side
         self._previews: dict[tuple, tuple[Path, int, int]] = {}
         self._pool = None
+        self._hw: dict[tuple, tuple[int, int]] = {}  # image (H, W) by file key
 
     @property
     def predictor(self):
@@ -914,26 +928,47 @@ class Engine:
                               f"failed: {e}")
         return self._pool.submit(run)
 
-    def embedding(self, path: str | os.PathLike):
-        """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size)."""
+    def canvas(self, hw: tuple[int, int], side: float | None) -> int | None:
+        """Canvas long side to encode an (H, W) px image at when the exemplars are about ``side``
+        px (trex2.predictor.canvas_size: larger and tiled only for small objects); None: the
+        model's default (also for predictors without a model config, as in tests)."""
+        from trex2.predictor import canvas_size
+
+        cfg = getattr(getattr(self.predictor, "model", None), "cfg", None)
+        if side is None or cfg is None:
+            return None
+        size = canvas_size(hw, side, int(cfg.image_size))
+        return None if size == int(cfg.image_size) else size
+
+    def embedding(self, path: str | os.PathLike, side: float | None = None):
+        """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size), at the canvas
+        that suits exemplars of about ``side`` px (see ``canvas``)."""
         from trex2.image_io import load_image
 
         path = Path(path)
         key = self._key(path)
         with self._lock:
             pred = self.predictor
-            hit = getattr(pred, "cache", {}).get(key)  # skip decoding the file on a hit
-            if hit is not None:
-                return hit
-            return pred.encode_image(load_image(path), key=key)
+            hw = self._hw.get(key)
+            if hw is not None and hasattr(pred, "cached"):  # skip decoding the file on a hit
+                hit = pred.cached(key, self.canvas(hw, side))
+                if hit is not None:
+                    return hit
+            image = load_image(path)
+            self._hw[key] = image.shape[:2]
+            size = self.canvas(image.shape[:2], side)
+            if size is None:
+                return pred.encode_image(image, key=key)
+            return pred.encode_image(image, key=key, size=size)
 
     def class_embeddings(self, project: Project, images: list[int] | None,
-                         classes: list[str] | None = None) -> dict:
+                         classes: list[str] | None = None, side: float | None = None) -> dict:
         """{class: trex2.ClassEmbedding} from the prompts on ``images`` (None: all images
         and external prompts, each class averaged over all its exemplars), the class text
         phrases, and class embeddings loaded from a file (used when a class has no prompt
         of its own). Classes with nothing to go on are left out. Raises ProjectError with
-        the text-encoder message when a phrase needs the missing CLIP checkpoint."""
+        the text-encoder message when a phrase needs the missing CLIP checkpoint. ``side``:
+        exemplar size for the canvas of the prompt images (Project.exemplar_side)."""
         import trex2
 
         groups = project.prompts_by_class(images)
@@ -947,8 +982,8 @@ class Engine:
                     out[c.name] = project.loaded_embeddings[c.name]
                 continue
             with self._lock:
-                pos = [(self.embedding(p), b, q) for p, b, q in g["pos"]]
-                neg = [(self.embedding(p), b, q) for p, b, q in g["neg"]] or None
+                pos = [(self.embedding(p, side), b, q) for p, b, q in g["pos"]]
+                neg = [(self.embedding(p, side), b, q) for p, b, q in g["neg"]] or None
                 try:
                     out[c.name] = self.predictor.embed_prompts(pos, negatives=neg, text=c.text)
                 except trex2.TextEncoderUnavailable as e:
@@ -956,11 +991,12 @@ class Engine:
                                        f"but: {e}") from e
         return out
 
-    def detect(self, project: Project, i: int, class_embs: dict) -> list[tuple[str, list, float]]:
+    def detect(self, project: Project, i: int, class_embs: dict,
+               side: float | None = None) -> list[tuple[str, list, float]]:
         """Run the model on image i with the class embeddings -> [(class, xyxy, score)]."""
         if not class_embs:
             return []
-        emb = self.embedding(project.image_path(i))
+        emb = self.embedding(project.image_path(i), side)
         with self._lock:
             dets = self.predictor.detect(emb, class_embs)
         return detections_to_list(dets, list(class_embs))
@@ -984,10 +1020,11 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> i
     if not project.images[i].prompts:
         raise ProjectError("draw a box or point on this image first (or use "
                            "'Detect in all images' to apply prompts from other images)")
-    embs = engine.class_embeddings(project, [i])
+    side = project.exemplar_side([i])
+    embs = engine.class_embeddings(project, [i], side=side)
     if not embs:
         raise ProjectError("no class has a positive prompt on this image")
-    dets = engine.detect(project, i, embs)
+    dets = engine.detect(project, i, embs, side)
     with project._edit("detect in this image", scope=[i]):
         return project.apply_detections(i, dets)
 
@@ -1007,7 +1044,8 @@ def detect_in_folder(project: Project, engine: Engine,
     """
     from app.batch import label_folder
 
-    embs = engine.class_embeddings(project, None, classes)
+    side = project.exemplar_side(None, classes)
+    embs = engine.class_embeddings(project, None, classes, side)
     if not embs:
         raise ProjectError("no class has any prompt, text phrase or loaded embedding yet: "
                            "draw a box or point on an image first")
@@ -1015,6 +1053,7 @@ def detect_in_folder(project: Project, engine: Engine,
     n = len(files)
     with project._edit("detect in all images", scope=None, keep_partial=True), engine.lock:
         results = label_folder(engine.predictor, str(project.root), files, embs,
+                               canvas=lambda path, hw: engine.canvas(hw, side),
                                should_cancel=should_stop)
         for i, res in enumerate(results):
             assert res.file_name == files[i]
@@ -1035,13 +1074,15 @@ def search_images(project: Project, engine: Engine, cls: str,
     from app.batch import label_folder
 
     project.get_class(cls)
-    embs = engine.class_embeddings(project, None, [cls])
+    side = project.exemplar_side(None, [cls])
+    embs = engine.class_embeddings(project, None, [cls], side)
     if not embs:
         raise ProjectError(f"class {cls!r} has no prompt, text phrase or loaded embedding yet")
     scores = []
     files = [im.file for im in project.images]
     with engine.lock:
         for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
+                                             canvas=lambda path, hw: engine.canvas(hw, side),
                                              should_cancel=should_stop,
                                              on_progress=on_progress)):
             dets = [] if res.error else detections_to_list(res.detections, [cls])

@@ -490,6 +490,30 @@ def test_workflow_with_the_real_predictor_class(project, tmp_path, monkeypatch):
         detect_in_image(project, engine)
 
 
+def test_small_exemplars_tile_the_image_in_the_app(tmp_path):
+    """Exemplars too small for the 640 px canvas: the app encodes the image larger, in tiles
+    (as `label --canvas auto` does), for this image and for the whole folder alike."""
+    from trex2.predictor import ImageEmbedding, TiledEmbedding
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8)).save(d / "big.png")
+    engine = Engine(predictor=trex2.Predictor(trex2.TRex2(trex2.ModelConfig()).eval()),
+                    preview_dir=tmp_path / "pv")
+    project = Project(d, tmp_path / "proj" / "project.json")
+    project.add_class("dot")
+    project.add_prompt("box", [100, 100, 120, 120], cls="dot")      # 20 px: 13 px at 640
+    assert project.exemplar_side() == pytest.approx(20.0)
+    detect_in_image(project, engine)
+    emb = engine.embedding(project.image_path(0), project.exemplar_side())
+    assert isinstance(emb, TiledEmbedding) and len(emb.tiles) > 1
+    encodes = engine.predictor.encode_count
+    list(detect_in_folder(project, engine))                        # same canvas: cached
+    assert engine.predictor.encode_count == encodes
+    assert isinstance(engine.embedding(project.image_path(0), 200.0), ImageEmbedding)
+
+
 def test_cli_rejects_a_missing_folder(tmp_path, capsys):
     from app.ui import main
 

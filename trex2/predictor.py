@@ -209,6 +209,15 @@ class Predictor:
             self.cache.popitem(last=False)
         return emb
 
+    def cached(self, key, size: int | None = None):
+        """The embedding encode_image(..., key=key, size=size) would return from the cache, or None
+        (lets a caller skip decoding an image file that is already encoded)."""
+        key = (key, check_canvas_size(size or int(self.model.cfg.image_size)))
+        if key not in self.cache:
+            return None
+        self.cache.move_to_end(key)
+        return self.cache[key]
+
     def _encode(self, image: np.ndarray, size: int) -> ImageEmbedding:
         x, scale, valid = self.model.preprocess(image, size)
         memory, shapes = self.model.encode_features(self.model.backbone(x))
