@@ -21,7 +21,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -132,17 +132,29 @@ def _check_size(v, what: str) -> int:
     return int(v)
 
 
-def _xyxy_to_coco_bbox(box, width: int, height: int, where: str) -> list[float]:
-    b = np.asarray(box, dtype=np.float64).reshape(-1)
-    if b.shape != (4,) or not np.all(np.isfinite(b)):
-        raise ValueError(f"{where}: box must be 4 finite numbers (x1, y1, x2, y2), got {box!r}")
-    xywh = xyxy_to_xywh(clip_xyxy(b, width, height))[0]
-    x, y, w, h = (round(float(v), BBOX_DECIMALS) for v in xywh)
-    if w <= 0 or h <= 0:
-        raise ValueError(
-            f"{where}: box {list(map(float, b))} has width or height <= 0 after clipping to the "
-            f"{width}x{height} image (w={w}, h={h})")
-    return [x, y, w, h]
+def check_annotations(annotations: Iterable, sizes: dict, categories) -> Iterator[tuple]:
+    """Validate (image file_name, category name, xyxy box[, score]) annotations against the
+    dataset's image sizes {file_name: (W, H)} and category names -> one (Annotation, its box
+    clipped to the image as a (4,) float array, a "where" text for messages) per annotation.
+    ValueError naming the annotation: unknown image or category, a box that is not 4 finite
+    numbers, a box that is empty (width or height <= 0) after clipping."""
+    for k, ann in enumerate(annotations, start=1):
+        ann = Annotation(*ann)
+        where = f"annotation {k} (image {ann.image!r}, category {ann.category!r})"
+        if ann.image not in sizes:
+            raise ValueError(f"{where}: image is not in the dataset's images")
+        if ann.category not in categories:
+            raise ValueError(f"{where}: category {ann.category!r} is not in the categories "
+                             f"{list(categories)}")
+        width, height = sizes[ann.image]
+        b = np.asarray(ann.box, dtype=np.float64).reshape(-1)
+        if b.shape != (4,) or not np.all(np.isfinite(b)):
+            raise ValueError(f"{where}: box must be 4 finite numbers (x1, y1, x2, y2), got {ann.box!r}")
+        box = clip_xyxy(b, width, height)[0]
+        if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
+            raise ValueError(f"{where}: box {list(map(float, b))} is empty (width or height <= 0) "
+                             f"after clipping to the {width}x{height} image")
+        yield ann, box, where
 
 
 def build_coco(images: Iterable, categories: Iterable[str], annotations: Iterable,
@@ -175,17 +187,12 @@ def build_coco(images: Iterable, categories: Iterable[str], annotations: Iterabl
         out_cats.append({"id": j, "name": name, "supercategory": ""})
 
     out_anns = []
-    for k, ann in enumerate(annotations, start=1):
-        ann = Annotation(*ann)
-        where = f"annotation {k} (image {ann.image!r}, category {ann.category!r})"
-        if ann.image not in index:
-            raise ValueError(f"{where}: image is not in the dataset's images")
-        if ann.category not in cat_ids:
-            raise ValueError(f"{where}: category {ann.category!r} is not in the dataset's "
-                             f"categories {list(cat_ids)}")
-        image_id, width, height = index[ann.image]
-        bbox = _xyxy_to_coco_bbox(ann.box, width, height, where)
-        entry = {"id": k, "image_id": image_id, "category_id": cat_ids[ann.category],
+    sizes = {name: (w, h) for name, (_, w, h) in index.items()}
+    for k, (ann, box, where) in enumerate(check_annotations(annotations, sizes, cat_ids), start=1):
+        bbox = [round(float(v), BBOX_DECIMALS) for v in xyxy_to_xywh(box)[0]]
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            raise ValueError(f"{where}: box {bbox} is empty (width or height <= 0) after rounding")
+        entry = {"id": k, "image_id": index[ann.image][0], "category_id": cat_ids[ann.category],
                  "bbox": bbox, "area": round(bbox[2] * bbox[3], 4), "iscrowd": 0}
         if ann.score is not None:
             score = float(ann.score)

@@ -20,11 +20,8 @@ import shutil
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-import numpy as np
-
 from ._io import atomic_write_text, check_relative_posix
-from .boxes import clip_xyxy
-from .coco import Annotation, CocoDataset, ImageRecord
+from .coco import Annotation, CocoDataset, ImageRecord, check_annotations
 
 __all__ = ["read_yolo", "write_yolo"]
 
@@ -71,20 +68,8 @@ def write_yolo(out_dir: str | os.PathLike, image_root: str | os.PathLike,
         sizes[fn] = (int(rec.width), int(rec.height))
         lines[fn] = []
 
-    for k, ann in enumerate(annotations, start=1):
-        ann = Annotation(*ann)
-        where = f"annotation {k} (image {ann.image!r}, category {ann.category!r})"
-        if ann.image not in sizes:
-            raise ValueError(f"{where}: image is not in the dataset's images")
-        if ann.category not in class_id:
-            raise ValueError(f"{where}: category is not in the categories {categories}")
+    for ann, (x1, y1, x2, y2), _ in check_annotations(annotations, sizes, class_id):
         w, h = sizes[ann.image]
-        b = np.asarray(ann.box, dtype=np.float64).reshape(-1)
-        if b.shape != (4,) or not np.all(np.isfinite(b)):
-            raise ValueError(f"{where}: box must be 4 finite numbers, got {ann.box!r}")
-        x1, y1, x2, y2 = clip_xyxy(b, w, h)[0]
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            raise ValueError(f"{where}: box {ann.box} is empty after clipping to {w}x{h}")
         cx, cy = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h
         bw, bh = (x2 - x1) / w, (y2 - y1) / h
         lines[ann.image].append(f"{class_id[ann.category]} " + " ".join(

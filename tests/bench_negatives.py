@@ -22,29 +22,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import trex2  # noqa: E402
 from exports import read_coco, read_prompts  # noqa: E402
-from trex2.box_ops import box_iou  # noqa: E402
+from trex2.box_ops import box_iou, greedy_match  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
 
 
 def match_counts(dets_xyxy: np.ndarray, same: np.ndarray, other: np.ndarray) -> tuple[int, int, int]:
     """Greedy IoU >= 0.5 matching in score order -> (TP, FP on other-category objects, other FP)."""
-    tp = fp_other = fp = 0
-    used = np.zeros(len(same), bool)
     d = torch.as_tensor(dets_xyxy, dtype=torch.float32).reshape(-1, 4)
-    iou_same = box_iou(d, torch.as_tensor(same, dtype=torch.float32).reshape(-1, 4))[0].numpy()
-    iou_other = box_iou(d, torch.as_tensor(other, dtype=torch.float32).reshape(-1, 4))[0].numpy()
-    for i in range(len(d)):
-        if iou_same.shape[1]:
-            cand = np.where(used, -1, iou_same[i])
-            j = int(cand.argmax())
-            if cand[j] >= 0.5:
-                used[j] = True
-                tp += 1
-                continue
-        if iou_other.shape[1] and iou_other[i].max() >= 0.5:
-            fp_other += 1
-        else:
-            fp += 1
+    match = greedy_match(box_iou(d, torch.as_tensor(same, dtype=torch.float32).reshape(-1, 4))[0])
+    iou_other = box_iou(d, torch.as_tensor(other, dtype=torch.float32).reshape(-1, 4))[0]
+    on_other = (iou_other.max(1).values >= 0.5 if iou_other.shape[1] else torch.zeros(len(d), dtype=torch.bool))
+    tp = int((match >= 0).sum())
+    fp_other = int(((match < 0) & on_other).sum())
+    fp = len(d) - tp - fp_other
     return tp, fp_other, fp
 
 

@@ -782,6 +782,27 @@ def test_box_ops():
     assert iou.item() == pytest.approx(1 / 7) and union.item() == pytest.approx(7)
 
 
+def test_greedy_match():
+    from trex2.box_ops import greedy_match
+    # rows in score order: the first takes its best column, the second loses it (and its next
+    # best is under 0.5), the third gets the column left over
+    iou = torch.tensor([[0.9, 0.6], [0.8, 0.3], [0.4, 0.55]])
+    assert greedy_match(iou).tolist() == [0, -1, 1]
+    assert greedy_match(iou, threshold=0.95).tolist() == [-1, -1, -1]
+    assert greedy_match(torch.zeros(2, 0)).tolist() == [-1, -1]
+    assert greedy_match(torch.zeros(0, 3)).tolist() == []
+
+
+def test_calibrated_threshold_is_a_best_f1_point(scene_cache):
+    """train.calibrate_threshold with the shipped weights on two synthetic scenes: a threshold
+    the model's own scores reach, with precision, recall and F1 that agree with each other."""
+    from trex2.train import calibrate_threshold
+    r = calibrate_threshold(trex2.load_model(), scene_cache, episodes=6)
+    assert 0.01 <= r["score_threshold"] <= 1
+    assert 0 < r["precision"] <= 1 and 0 < r["recall"] <= 1
+    assert r["f1"] == pytest.approx(2 * r["precision"] * r["recall"] / (r["precision"] + r["recall"]))
+
+
 def test_nms():
     from trex2.predictor import nms
     g = torch.Generator().manual_seed(0)

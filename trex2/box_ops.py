@@ -44,3 +44,20 @@ def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Logit of x clamped to [eps, 1 - eps]."""
     x = x.clamp(eps, 1 - eps)
     return torch.log(x / (1 - x))
+
+
+def greedy_match(iou: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Detections (rows, in descending score order) to ground truths (columns) of an (N, M) IoU
+    matrix, as in detection AP: each detection takes the best still-free ground truth with IoU >=
+    threshold -> (N,) matched column index, -1 for a false positive."""
+    match = torch.full((iou.shape[0],), -1, dtype=torch.long)
+    free = torch.ones(iou.shape[1], dtype=torch.bool)
+    for i in range(iou.shape[0]):
+        if not free.any():
+            break
+        cand = torch.where(free, iou[i], torch.full_like(iou[i], -1.0))
+        j = int(cand.argmax())
+        if cand[j] >= threshold:
+            match[i] = j
+            free[j] = False
+    return match

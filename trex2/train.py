@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from .box_ops import box_iou, cxcywh_to_xyxy
+from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match
 from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop, read_coco_set
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
@@ -188,18 +188,10 @@ def calibrate_threshold(model, images: list[CachedImage], seed: int = 1, episode
         keep, s, bx = postprocess(outputs[-1][0][0], outputs[-1][1][0], model.cfg.nms_iou, 0.01)
         gt = cxcywh_to_xyxy(e["targets"])
         n_gt += len(gt)
-        used = torch.zeros(len(gt), dtype=torch.bool)
-        iou = box_iou(cxcywh_to_xyxy(bx), gt)[0] if len(gt) and len(bx) else torch.zeros(len(bx), len(gt))
-        for j in torch.argsort(s, descending=True).tolist():
-            hit = False
-            if iou.shape[1]:
-                cand = iou[j].clone()
-                cand[used] = -1
-                m = int(cand.argmax())
-                if cand[m] >= 0.5:
-                    used[m] = hit = True
-            scores.append(float(s[j]))
-            hits.append(hit)
+        order = torch.argsort(s, descending=True)
+        match = greedy_match(box_iou(cxcywh_to_xyxy(bx[order]), gt)[0])
+        scores += s[order].tolist()
+        hits += (match >= 0).tolist()
     order = np.argsort(-np.array(scores))
     tp = np.cumsum(np.array(hits)[order])
     fp = np.cumsum(~np.array(hits)[order])
