@@ -933,3 +933,22 @@ def test_absent_category_episodes(scene_cache):
     only_absent = episode_losses(model, [only, other], [ep], [False], num_queries=30)
     v = {k: float(t.detach()) for k, t in only_absent.items()}
     assert v["l1"] == 0 and v["giou"] == 0 and v["cls"] > 0
+
+
+def test_absent_episodes_from_another_set(scene_cache):
+    """A real image whose own set has no category it lacks gets absent prompts from another real
+    set (group and label of that set, no targets); a synthetic scene never does (its pasted crops
+    may show any real category)."""
+    a, b = scene_cache
+    ims = [CachedImage(a.features, a.boxes, torch.zeros(len(a.boxes), dtype=torch.long), "cells", a.valid_wh),
+           CachedImage(b.features, b.boxes, torch.zeros(len(b.boxes), dtype=torch.long), "coins", b.valid_wh),
+           CachedImage(b.features, b.boxes, torch.zeros(len(b.boxes), dtype=torch.long), "synthetic7", b.valid_wh)]
+    sampler = EpisodeSampler(ims, seed=0, absent_prob=1.0)
+    eps = [sampler.sample() for _ in range(60)]
+    for e in eps:
+        if e["target"] == 2:
+            assert e["group"] == "synthetic7" and len(e["targets"]) > 0
+        else:
+            other = 1 - e["target"]
+            assert e["source"] == other and e["group"] == ims[other].group and len(e["targets"]) == 0
+    assert {e["target"] for e in eps} == {0, 1, 2}

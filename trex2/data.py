@@ -88,6 +88,9 @@ def read_coco_set(set_dir: str):
                np.array([cat_index[a.category] for a in anns]))
 
 
+SYNTHETIC_GROUP = "synthetic"  # group of a synthetic scene: this prefix + the scene number
+
+
 class EpisodeSampler:
     """Draws training episodes from cached images."""
 
@@ -104,21 +107,35 @@ class EpisodeSampler:
         self.group_labels: dict[str, set[int]] = {}
         for g, lab in self.by_group_label:
             self.group_labels.setdefault(g, set()).add(lab)
+        # categories of the real sets (synthetic scenes paste crops of real objects, so a real
+        # category may well be present in one)
+        self.real_keys = [k for k in self.by_group_label if not k[0].startswith(SYNTHETIC_GROUP)]
 
     def sample(self):
         """-> dict with target image index, prompt image index, label, prompt boxes (K, 4) canvas
         cx, cy, w, h, is_point (K,), target boxes (G, 4). With absent_prob, that share of the
         episodes (where the image's set has a category the image lacks) has no targets: the model
-        learns to report nothing rather than its best guess."""
+        learns to report nothing rather than its best guess. The missing category is one of the
+        image's own set (a look-alike) or, half the time or when its set has none, a category of
+        another real set (something else entirely); "group" is the set the label belongs to."""
         rng = self.rng
         i = int(rng.integers(len(self.images)))
         im = self.images[i]
         labels = im.labels.numpy()
-        absent = sorted(self.group_labels[im.group] - set(labels.tolist()))
-        if absent and rng.random() < self.absent_p:
-            # a category of the set that this image lacks: prompts from another image, no targets
-            lab = int(rng.choice(absent))
-            src = int(rng.choice(self.by_group_label[(im.group, lab)]))
+        group = im.group
+        absent = None
+        if self.absent_p and rng.random() < self.absent_p:
+            own = sorted(self.group_labels[im.group] - set(labels.tolist()))
+            foreign = ([k for k in self.real_keys if k[0] != im.group]
+                       if not im.group.startswith(SYNTHETIC_GROUP) else [])
+            if own and (not foreign or rng.random() < 0.5):
+                absent = (im.group, int(rng.choice(own)))
+            elif foreign:
+                absent = foreign[int(rng.integers(len(foreign)))]
+        if absent is not None:
+            # prompts from an image that has the category, no targets
+            group, lab = absent
+            src = int(rng.choice(self.by_group_label[absent]))
         else:
             lab = int(rng.choice(np.unique(labels)))
             src = i
@@ -136,8 +153,9 @@ class EpisodeSampler:
         # a point lands somewhere in the central part of the object
         pick[is_point, :2] += torch.as_tensor(rng.uniform(-0.25, 0.25, (int(is_point.sum()), 2)),
                                               dtype=torch.float32) * pick[is_point, 2:]
-        return {"target": i, "source": src, "label": lab, "prompts": pick.clamp(0, 1), "is_point": is_point,
-                "targets": im.boxes[im.labels == lab]}
+        targets = im.boxes[:0] if absent is not None else im.boxes[im.labels == lab]
+        return {"target": i, "source": src, "label": lab, "group": group, "prompts": pick.clamp(0, 1),
+                "is_point": is_point, "targets": targets}
 
 
 def hflip_boxes(b: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match
-from .data import CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop, read_coco_set
+from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop,
+                   read_coco_set)
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
@@ -77,7 +78,7 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
             log(f"cached {len(train) - n0} training views of {name}")
         for s, (image, boxes, labels) in enumerate(scenes):
             if len(boxes):
-                train.append(cache_image(model, image, boxes, labels, f"synthetic{s}", size))
+                train.append(cache_image(model, image, boxes, labels, f"{SYNTHETIC_GROUP}{s}", size))
             if (s + 1) % 500 == 0:
                 log(f"cached {s + 1} synthetic scenes")
     finally:
@@ -286,8 +287,7 @@ def main(argv=None) -> int:
         episodes = [sampler.sample() for _ in range(args.batch)]
         flips = [bool(rng.random() < 0.5) and train[e["target"]].valid_wh == (1.0, 1.0)
                  and train[e["source"]].valid_wh == (1.0, 1.0) for e in episodes]
-        names = [names_of[g][e["label"]] if (g := train[e["target"]].group) in names_of else None
-                 for e in episodes]
+        names = [names_of[e["group"]][e["label"]] if e["group"] in names_of else None for e in episodes]
         losses = episode_losses(model, train, episodes, flips, args.queries, names)
         loss = sum(losses.values())
         opt.zero_grad()
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
         log(f"calibration on {len(held)} held-out images: {cal}")
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
-                          "synthetic_scenes": sum(im.group.startswith("synthetic") for im in train),
+                          "synthetic_scenes": sum(im.group.startswith(SYNTHETIC_GROUP) for im in train),
                           "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
                           "train_images": len(train)})
     log(f"saved {args.out} after {step} steps")
