@@ -64,11 +64,12 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", type=int, default=3)
     ap.add_argument("--canvas", nargs="+", default=["640", "auto", "1280"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default=None, help="model weights (default: the shipped ones)")
     a = ap.parse_args(argv)
     import torch
     torch.set_num_threads(a.threads)
     prompts = os.path.join(a.set, "prompts-cross-image", "prompts.json")
-    predictor = trex2.Predictor(trex2.load_model())
+    predictor = trex2.Predictor(trex2.load_model(a.weights))
     with tempfile.TemporaryDirectory() as tmp:
         gt_path = build_mosaics(a.set, tmp, a.grid)
         gt = json.load(open(gt_path))
@@ -85,7 +86,9 @@ def main(argv=None) -> int:
             dt = time.perf_counter() - t0
             tiles = predictor.encode_count - before
             r = evaluate(gt, json.load(open(out)))
-            print(f"{canvas:>8} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP75']:6.3f} {dt / n:9.2f} {tiles / n:15.1f}")
+            per = " ".join(f"{c} {v:.3f}" for c, v in r["AP50_per_category"].items() if v is not None)
+            print(f"{canvas:>8} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP75']:6.3f} {dt / n:9.2f} {tiles / n:15.1f}"
+                  f"   AP50: {per}")
     return 0
 
 
