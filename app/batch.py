@@ -380,8 +380,10 @@ def _write_output(out: str, file_names: list[str], records: dict[str, dict], cat
 
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
-        weights: str | None = None, progress: bool = True, warn=None, canvas: str = "auto") -> dict:
-    """The ``label`` command as a function. Returns a summary dict; raises LabelError on bad input."""
+        weights: str | None = None, progress: bool = True, warn=None, canvas="auto") -> dict:
+    """The ``label`` command as a function. Returns a summary dict; raises LabelError on bad input.
+    ``canvas``: "auto", a canvas long side in px, or a callable (abs_path, (H, W)) -> px used for
+    every image, prompt images included (benchmarks)."""
     if warn is None:
         from tqdm import tqdm
         warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
@@ -397,8 +399,9 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise LabelError(f"output folder does not exist: {out_dir}")
-    canvas = str(canvas)
-    if canvas != "auto":
+    policy = canvas if callable(canvas) else None
+    canvas = "custom" if policy else str(canvas)
+    if canvas not in ("auto", "custom"):
         from trex2.predictor import check_canvas_size
         try:
             check_canvas_size(int(canvas) if canvas.isdigit() else -1)
@@ -417,7 +420,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             predictor = trex2.Predictor(trex2.load_model(weights))
         except (FileNotFoundError, ValueError, RuntimeError) as e:
             raise LabelError(f"cannot load the model: {e}") from None
-    sizes = canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
+    sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
     classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
     side_f = _open_progress(out, options, records)
     records = dict(records or {})
@@ -476,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU threads for the model (default: torch's; 1 is much faster on a busy machine)")
     ap.add_argument("--canvas", default="auto", metavar="auto|PX",
                     help="long side the images are resized to for the model. auto (default): 640, or, "
-                         "when the exemplars would be smaller than 32 px there, larger (up to 2560) with "
+                         "when the exemplars would be smaller than 44 px there, larger (up to 2560) with "
                          "the image cut into overlapping 640 px tiles (about one encode per tile); a "
                          "multiple of 32 fixes it")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -7,8 +7,9 @@ Builds grid x grid mosaics of a labelled set's images (each mosaic is grid^2 ima
 by side: the objects keep their pixel size while the image gets grid times larger, so at the
 model's 640 px they shrink grid times), labels them with the set's cross-image prompt file at
 each --canvas setting, and prints AP / AP50 / AP75 (pycocotools, app.evaluate), seconds per
-mosaic and encodes per mosaic (tiles, plus the prompt images). The mosaics are written to a
-temporary folder.
+mosaic and encodes per mosaic (tiles, plus the prompt images). A fixed canvas applies to the
+mosaics; the prompt images are encoded at the same scale (see same_scale). The mosaics are written
+to a temporary folder.
 """
 from __future__ import annotations
 
@@ -57,6 +58,13 @@ def build_mosaics(set_dir: str, out_dir: str, grid: int) -> str:
     return path
 
 
+def same_scale(px: int, long_side: int):
+    """Canvas policy for a fixed --canvas: the mosaics (long side `long_side`) at `px`, the prompt
+    images (the set's own, smaller images) at the same scale, so that exemplars and targets keep
+    one size (`label --canvas PX` would enlarge the prompt images to PX too)."""
+    return lambda path, hw: px if max(hw) >= long_side else int(-(-px * max(hw) / long_side // 32) * 32)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -74,6 +82,7 @@ def main(argv=None) -> int:
         gt_path = build_mosaics(a.set, tmp, a.grid)
         gt = json.load(open(gt_path))
         n = len(gt["images"])
+        long_side = max(max(i["width"], i["height"]) for i in gt["images"])
         print(f"{os.path.basename(os.path.normpath(a.set))}: {n} mosaics of {a.grid}x{a.grid} images "
               f"({gt['images'][0]['width']}x{gt['images'][0]['height']} px), {len(gt['annotations'])} objects")
         print(f"{'canvas':>8} {'AP':>6} {'AP50':>6} {'AP75':>6} {'s/mosaic':>9} {'encodes/mosaic':>15}")
@@ -81,8 +90,9 @@ def main(argv=None) -> int:
             out = os.path.join(tmp, f"pred-{canvas}.json")
             predictor.cache.clear()
             before, t0 = predictor.encode_count, time.perf_counter()
+            policy = canvas if canvas == "auto" else same_scale(int(canvas), long_side)
             batch.run(os.path.join(tmp, "images"), prompts, out, predictor=predictor, progress=False,
-                      canvas=canvas, warn=lambda m: None)
+                      canvas=policy, warn=lambda m: None)
             dt = time.perf_counter() - t0
             tiles = predictor.encode_count - before
             r = evaluate(gt, json.load(open(out)))

@@ -416,7 +416,7 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     rec = Recording(predictor)
     batch.run(dataset["images"], dataset["cross"], str(tmp_path / "a.json"), predictor=rec, progress=False)
     assert set(sizes) == {640}
-    # the same file with 6 px exemplars: 32 px in the canvas needs 32 * 224 / 6 = 1195 -> 1216 px
+    # the same file with 6 px exemplars: 44 px in the canvas needs 44 * 224 / 6 = 1643 -> 1664 px
     src = json.loads(Path(dataset["cross"]).read_text())
     for a in src["annotations"]:
         a["bbox"] = [a["bbox"][0], a["bbox"][1], 6.0, 6.0]
@@ -425,7 +425,7 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     sizes.clear()
     out = tmp_path / "b.json"
     batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False)
-    assert set(sizes) == {1216}
+    assert set(sizes) == {1664}
     assert json.loads(out.read_text())["info"]["canvas"] == "auto"
     sizes.clear()
     batch.run(dataset["images"], str(small), str(tmp_path / "c.json"), predictor=rec, progress=False, canvas="640")
@@ -441,15 +441,23 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     sizes.clear()
     batch.run(dataset["images"], str(small_per), str(tmp_path / "e.json"), predictor=rec, progress=False,
               per_image=True)
-    assert sorted(sizes) == [640] * (N_IMAGES - 1) + [1216]
+    assert sorted(sizes) == [640] * (N_IMAGES - 1) + [1664]
     with pytest.raises(batch.LabelError, match="--canvas"):
         batch.run(dataset["images"], str(small), str(tmp_path / "d.json"), predictor=rec, progress=False,
                   canvas="100")
+    # the API also takes a policy (abs_path, (H, W)) -> px, applied to every image it encodes
+    seen = []
+    sizes.clear()
+    out = tmp_path / "f.json"
+    batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False,
+              canvas=lambda path, hw: seen.append(os.path.isabs(path)) or 320)
+    assert set(sizes) == {320} and len(seen) == len(sizes) and all(seen)
+    assert json.loads(out.read_text())["info"]["canvas"] == "custom"
 
 
 def test_tiled_detection_finds_each_small_object_once(predictor):
     """Small-object mode end to end with the shipped model: 40 discs of 14-17 px in a 960 px image.
-    canvas_size asks for tiles (32 px objects); every disc is found once, with no duplicates from
+    canvas_size asks for tiles (44 px objects); every disc is found once, with no duplicates from
     the tiles' overlaps."""
     from trex2.predictor import TiledEmbedding, canvas_size, object_side
     rng = np.random.default_rng(0)
@@ -464,7 +472,7 @@ def test_tiled_detection_finds_each_small_object_once(predictor):
             cv2.circle(img, (x + s // 2, y + s // 2), s // 2, SHAPES["disc"], -1)
             boxes.append([x, y, x + s, y + s])
     size = canvas_size(img.shape[:2], object_side(boxes[:3]), predictor.model.cfg.image_size)
-    assert size >= 1920                                    # 32 * 960 / (15 or 16 px)
+    assert size == 2560                                    # 44 * 960 / (15 or 16 px), capped
     emb = predictor.encode_image(img, size=size)
     assert isinstance(emb, TiledEmbedding) and len(emb.tiles) >= 9
     dets = predictor.detect(emb, {"disc": predictor.embed_prompts([(emb, np.asarray(boxes[:3], float))])},

@@ -854,10 +854,10 @@ def test_canvas_size_for_small_objects():
     capped; above the model's size the image is encoded as overlapping tiles at one scale, cached
     per size, and prompts and boxes map through the tiles to the same pixels."""
     from trex2.predictor import MAX_CANVAS, MIN_OBJECT_PX, TiledEmbedding, canvas_size, object_side, tile_windows
-    assert MIN_OBJECT_PX == 32
+    assert MIN_OBJECT_PX == 44
     assert canvas_size((480, 640), None, 640) == 640
     assert canvas_size((480, 640), 100.0, 640) == 640
-    assert canvas_size((1920, 1920), 50.0, 640) == 1248            # 32 * 1920 / 50 = 1228.8 -> 1248
+    assert canvas_size((1920, 1920), 50.0, 640) == 1696            # 44 * 1920 / 50 = 1689.6 -> 1696
     assert canvas_size((1920, 1920), 5.0, 640) == MAX_CANVAS
     assert object_side([[0, 0, 10, 40], [0, 0, 30, 30], [5, 5, 25, 25]]) == pytest.approx(20.0)
     assert object_side(np.zeros((0, 4))) is None

@@ -23,8 +23,9 @@ from .class_embedding import ClassEmbedding
 from .model import TRex2
 
 SCORE_FLOOR = 0.05  # detections below this are never returned
-MIN_OBJECT_PX = 32  # small-object mode: exemplars are enlarged to at least this side in the canvas
-                    # (~5th percentile of the training objects at their own 640 px canvas)
+MIN_OBJECT_PX = 44  # small-object mode: exemplars are enlarged to at least this side in the canvas
+                    # (the 25th percentile of the training objects at their own 640 px canvas: within
+                    # the sizes the model saw most, not at the fringe)
 MAX_CANVAS = 2560   # ... by a (tiled) canvas long side of at most this many pixels
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 
