@@ -909,10 +909,11 @@ class Engine:
         self._previews[key] = (out, w, h)
         return self._previews[key]
 
-    def prefetch(self, path: str | os.PathLike | None = None):
+    def prefetch(self, path: str | os.PathLike | None = None, side: float | None = None):
         """In a background thread (one job at a time): load the model if needed and encode
-        the image at ``path``, so the first "detect" on the image the user is looking at
-        does not wait for the encoder. Returns a Future."""
+        the image at ``path`` (at the canvas for exemplars of ``side`` px, see ``canvas``), so
+        the first "detect" on the image the user is looking at does not wait for the encoder.
+        Returns a Future."""
         import concurrent.futures
 
         if self._pool is None:
@@ -922,7 +923,7 @@ class Engine:
             try:
                 if path is None:
                     return self.predictor
-                return self.embedding(path)
+                return self.embedding(path, side)
             except Exception as e:  # noqa: BLE001 - reported; detect raises it again
                 warnings.warn(f"background {'encode of ' + str(path) if path else 'model load'} "
                               f"failed: {e}")

@@ -193,8 +193,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     def refresh(sess, action=None, message=None, force=False):
         """Outputs for MAIN: state, canvas, stats, class dropdown, image dropdown, threshold."""
-        if action in ("load", "nav", "upload") and sess.project.images:
-            engine.prefetch(sess.project.image_path())
+        p = sess.project
+        if action in ("load", "nav", "upload") and p.images:
+            # at the canvas "detect in this image" (its own prompts) or "detect in all" will use
+            side = p.exemplar_side([p.index]) if p.current.prompts else p.exemplar_side()
+            engine.prefetch(p.image_path(), side)
         return (sess, build_view(sess, engine, action, message), stats_html(sess),
                 _classes_update(sess, force), _images_update(sess, force),
                 gr.skip() if not force else gr.update(value=sess.project.threshold))
