@@ -683,13 +683,12 @@ class Project:
         """Typical positive exemplar box size in px (trex2.predictor.object_side per class, the
         smallest class's) over the prompts of prompts_by_class(images); None without boxes.
         Decides whether images are encoded larger and tiled (small objects, Engine.canvas)."""
-        from trex2.predictor import object_side
+        from trex2.predictor import smallest_object_side
 
-        sides = [object_side(np.concatenate([b for _, b, _ in g["pos"]]))
-                 for c, g in self.prompts_by_class(images).items()
-                 if classes is None or c in classes]
-        sides = [v for v in sides if v is not None]
-        return min(sides) if sides else None
+        return smallest_object_side(
+            np.concatenate([b for _, b, _ in g["pos"]] or [np.zeros((0, 4))])   # a class may have
+            for c, g in self.prompts_by_class(images).items()                  # negatives only
+            if classes is None or c in classes)
 
     # ----------------------------------------------------------------- export
     def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:

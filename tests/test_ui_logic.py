@@ -505,6 +505,9 @@ def test_small_exemplars_tile_the_image_in_the_app(tmp_path):
     project.add_class("dot")
     project.add_prompt("box", [100, 100, 120, 120], cls="dot")      # 20 px: 13 px at 640
     assert project.exemplar_side() == pytest.approx(20.0)
+    project.add_class("speck")                                       # negatives only: no size
+    project.add_prompt("box", [300, 300, 304, 304], cls="speck", negative=True)
+    assert project.exemplar_side() == pytest.approx(20.0)
     engine.prefetch(project.image_path(0), project.exemplar_side([0])).result()
     encodes = engine.predictor.encode_count
     detect_in_image(project, engine)                              # prefetched at the right canvas

@@ -57,6 +57,14 @@ def object_side(boxes_xyxy) -> float | None:
     return float(np.median(np.sqrt(np.clip(b[:, 2] - b[:, 0], 1, None) * np.clip(b[:, 3] - b[:, 1], 1, None))))
 
 
+def smallest_object_side(boxes_per_class) -> float | None:
+    """The smallest class's object_side: boxes_per_class is an iterable with one collection of
+    xyxy pixel boxes per class (K, 4), possibly empty; None when no class has a box. The canvas of
+    an image labelled for several classes is chosen for the smallest (see canvas_size)."""
+    sides = [object_side(b) for b in boxes_per_class if len(b)]
+    return min(sides) if sides else None
+
+
 @dataclass
 class ImageEmbedding:
     memory: torch.Tensor              # (1, N, d) encoded image tokens
