@@ -90,10 +90,7 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
             yield ImageResult(rel, path, None, None, str(e))
         else:
             size = None if canvas is None else canvas(os.path.abspath(path), image.shape[:2])
-            if size is None:
-                emb = predictor.encode_image(image, key=file_key(path))
-            else:
-                emb = predictor.encode_image(image, key=file_key(path), size=size)
+            emb = predictor.encode_image(image, key=file_key(path), size=size)
             cls = classes(os.path.abspath(path), emb) if callable(classes) else classes
             dets = predictor.detect(emb, cls, score_threshold=score_threshold) if cls else sv.Detections.empty()
             yield ImageResult(rel, path, tuple(image.shape[:2]), dets)
@@ -182,18 +179,16 @@ class PromptSource:
         """Typical exemplar size in pixels: trex2.predictor.object_side of each category's positive
         boxes, the smallest category's -> (over the whole file, {real path of an image: on that
         image}); (None, {}) when unknown (no boxes, or a class-embedding file)."""
-        from trex2.predictor import object_side
+        from trex2.predictor import smallest_object_side
         if self.kind != "prompts":
             return None, {}
-        boxes: dict[tuple[str | None, str], list] = {}
+        boxes: dict[str | None, dict[str, list]] = {}   # image (None: all) -> category -> boxes
         for p in self.prompt_set.prompts:
             if p.box is not None and not p.negative:
                 for image in (None, str(p.image)):
-                    boxes.setdefault((image, p.category), []).append(p.box)
-        smallest: dict[str | None, float] = {}
-        for (image, _), b in boxes.items():
-            smallest[image] = min(smallest.get(image, float("inf")), object_side(b))
-        return smallest.pop(None, None), smallest
+                    boxes.setdefault(image, {}).setdefault(p.category, []).append(p.box)
+        sides = {image: smallest_object_side(by_cat.values()) for image, by_cat in boxes.items()}
+        return sides.pop(None, None), sides
 
     def _embed(self, predictor, name: str, pos: list, neg: list):
         import trex2

@@ -937,8 +937,7 @@ class Engine:
         cfg = getattr(getattr(self.predictor, "model", None), "cfg", None)
         if side is None or cfg is None:
             return None
-        size = canvas_size(hw, side, int(cfg.image_size))
-        return None if size == int(cfg.image_size) else size
+        return canvas_size(hw, side, int(cfg.image_size))
 
     def embedding(self, path: str | os.PathLike, side: float | None = None):
         """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size), at the canvas
@@ -950,16 +949,13 @@ class Engine:
         with self._lock:
             pred = self.predictor
             hw = self._hw.get(key)
-            if hw is not None and hasattr(pred, "cached"):  # skip decoding the file on a hit
+            if hw is not None:  # skip decoding the file on a hit
                 hit = pred.cached(key, self.canvas(hw, side))
                 if hit is not None:
                     return hit
             image = load_image(path)
             self._hw[key] = image.shape[:2]
-            size = self.canvas(image.shape[:2], side)
-            if size is None:
-                return pred.encode_image(image, key=key)
-            return pred.encode_image(image, key=key, size=size)
+            return pred.encode_image(image, key=key, size=self.canvas(image.shape[:2], side))
 
     def class_embeddings(self, project: Project, images: list[int] | None,
                          classes: list[str] | None = None, side: float | None = None) -> dict:

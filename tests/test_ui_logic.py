@@ -36,14 +36,17 @@ class FakePredictor:
         self.embed_calls = []
         self.detect_calls = 0
 
-    def encode_image(self, image, key=None):
+    def encode_image(self, image, key=None, size=None):
         assert image.dtype == np.uint8 and image.ndim == 3
-        key = key if key is not None else image.tobytes()
+        key = (key if key is not None else image.tobytes(), size)
         if key not in self.cache:
             self.encode_count += 1
             self.cache[key] = SimpleNamespace(image_size=image.shape[:2],
                                               brightness=float(image.mean()) / 255.0)
         return self.cache[key]
+
+    def cached(self, key, size=None):
+        return self.cache.get((key, size))
 
     def embed_prompts(self, prompts, negatives=None, text=None):
         if text:
