@@ -21,6 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
+
 from exports import atomic_write_text, clip_xyxy
 from trex2.image_io import ImageLoadError, list_images, load_image
 
@@ -75,10 +77,10 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     an empty dict means no detections). Unreadable images yield a result with ``error`` set.
     ``on_progress(done, total)`` is called after each image; ``should_cancel()`` is polled
     before each image and stops the generator when it returns True. ``canvas(abs_path, (H, W))``
-    gives the canvas long side to encode an image at (None or no ``canvas``: the model's).
+    gives the canvas long side to encode an image at (None or no ``canvas``: the model's), or
+    {canvas: [class names]} (trex2.predictor.canvas_groups: each class at its own canvas, one
+    encode per canvas); a callable ``classes`` then gets the names as a third argument.
     """
-    import supervision as sv
-
     total = len(file_names)
     for i, rel in enumerate(file_names):
         if should_cancel is not None and should_cancel():
@@ -89,13 +91,37 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
         except (ImageLoadError, OSError) as e:
             yield ImageResult(rel, path, None, None, str(e))
         else:
-            size = None if canvas is None else canvas(os.path.abspath(path), image.shape[:2])
-            emb = predictor.encode_image(image, key=file_key(path), size=size)
-            cls = classes(os.path.abspath(path), emb) if callable(classes) else classes
-            dets = predictor.detect(emb, cls, score_threshold=score_threshold) if cls else sv.Detections.empty()
-            yield ImageResult(rel, path, tuple(image.shape[:2]), dets)
+            groups = None if canvas is None else canvas(os.path.abspath(path), image.shape[:2])
+            if not isinstance(groups, dict):
+                groups = {groups: None}
+            parts, order = [], [] if callable(classes) else list(classes)
+            for size, names in groups.items():
+                emb = predictor.encode_image(image, key=file_key(path), size=size)
+                if callable(classes):
+                    cls = classes(os.path.abspath(path), emb, names)
+                    order += list(cls)
+                else:
+                    cls = classes if names is None else {n: classes[n] for n in names if n in classes}
+                if cls:
+                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold))
+            yield ImageResult(rel, path, tuple(image.shape[:2]), merge_detections(parts, order))
         if on_progress is not None:
             on_progress(i + 1, total)
+
+
+def merge_detections(parts: list, names: list[str]):
+    """supervision.Detections of disjoint sets of classes (one per canvas) -> one, class_id the
+    index of data["class_name"] in ``names``."""
+    import supervision as sv
+
+    parts = [d for d in parts if len(d)]
+    if not parts:
+        return sv.Detections.empty()
+    cls_name = np.concatenate([d.data["class_name"] for d in parts])
+    return sv.Detections(xyxy=np.concatenate([d.xyxy for d in parts]),
+                         confidence=np.concatenate([d.confidence for d in parts]),
+                         class_id=np.array([names.index(n) for n in cls_name], dtype=int),
+                         data={"class_name": cls_name})
 
 
 def result_record(res: ImageResult, cat_index: dict[str, int]) -> dict:
@@ -167,28 +193,36 @@ class PromptSource:
                                  f"and no text prompt")
         return cls(path, "prompts", h.hexdigest(), ps.category_names, prompt_set=ps)
 
-    def _image_embedding(self, predictor, image, canvas=None):
-        try:
-            pixels = load_image(image)
-        except ImageLoadError as e:
-            raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
-        size = canvas(os.path.abspath(image), pixels.shape[:2]) if canvas is not None else None
-        return predictor.encode_image(pixels, key=file_key(str(image)), size=size)
+    def _image_embedding(self, predictor, image, canvas, name: str, pixels: dict):
+        """The prompt image ``image`` encoded at the canvas of category ``name`` (canvas(path, (H, W))
+        -> px or canvas_groups' {px: names}; None: the model's); ``pixels`` memoises the decoding."""
+        from trex2.predictor import canvas_of
+        if image not in pixels:
+            try:
+                pixels[image] = load_image(image)
+            except ImageLoadError as e:
+                raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
+        size = canvas(os.path.abspath(image), pixels[image].shape[:2]) if canvas is not None else None
+        if isinstance(size, dict):
+            size = canvas_of(size, name)
+        return predictor.encode_image(pixels[image], key=file_key(str(image)), size=size)
 
-    def object_sides(self) -> tuple[float | None, dict[str, float]]:
-        """Typical exemplar size in pixels: trex2.predictor.object_side of each category's positive
-        boxes, the smallest category's -> (over the whole file, {real path of an image: on that
-        image}); (None, {}) when unknown (no boxes, or a class-embedding file)."""
-        from trex2.predictor import smallest_object_side
+    def class_sides(self) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
+        """Typical exemplar size of each category in px (trex2.predictor.object_side of its positive
+        boxes; None without boxes, and for a class-embedding file) -> ({category: side} over the
+        whole file, {real path of an image: {category: side} of the categories prompted there})."""
+        from trex2.predictor import object_side
         if self.kind != "prompts":
-            return None, {}
-        boxes: dict[str | None, dict[str, list]] = {}   # image (None: all) -> category -> boxes
-        for p in self.prompt_set.prompts:
-            if p.box is not None and not p.negative:
+            return {name: None for name in self.categories}, {}
+        boxes: dict[str | None, dict[str, list]] = {None: {name: [] for name in self.categories}}
+        for p in self.prompt_set.prompts:        # image (None: all) -> category -> boxes
+            if not p.negative:
                 for image in (None, str(p.image)):
-                    boxes.setdefault(image, {}).setdefault(p.category, []).append(p.box)
-        sides = {image: smallest_object_side(by_cat.values()) for image, by_cat in boxes.items()}
-        return sides.pop(None, None), sides
+                    got = boxes.setdefault(image, {}).setdefault(p.category, [])
+                    if p.box is not None:
+                        got.append(p.box)
+        sides = {image: {name: object_side(b) for name, b in by_cat.items()} for image, by_cat in boxes.items()}
+        return sides.pop(None), sides
 
     def _embed(self, predictor, name: str, pos: list, neg: list):
         import trex2
@@ -206,35 +240,37 @@ class PromptSource:
 
     def cross_image_classes(self, predictor, canvas=None) -> dict:
         """{name: ClassEmbedding}: each category's exemplars on all prompt images (each image
-        encoded once, at canvas(path, (H, W)) px if given), its negatives and text pooled into one
+        encoded at the category's canvas, see label_folder), its negatives and text pooled into one
         class embedding."""
         if self.kind == "embeddings":
             return dict(self.embeddings)
-        ps, embs, out = self.prompt_set, {}, {}
+        ps, pixels, out = self.prompt_set, {}, {}
         for c in ps.categories:
             pos, neg = [], []
             for image in ps.images():
                 if not ps.select(image, c.name):
                     continue
-                if image not in embs:
-                    embs[image] = self._image_embedding(predictor, image, canvas)
-                pos += self._prompts_on(ps, image, embs[image], c.name, False)
-                neg += self._prompts_on(ps, image, embs[image], c.name, True)
+                emb = self._image_embedding(predictor, image, canvas, c.name, pixels)
+                pos += self._prompts_on(ps, image, emb, c.name, False)
+                neg += self._prompts_on(ps, image, emb, c.name, True)
             out[c.name] = self._embed(predictor, c.name, pos, neg)
         return out
 
     def per_image_classes(self, predictor) -> Callable:
-        """Callable (abs_path, image_embedding) -> {name: ClassEmbedding} from the exemplars drawn on
-        that same file (and the category's text); a category without a positive there is left out."""
+        """Callable (abs_path, image_embedding, names=None) -> {name: ClassEmbedding} from the
+        exemplars drawn on that same file (and the category's text), for the categories ``names``
+        (None: all); a category without a positive there is left out."""
         from exports.prompts import PromptSet
         by_image: dict[str, list] = {}
         for p in self.prompt_set.prompts:
             by_image.setdefault(str(p.image), []).append(p)
         subsets = {k: PromptSet(self.prompt_set.categories, v) for k, v in by_image.items()}
 
-        def classes(path: str, emb) -> dict:
+        def classes(path: str, emb, names=None) -> dict:
             ps, out = subsets.get(os.path.realpath(path)), {}
             for c in (ps.categories if ps is not None else ()):
+                if names is not None and c.name not in names:
+                    continue
                 pos = self._prompts_on(ps, path, emb, c.name, False)
                 if pos:
                     out[c.name] = self._embed(predictor, c.name, pos, self._prompts_on(ps, path, emb, c.name, True))
@@ -313,16 +349,17 @@ def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: s
 
 
 def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int) -> Callable:
-    """canvas(abs_path, (H, W)) -> canvas long side. "auto": the model's size, enlarged (up to
-    trex2.predictor.MAX_CANVAS) where the exemplars would be too small to see (small-object mode;
-    per image from that image's exemplars with --per-image); a number: that size for every image."""
-    from trex2.predictor import canvas_size
+    """canvas(abs_path, (H, W)) -> canvas long side, or {canvas: [categories]}. "auto": each
+    category at the model's size, or larger and tiled (up to trex2.predictor.MAX_CANVAS) where its
+    exemplars would be too small to see (trex2.predictor.canvas_groups; with --per-image from that
+    image's own exemplars); a number: that size for every image and category."""
+    from trex2.predictor import canvas_groups
     if canvas != "auto":
         return lambda path, hw: int(canvas)
-    pooled, by_image = prompts.object_sides()
+    pooled, by_image = prompts.class_sides()
     if per_image:
-        return lambda path, hw: canvas_size(hw, by_image.get(os.path.realpath(path)), base)
-    return lambda path, hw: canvas_size(hw, pooled, base)
+        return lambda path, hw: canvas_groups(hw, by_image.get(os.path.realpath(path), {}), base)
+    return lambda path, hw: canvas_groups(hw, pooled, base)
 
 
 def _check_progress(out: str, options: dict, resume: bool) -> dict[str, dict] | None:

@@ -678,17 +678,16 @@ class Project:
                  np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
         return out
 
-    def exemplar_side(self, images: list[int] | None = None,
-                      classes: list[str] | None = None) -> float | None:
-        """Typical positive exemplar box size in px (trex2.predictor.object_side per class, the
-        smallest class's) over the prompts of prompts_by_class(images); None without boxes.
-        Decides whether images are encoded larger and tiled (small objects, Engine.canvas)."""
-        from trex2.predictor import smallest_object_side
+    def exemplar_sides(self, images: list[int] | None = None,
+                       classes: list[str] | None = None) -> dict[str, float]:
+        """{class: typical positive exemplar box size in px} (trex2.predictor.object_side) over the
+        prompts of prompts_by_class(images), for the classes with a positive box there. Decides
+        the canvas each class is detected at (small objects: larger and tiled, Engine.canvas)."""
+        from trex2.predictor import object_side
 
-        return smallest_object_side(
-            np.concatenate([b for _, b, _ in g["pos"]] or [np.zeros((0, 4))])   # a class may have
-            for c, g in self.prompts_by_class(images).items()                  # negatives only
-            if classes is None or c in classes)
+        sides = {c: object_side(np.concatenate([b for _, b, _ in g["pos"]] or [np.zeros((0, 4))]))
+                 for c, g in self.prompts_by_class(images).items() if classes is None or c in classes}
+        return {c: s for c, s in sides.items() if s is not None}   # negatives or points only: no size
 
     # ----------------------------------------------------------------- export
     def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:
@@ -908,11 +907,11 @@ class Engine:
         self._previews[key] = (out, w, h)
         return self._previews[key]
 
-    def prefetch(self, path: str | os.PathLike | None = None, side: float | None = None):
+    def prefetch(self, path: str | os.PathLike | None = None, sides: dict[str, float] | None = None):
         """In a background thread (one job at a time): load the model if needed and encode
-        the image at ``path`` (at the canvas for exemplars of ``side`` px, see ``canvas``), so
-        the first "detect" on the image the user is looking at does not wait for the encoder.
-        Returns a Future."""
+        the image at ``path`` at every canvas its classes need (exemplar sizes ``sides``, see
+        ``canvas``), so the first "detect" on the image the user is looking at does not wait for
+        the encoder. Returns a Future."""
         import concurrent.futures
 
         if self._pool is None:
@@ -922,49 +921,68 @@ class Engine:
             try:
                 if path is None:
                     return self.predictor
-                return self.embedding(path, side)
+                groups = self.canvas(self.image_hw(path), sides) or {None: None}
+                return [self.embedding(path, size) for size in groups]
             except Exception as e:  # noqa: BLE001 - reported; detect raises it again
                 warnings.warn(f"background {'encode of ' + str(path) if path else 'model load'} "
                               f"failed: {e}")
         return self._pool.submit(run)
 
-    def canvas(self, hw: tuple[int, int], side: float | None) -> int | None:
-        """Canvas long side to encode an (H, W) px image at when the exemplars are about ``side``
-        px (trex2.predictor.canvas_size: larger and tiled only for small objects); None: the
-        model's default (also for predictors without a model config, as in tests)."""
-        from trex2.predictor import canvas_size
+    def canvas(self, hw: tuple[int, int], sides: dict[str, float | None] | None) -> dict | None:
+        """{canvas long side: [classes]} to detect each class at on an (H, W) px image, from its
+        exemplars' size in px (trex2.predictor.canvas_groups: larger and tiled only for small
+        objects); None: the model's default canvas for every class (no sizes, or a predictor
+        without a model config, as in tests)."""
+        from trex2.predictor import canvas_groups
 
         cfg = getattr(getattr(self.predictor, "model", None), "cfg", None)
-        if side is None or cfg is None:
+        if not sides or cfg is None:
             return None
-        return canvas_size(hw, side, int(cfg.image_size))
+        return canvas_groups(hw, sides, int(cfg.image_size))
 
-    def embedding(self, path: str | os.PathLike, side: float | None = None):
-        """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size), at the canvas
-        that suits exemplars of about ``side`` px (see ``canvas``)."""
+    def image_hw(self, path: str | os.PathLike) -> tuple[int, int]:
+        """(H, W) of an image file as loaded (EXIF-rotated); decodes it only the first time."""
+        from trex2.image_io import load_image
+
+        key = self._key(Path(path))
+        with self._lock:
+            if key not in self._hw:
+                self._hw[key] = load_image(Path(path)).shape[:2]
+            return self._hw[key]
+
+    def class_canvas(self, path: str | os.PathLike, sides: dict | None, cls: str) -> int | None:
+        """The canvas class ``cls`` is detected at on the image at ``path`` (see ``canvas``)."""
+        from trex2.predictor import canvas_of
+
+        if not sides or cls not in sides:
+            return None
+        groups = self.canvas(self.image_hw(path), sides)
+        return canvas_of(groups, cls) if groups else None
+
+    def embedding(self, path: str | os.PathLike, size: int | None = None):
+        """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size) at canvas long
+        side ``size`` px (None: the model's); decodes the file only on a cache miss."""
         from trex2.image_io import load_image
 
         path = Path(path)
         key = self._key(path)
         with self._lock:
             pred = self.predictor
-            hw = self._hw.get(key)
-            if hw is not None:  # skip decoding the file on a hit
-                hit = pred.cached(key, self.canvas(hw, side))
-                if hit is not None:
-                    return hit
+            hit = pred.cached(key, size)
+            if hit is not None:
+                return hit
             image = load_image(path)
             self._hw[key] = image.shape[:2]
-            return pred.encode_image(image, key=key, size=self.canvas(image.shape[:2], side))
+            return pred.encode_image(image, key=key, size=size)
 
     def class_embeddings(self, project: Project, images: list[int] | None,
-                         classes: list[str] | None = None, side: float | None = None) -> dict:
+                         classes: list[str] | None = None, sides: dict | None = None) -> dict:
         """{class: trex2.ClassEmbedding} from the prompts on ``images`` (None: all images
         and external prompts, each class averaged over all its exemplars), the class text
         phrases, and class embeddings loaded from a file (used when a class has no prompt
         of its own). Classes with nothing to go on are left out. Raises ProjectError with
-        the text-encoder message when a phrase needs the missing CLIP checkpoint. ``side``:
-        exemplar size for the canvas of the prompt images (Project.exemplar_side)."""
+        the text-encoder message when a phrase needs the missing CLIP checkpoint. ``sides``:
+        exemplar sizes for the canvas of each class's prompt images (Project.exemplar_sides)."""
         import trex2
 
         groups = project.prompts_by_class(images)
@@ -978,8 +996,9 @@ class Engine:
                     out[c.name] = project.loaded_embeddings[c.name]
                 continue
             with self._lock:
-                pos = [(self.embedding(p, side), b, q) for p, b, q in g["pos"]]
-                neg = [(self.embedding(p, side), b, q) for p, b, q in g["neg"]] or None
+                at = lambda p: self.embedding(p, self.class_canvas(p, sides, c.name))  # noqa: E731
+                pos = [(at(p), b, q) for p, b, q in g["pos"]]
+                neg = [(at(p), b, q) for p, b, q in g["neg"]] or None
                 try:
                     out[c.name] = self.predictor.embed_prompts(pos, negatives=neg, text=c.text)
                 except trex2.TextEncoderUnavailable as e:
@@ -988,14 +1007,19 @@ class Engine:
         return out
 
     def detect(self, project: Project, i: int, class_embs: dict,
-               side: float | None = None) -> list[tuple[str, list, float]]:
-        """Run the model on image i with the class embeddings -> [(class, xyxy, score)]."""
+               sides: dict | None = None) -> list[tuple[str, list, float]]:
+        """Run the model on image i with the class embeddings, each class at its canvas (exemplar
+        sizes ``sides``, see ``canvas``) -> [(class, xyxy, score)]."""
         if not class_embs:
             return []
-        emb = self.embedding(project.image_path(i), side)
+        path = project.image_path(i)
+        out = []
         with self._lock:
-            dets = self.predictor.detect(emb, class_embs)
-        return detections_to_list(dets, list(class_embs))
+            groups = self.canvas(self.image_hw(path), {n: (sides or {}).get(n) for n in class_embs})
+            for size, names in (groups or {None: list(class_embs)}).items():
+                part = {n: class_embs[n] for n in names}
+                out += detections_to_list(self.predictor.detect(self.embedding(path, size), part), list(part))
+        return out
 
 
 def detections_to_list(dets, names: list[str]) -> list[tuple[str, list, float]]:
@@ -1016,11 +1040,11 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> i
     if not project.images[i].prompts:
         raise ProjectError("draw a box or point on this image first (or use "
                            "'Detect in all images' to apply prompts from other images)")
-    side = project.exemplar_side([i])
-    embs = engine.class_embeddings(project, [i], side=side)
+    sides = project.exemplar_sides([i])
+    embs = engine.class_embeddings(project, [i], sides=sides)
     if not embs:
         raise ProjectError("no class has a positive prompt on this image")
-    dets = engine.detect(project, i, embs, side)
+    dets = engine.detect(project, i, embs, sides)
     with project._edit("detect in this image", scope=[i]):
         return project.apply_detections(i, dets)
 
@@ -1040,8 +1064,8 @@ def detect_in_folder(project: Project, engine: Engine,
     """
     from app.batch import label_folder
 
-    side = project.exemplar_side(None, classes)
-    embs = engine.class_embeddings(project, None, classes, side)
+    sides = project.exemplar_sides(None, classes)
+    embs = engine.class_embeddings(project, None, classes, sides)
     if not embs:
         raise ProjectError("no class has any prompt, text phrase or loaded embedding yet: "
                            "draw a box or point on an image first")
@@ -1049,7 +1073,7 @@ def detect_in_folder(project: Project, engine: Engine,
     n = len(files)
     with project._edit("detect in all images", scope=None, keep_partial=True), engine.lock:
         results = label_folder(engine.predictor, str(project.root), files, embs,
-                               canvas=lambda path, hw: engine.canvas(hw, side),
+                               canvas=lambda path, hw: engine.canvas(hw, {n: sides.get(n) for n in embs}),
                                should_cancel=should_stop)
         for i, res in enumerate(results):
             assert res.file_name == files[i]
@@ -1070,15 +1094,15 @@ def search_images(project: Project, engine: Engine, cls: str,
     from app.batch import label_folder
 
     project.get_class(cls)
-    side = project.exemplar_side(None, [cls])
-    embs = engine.class_embeddings(project, None, [cls], side)
+    sides = project.exemplar_sides(None, [cls])
+    embs = engine.class_embeddings(project, None, [cls], sides)
     if not embs:
         raise ProjectError(f"class {cls!r} has no prompt, text phrase or loaded embedding yet")
     scores = []
     files = [im.file for im in project.images]
     with engine.lock:
         for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
-                                             canvas=lambda path, hw: engine.canvas(hw, side),
+                                             canvas=lambda path, hw: engine.canvas(hw, sides),
                                              should_cancel=should_stop,
                                              on_progress=on_progress)):
             dets = [] if res.error else detections_to_list(res.detections, [cls])

@@ -196,8 +196,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         p = sess.project
         if action in ("load", "nav", "upload") and p.images:
             # at the canvas "detect in this image" (its own prompts) or "detect in all" will use
-            side = p.exemplar_side([p.index]) if p.current.prompts else p.exemplar_side()
-            engine.prefetch(p.image_path(), side)
+            sides = p.exemplar_sides([p.index]) if p.current.prompts else p.exemplar_sides()
+            engine.prefetch(p.image_path(), sides)
         return (sess, build_view(sess, engine, action, message), stats_html(sess),
                 _classes_update(sess, force), _images_update(sess, force),
                 gr.skip() if not force else gr.update(value=sess.project.threshold))

@@ -49,7 +49,7 @@ def save_rgb(path: Path, img):
     cv2.imwrite(str(path), np.ascontiguousarray(img[:, :, ::-1]))
 
 
-def prompt_file(path: Path, entries, categories=("disc", "square"), texts=None):
+def prompt_file(path: Path, entries, categories=("disc", "square"), texts=None, size=SIZE):
     """Write a prompt file. entries: (image path, category, box xyxy | None, point | None, negative)."""
     images, anns = [], []
     ids = {}
@@ -57,7 +57,7 @@ def prompt_file(path: Path, entries, categories=("disc", "square"), texts=None):
         rel = os.path.relpath(img_path, path.parent).replace(os.sep, "/")
         if rel not in ids:
             ids[rel] = len(ids) + 1
-            images.append({"id": ids[rel], "file_name": rel, "width": SIZE, "height": SIZE})
+            images.append({"id": ids[rel], "file_name": rel, "width": size, "height": size})
         a = {"id": len(anns) + 1, "image_id": ids[rel], "category_id": list(categories).index(cat) + 1}
         if box is not None:
             a["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
@@ -396,24 +396,26 @@ def test_label_folder_generator_progress_and_cancel(dataset, predictor):
     assert len(seen2) == 2
 
 
+class Recording:
+    """A predictor wrapper that records the canvas size of every encode_image call in ``sizes``."""
+
+    def __init__(self, inner, sizes: list):
+        self.inner, self.model, self.sizes = inner, inner.model, sizes
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode_image(self, image, key=None, size=None):
+        self.sizes.append(size)
+        return self.inner.encode_image(image, key=key, size=size)
+
+
 def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     """--canvas auto keeps the model's 640 px for ordinary exemplars (the shapes here become ~70 px)
     and encodes at a larger canvas when the exemplars would be tiny; a fixed --canvas is honoured
     everywhere and recorded in info; a bad value is a clear error."""
     sizes = []
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner, self.model = inner, inner.model
-
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def encode_image(self, image, key=None, size=None):
-            sizes.append(size)
-            return self.inner.encode_image(image, key=key, size=size)
-
-    rec = Recording(predictor)
+    rec = Recording(predictor, sizes)
     batch.run(dataset["images"], dataset["cross"], str(tmp_path / "a.json"), predictor=rec, progress=False)
     assert set(sizes) == {640}
     # the same file with 6 px exemplars: 44 px in the canvas needs 44 * 224 / 6 = 1643 -> 1664 px
@@ -441,7 +443,8 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     sizes.clear()
     batch.run(dataset["images"], str(small_per), str(tmp_path / "e.json"), predictor=rec, progress=False,
               per_image=True)
-    assert sorted(sizes) == [640] * (N_IMAGES - 1) + [1664]
+    prompted = len({a["image_id"] for a in per["annotations"]})   # the others are not even encoded
+    assert 1 < prompted < N_IMAGES and sorted(sizes) == [640] * (prompted - 1) + [1664]
     with pytest.raises(batch.LabelError, match="--canvas"):
         batch.run(dataset["images"], str(small), str(tmp_path / "d.json"), predictor=rec, progress=False,
                   canvas="100")
@@ -481,3 +484,42 @@ def test_tiled_detection_finds_each_small_object_once(predictor):
     m = iou(boxes, good)
     assert (m.max(1) >= 0.5).mean() >= 0.95, "a disc was missed"
     assert len(good) <= 42 and (m.max(0) >= 0.5).mean() >= 0.95, "duplicates or false positives"
+
+
+def test_each_class_is_detected_at_its_own_canvas(predictor, tmp_path):
+    """--canvas auto with a tiny class and a large one in one prompt file: the tiny discs are found
+    on the tiles of an enlarged canvas, the large squares at 640 px in one piece (tiles of the
+    enlarged canvas would cut them up); each image is encoded once per canvas."""
+    rng = np.random.default_rng(1)
+    S = 960
+    img = np.full((S, S, 3), 190, np.uint8)
+    img += rng.integers(0, 12, img.shape, dtype=np.uint8)
+    squares = [[40, 40, 160, 160], [600, 60, 730, 185], [80, 580, 205, 700]]
+    for x0, y0, x1, y1 in squares:
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
+    discs = []
+    while len(discs) < 30:
+        s = int(rng.integers(14, 18))
+        x, y = (int(v) for v in rng.integers(4, S - s - 4, 2))
+        clear = all(x + s + 8 < a or c + 8 < x or y + s + 8 < b or d + 8 < y for a, b, c, d in squares + discs)
+        if clear:
+            cv2.circle(img, (x + s // 2, y + s // 2), s // 2, SHAPES["disc"], -1)
+            discs.append([x, y, x + s, y + s])
+    save_rgb(tmp_path / "imgs" / "mixed.png", img)
+    prompts = prompt_file(tmp_path / "p.json", [(tmp_path / "imgs" / "mixed.png", "disc", b, None, False)
+                                                for b in discs[:3]]
+                          + [(tmp_path / "imgs" / "mixed.png", "square", squares[0], None, False)], size=S)
+    sizes = []
+    out = tmp_path / "o.json"
+    batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(predictor, sizes), progress=False)
+    assert sorted(sizes) == [640, 640, 2560, 2560]        # prompt image, then the folder's image
+    data = json.loads(out.read_text())
+    thr = data["info"]["score_threshold"]
+    by_score = lambda c: sorted((a for a in data["annotations"] if a["category_id"] == c),  # noqa: E731
+                                key=lambda a: -a["score"])
+    xyxy = lambda anns: np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)  # noqa: E731
+    top = by_score(2)[:3]   # at the tiled canvas no square scores above 0.1 and the top boxes are bits
+    assert (iou(squares, xyxy(top)).max(1) >= 0.85).all(), top
+    found = [a for a in by_score(1) if a["score"] >= thr]
+    m = iou(discs, xyxy(found))
+    assert (m.max(1) >= 0.5).mean() >= 0.9 and len(found) <= 33

@@ -849,6 +849,26 @@ def test_backbone_matches_reference_package():
         assert (o - got[i]).abs().max() < tol, f"block {i}: max diff {(o - got[i]).abs().max():.2e}"
 
 
+def test_canvas_groups_put_each_class_at_its_own_canvas():
+    from trex2.predictor import canvas_groups, canvas_of, canvas_size, tile_overlap
+    hw = (960, 960)
+    assert canvas_groups(hw, {"a": 100.0, "b": None}, 640) == {640: ["a", "b"]}
+    small = canvas_size(hw, 15.0, 640)
+    assert small > 640
+    groups = canvas_groups(hw, {"big": 250.0, "tiny": 15.0, "mid": 40.0, "text": None}, 640)
+    assert groups == {small: ["tiny", "mid"], 640: ["big", "text"]}   # the small share the smallest's
+    assert canvas_of(groups, "mid") == small and canvas_of(groups, "big") == 640
+    assert canvas_of(groups, "other") is None
+    assert canvas_groups(hw, {"tiny": 15.0}, 640) == {small: ["tiny"]}
+    # a class larger than 44 px whose objects still fit whole in the tiles' overlap joins the tiles
+    assert tile_overlap(hw, small, 640) == 60 and tile_overlap(hw, 640, 640) == float("inf")
+    size = canvas_size(hw, 20.0, 640)
+    assert 80 < tile_overlap(hw, size, 640) < 130 and canvas_size(hw, 80.0, 640) == 640
+    assert canvas_groups(hw, {"tiny": 20.0, "med": 80.0, "big": 130.0}, 640) == {size: ["tiny", "med"],
+                                                                                640: ["big"]}
+    assert canvas_groups(hw, {}, 640) == {}
+
+
 def test_canvas_size_for_small_objects():
     """The canvas grows only when exemplars would be smaller than MIN_OBJECT_PX, to a multiple of 32,
     capped; above the model's size the image is encoded as overlapping tiles at one scale, cached

@@ -507,20 +507,27 @@ def test_small_exemplars_tile_the_image_in_the_app(tmp_path):
     project = Project(d, tmp_path / "proj" / "project.json")
     project.add_class("dot")
     project.add_prompt("box", [100, 100, 120, 120], cls="dot")      # 20 px: 13 px at 640
-    assert project.exemplar_side() == pytest.approx(20.0)
+    assert project.exemplar_sides() == {"dot": pytest.approx(20.0)}
     project.add_class("speck")                                       # negatives only: no size
     project.add_prompt("box", [300, 300, 304, 304], cls="speck", negative=True)
-    assert project.exemplar_side() == pytest.approx(20.0)
-    engine.prefetch(project.image_path(0), project.exemplar_side([0])).result()
+    assert project.exemplar_sides() == {"dot": pytest.approx(20.0)}
+    engine.prefetch(project.image_path(0), project.exemplar_sides([0])).result()
     encodes = engine.predictor.encode_count
     detect_in_image(project, engine)                              # prefetched at the right canvas
     assert engine.predictor.encode_count == encodes
-    emb = engine.embedding(project.image_path(0), project.exemplar_side())
+    size = engine.class_canvas(project.image_path(0), project.exemplar_sides(), "dot")
+    emb = engine.embedding(project.image_path(0), size)
     assert isinstance(emb, TiledEmbedding) and len(emb.tiles) > 1
     encodes = engine.predictor.encode_count
     list(detect_in_folder(project, engine))                        # same canvas: cached
     assert engine.predictor.encode_count == encodes
-    assert isinstance(engine.embedding(project.image_path(0), 200.0), ImageEmbedding)
+    # a large class beside it is detected at the model's 640 px, in one piece (one more encode)
+    project.add_class("slab")
+    project.add_prompt("box", [500, 200, 700, 420], cls="slab")
+    assert engine.class_canvas(project.image_path(0), project.exemplar_sides(), "slab") == 640
+    list(detect_in_folder(project, engine))
+    assert engine.predictor.encode_count == encodes + 1
+    assert isinstance(engine.embedding(project.image_path(0), 640), ImageEmbedding)
 
 
 def test_cli_rejects_a_missing_folder(tmp_path, capsys):

@@ -57,12 +57,30 @@ def object_side(boxes_xyxy) -> float | None:
     return float(np.median(np.sqrt(np.clip(b[:, 2] - b[:, 0], 1, None) * np.clip(b[:, 3] - b[:, 1], 1, None))))
 
 
-def smallest_object_side(boxes_per_class) -> float | None:
-    """The smallest class's object_side: boxes_per_class is an iterable with one collection of
-    xyxy pixel boxes per class (K, 4), possibly empty; None when no class has a box. The canvas of
-    an image labelled for several classes is chosen for the smallest (see canvas_size)."""
-    sides = [object_side(b) for b in boxes_per_class if len(b)]
-    return min(sides) if sides else None
+def canvas_groups(image_hw: tuple[int, int], sides: dict[str, float | None], base: int) -> dict[int, list[str]]:
+    """Classes -> the canvas each is detected at on an (H, W) px image, from each class's exemplar
+    object_side in image px (None: unknown) -> {canvas long side: [class names]}, at most two
+    entries. A class whose exemplars are big enough at `base` (or of unknown size) is detected
+    at `base`; the small ones share the canvas of the smallest (canvas_size; tiled). So an image
+    needs at most two encodes. A larger class joins the small ones when its objects still fit
+    whole in the tiles' overlap (tile_overlap): large objects are never cut up by the tiles of a
+    small class, while mid-sized ones keep the enlarged view, which the detector prefers."""
+    need = {name: canvas_size(image_hw, side, base) for name, side in sides.items()}
+    small = [name for name, size in need.items() if size > base]
+    groups = {}
+    if small:
+        size = max(need[n] for n in small)
+        overlap = tile_overlap(image_hw, size, base)      # a class whose objects fit in it joins
+        groups[size] = [n for n in need if n in small or (sides[n] is not None and sides[n] <= overlap)]
+    rest = [name for name in need if not any(name in g for g in groups.values())]
+    if rest:
+        groups[base] = rest
+    return groups
+
+
+def canvas_of(groups: dict[int, list[str]], name: str) -> int | None:
+    """The canvas of class `name` in canvas_groups' result (None if it is in no group)."""
+    return next((size for size, names in groups.items() if name in names), None)
 
 
 @dataclass
@@ -107,6 +125,24 @@ class TiledEmbedding:
         x1, y1, x2, y2 = (float(v) for v in box_xyxy)
         margins = [min(x1 - a, y1 - b, c - x2, d - y2) for (a, b, c, d), _ in self.tiles]
         return int(np.argmax(margins))
+
+
+def tile_window(image_hw: tuple[int, int], size: int, base: int) -> int | None:
+    """Tile side in image px when an (H, W) image is encoded at canvas long side `size` with
+    `base` px tiles; None when it is encoded whole (see Predictor.encode_image)."""
+    window = int(np.ceil(base * max(image_hw) / size))
+    return None if size <= base or window >= max(image_hw) else window
+
+
+def tile_overlap(image_hw: tuple[int, int], size: int, base: int) -> float:
+    """Smallest overlap (image px) between neighbouring tiles of an (H, W) image at canvas `size`:
+    an object up to this side lies whole in some tile (inf when the image is not tiled)."""
+    window = tile_window(image_hw, size, base)
+    if window is None:
+        return float("inf")
+    starts = [tile_windows(n, window) for n in image_hw]
+    gaps = [b - a for s in starts for a, b in zip(s, s[1:])]
+    return float(window - max(gaps)) if gaps else float("inf")
 
 
 def tile_windows(length: int, window: int, overlap: float = TILE_OVERLAP) -> list[int]:
@@ -198,8 +234,8 @@ class Predictor:
             self.cache.move_to_end(key)
             return self.cache[key]
         H, W = image.shape[:2]
-        window = int(np.ceil(base * max(H, W) / size))     # tile side in image pixels
-        if size <= base or window >= max(H, W):
+        window = tile_window((H, W), size, base)            # tile side in image pixels
+        if window is None:
             emb = self._encode(image, min(size, base))
         else:
             tiles = []
