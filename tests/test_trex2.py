@@ -887,7 +887,8 @@ def test_canvas_size_for_small_objects():
     img = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
     whole, tiled = predictor.encode_image(img, key="x"), predictor.encode_image(img, key="x", size=512)
     assert predictor.encode_count == 1 + 6 and predictor.encode_image(img, key="x", size=512) is tiled
-    assert whole.canvas_hw == (192, 256) and isinstance(tiled, TiledEmbedding)
+    assert whole.canvas_hw == (256, 256) and isinstance(tiled, TiledEmbedding)    # square, as in training
+    assert whole.valid_wh == pytest.approx((1.0, 171 / 256))                    # 200 x 300 -> 171 x 256
     assert [w for w, _ in tiled.tiles] == [(x, y, x + 150, y + 150) for y in (0, 50) for x in (0, 75, 150)]
     assert all(t.scale == pytest.approx(256 / 150) for _, t in tiled.tiles)     # one scale for all tiles
     box = np.array([[160.0, 60.0, 200.0, 100.0]])

@@ -19,7 +19,7 @@ from .image_encoder import ImageEncoder
 from .prompt_encoder import PromptEncoder
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(__file__), "weights", "trex2_lite0.safetensors")
-STRIDE = 32  # canvas sides are padded to a multiple of this
+STRIDE = 32  # canvas sides are a multiple of this
 
 
 @dataclass
@@ -55,17 +55,19 @@ class TRex2(nn.Module):
     # -- image path -------------------------------------------------------------------------
     def preprocess(self, image: np.ndarray,
                    size: int | None = None) -> tuple[torch.Tensor, float, tuple[float, float]]:
-        """RGB uint8 (H, W, 3) -> canvas (1, 3, S_h, S_w) float 0..255, resize factor (canvas px per
+        """RGB uint8 (H, W, 3) -> canvas (1, 3, S, S) float 0..255, resize factor (canvas px per
         image px), valid extent (w, h) of the image in the canvas as fractions of the canvas.
-        The long side is resized to `size` px (default cfg.image_size)."""
+        The long side is resized to `size` px (default cfg.image_size) and padded with grey, right
+        and bottom, to a square of at least cfg.image_size px: the frame the model was trained in
+        (a smaller `size` shrinks the objects, it does not shrink the canvas)."""
         h, w = image.shape[:2]
         scale = (size or self.cfg.image_size) / max(h, w)
         nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
         x = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-        ph, pw = -(-nh // STRIDE) * STRIDE, -(-nw // STRIDE) * STRIDE
-        x = F.pad(x, (0, pw - nw, 0, ph - nh), value=127.0)
-        return x, scale, (nw / pw, nh / ph)
+        side = max(self.cfg.image_size, -(-max(nh, nw) // STRIDE) * STRIDE)
+        x = F.pad(x, (0, side - nw, 0, side - nh), value=127.0)
+        return x, scale, (nw / side, nh / side)
 
     def encode_features(self, features: list[torch.Tensor]):
         """Backbone maps -> (memory (B, N, d), shapes)."""
