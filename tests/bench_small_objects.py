@@ -65,6 +65,21 @@ def same_scale(px: int, long_side: int):
     return lambda path, hw: px if max(hw) >= long_side else int(-(-px * max(hw) / long_side // 32) * 32)
 
 
+def label_and_score(predictor, image_dir: str, prompts: str, canvas, gt: dict, out: str) -> tuple[dict, float, int]:
+    """`label` image_dir with the prompt file at `canvas` (a --canvas value or a policy), from a
+    cold embedding cache -> (app.evaluate metrics against gt, seconds, encodes)."""
+    predictor.cache.clear()
+    before, t0 = predictor.encode_count, time.perf_counter()
+    batch.run(image_dir, prompts, out, predictor=predictor, progress=False, canvas=canvas, warn=lambda m: None)
+    dt = time.perf_counter() - t0
+    return evaluate(gt, json.load(open(out))), dt, predictor.encode_count - before
+
+
+def per_category(r: dict) -> str:
+    """'AP50: name value ...' of the categories that have ground truth."""
+    return "AP50: " + " ".join(f"{c} {v:.3f}" for c, v in r["AP50_per_category"].items() if v is not None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -87,18 +102,11 @@ def main(argv=None) -> int:
               f"({gt['images'][0]['width']}x{gt['images'][0]['height']} px), {len(gt['annotations'])} objects")
         print(f"{'canvas':>8} {'AP':>6} {'AP50':>6} {'AP75':>6} {'s/mosaic':>9} {'encodes/mosaic':>15}")
         for canvas in a.canvas:
-            out = os.path.join(tmp, f"pred-{canvas}.json")
-            predictor.cache.clear()
-            before, t0 = predictor.encode_count, time.perf_counter()
             policy = canvas if canvas == "auto" else same_scale(int(canvas), long_side)
-            batch.run(os.path.join(tmp, "images"), prompts, out, predictor=predictor, progress=False,
-                      canvas=policy, warn=lambda m: None)
-            dt = time.perf_counter() - t0
-            tiles = predictor.encode_count - before
-            r = evaluate(gt, json.load(open(out)))
-            per = " ".join(f"{c} {v:.3f}" for c, v in r["AP50_per_category"].items() if v is not None)
+            r, dt, tiles = label_and_score(predictor, os.path.join(tmp, "images"), prompts, policy, gt,
+                                           os.path.join(tmp, f"pred-{canvas}.json"))
             print(f"{canvas:>8} {r['AP']:6.3f} {r['AP50']:6.3f} {r['AP75']:6.3f} {dt / n:9.2f} {tiles / n:15.1f}"
-                  f"   AP50: {per}")
+                  f"   {per_category(r)}")
     return 0
 
 

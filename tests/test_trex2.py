@@ -850,23 +850,40 @@ def test_backbone_matches_reference_package():
 
 
 def test_canvas_groups_put_each_class_at_its_own_canvas():
-    from trex2.predictor import canvas_groups, canvas_of, canvas_size, tile_overlap
+    from trex2.predictor import MAX_OBJECT_PX, canvas_groups, canvas_of, canvas_size, tile_overlap
     hw = (960, 960)
     assert canvas_groups(hw, {"a": 100.0, "b": None}, 640) == {640: ["a", "b"]}
     small = canvas_size(hw, 15.0, 640)
     assert small > 640
     groups = canvas_groups(hw, {"big": 250.0, "tiny": 15.0, "mid": 40.0, "text": None}, 640)
-    assert groups == {small: ["tiny", "mid"], 640: ["big", "text"]}   # the small share the smallest's
-    assert canvas_of(groups, "mid") == small and canvas_of(groups, "big") == 640
+    assert groups == {small: ["tiny", "mid"], 640: ["text"], canvas_size(hw, 250.0, 640): ["big"]}
+    assert canvas_of(groups, "mid") == small and canvas_of(groups, "text") == 640
     assert canvas_of(groups, "other") is None
     assert canvas_groups(hw, {"tiny": 15.0}, 640) == {small: ["tiny"]}
-    # a class larger than 44 px whose objects still fit whole in the tiles' overlap joins the tiles
-    assert tile_overlap(hw, small, 640) == 60 and tile_overlap(hw, 640, 640) == float("inf")
-    size = canvas_size(hw, 20.0, 640)
-    assert 80 < tile_overlap(hw, size, 640) < 130 and canvas_size(hw, 80.0, 640) == 640
-    assert canvas_groups(hw, {"tiny": 20.0, "med": 80.0, "big": 130.0}, 640) == {size: ["tiny", "med"],
-                                                                                640: ["big"]}
     assert canvas_groups(hw, {}, 640) == {}
+    assert tile_overlap(hw, small, 640) == 60 and tile_overlap(hw, 640, 640) == float("inf")
+    # a larger class joins the tiles when its objects fit whole in their overlap and stay within
+    # MAX_OBJECT_PX there; otherwise it keeps its own canvas
+    hw = (480, 640)
+    size = canvas_size(hw, 38.0, 640)
+    assert size == 768 and tile_overlap(hw, size, 640) > 300 and 105 * size / 640 > MAX_OBJECT_PX
+    assert canvas_groups(hw, {"tiny": 38.0, "med": 80.0, "big": 105.0, "huge": 300.0}, 640) == {
+        768: ["tiny", "med"], 640: ["big"], 224: ["huge"]}
+
+
+def test_canvas_size_for_large_objects():
+    """Exemplars over MAX_OBJECT_PX at 640 px shrink the image inside the padded canvas, to that size."""
+    from trex2.predictor import MAX_OBJECT_PX, Predictor, canvas_size
+    assert MAX_OBJECT_PX == 110
+    assert canvas_size((640, 640), 110.0, 640) == 640
+    assert canvas_size((640, 640), 220.0, 640) == 320                    # 110 * 640 / 220
+    assert canvas_size((1280, 1280), 300.0, 640) == 448                 # 150 px at 640 -> 110
+    assert canvas_size((480, 640), 640.0, 640) == 96
+    assert canvas_size((100, 100), 100.0, 640) == 96                    # a 100 px image: 640 px objects
+    predictor = Predictor(small_model())                                 # 256 px canvas
+    img = (np.random.default_rng(0).random((200, 300, 3)) * 255).astype(np.uint8)
+    emb = predictor.encode_image(img, size=128)
+    assert emb.canvas_hw == (256, 256) and emb.valid_wh == pytest.approx((0.5, 85 / 256))
 
 
 def test_canvas_size_for_small_objects():

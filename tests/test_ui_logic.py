@@ -523,7 +523,7 @@ def test_small_exemplars_tile_the_image_in_the_app(tmp_path):
     assert engine.predictor.encode_count == encodes
     # a large class beside it is detected at the model's 640 px, in one piece (one more encode)
     project.add_class("slab")
-    project.add_prompt("box", [500, 200, 700, 420], cls="slab")
+    project.add_prompt("box", [500, 200, 650, 350], cls="slab")      # 150 px: 96 px at 640
     assert engine.class_canvas(project.image_path(0), project.exemplar_sides(), "slab") == 640
     list(detect_in_folder(project, engine))
     assert engine.predictor.encode_count == encodes + 1

@@ -27,18 +27,26 @@ MIN_OBJECT_PX = 44  # small-object mode: exemplars are enlarged to at least this
                     # (the 25th percentile of the training objects at their own 640 px canvas: within
                     # the sizes the model saw most, not at the fringe)
 MAX_CANVAS = 2560   # ... by a (tiled) canvas long side of at most this many pixels
+MAX_OBJECT_PX = 110  # large-object mode: exemplars are shrunk to at most this side in the canvas
+                     # (the 75th percentile of the training objects; the image is then smaller
+                     # than the padded 640 px canvas, as in the zoomed-out training views)
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
-                min_object: float = MIN_OBJECT_PX, max_size: int = MAX_CANVAS) -> int:
-    """Canvas long side (px, a multiple of 32) for an image of (H, W) px whose objects are about
-    `object_side` px (sqrt of box area, in image pixels): `base` unless that would shrink the
-    objects below `min_object` canvas px; then larger, up to `max_size` (the image is then cut into
-    overlapping tiles, see Predictor.encode_image). None (unknown size) -> base."""
+                min_object: float = MIN_OBJECT_PX, max_size: int = MAX_CANVAS,
+                max_object: float = MAX_OBJECT_PX) -> int:
+    """Long side (px, a multiple of 32) to resize an image of (H, W) px to, when its objects are
+    about `object_side` px (sqrt of box area, in image pixels): `base` unless the objects would
+    then be smaller than `min_object` px (then larger, up to `max_size`: the image is cut into
+    overlapping tiles, see Predictor.encode_image) or larger than `max_object` px (then smaller,
+    down to 64, inside the padded base canvas). None (unknown size) -> base."""
     if not object_side or object_side <= 0:
         return base
-    want = min_object * max(image_hw) / object_side
+    long_side = max(image_hw)
+    if object_side * base / long_side > max_object:
+        return int(max(64, max_object * long_side / object_side // 32 * 32))
+    want = min_object * long_side / object_side
     return int(min(max(base, -(-want // 32) * 32), max(base, max_size)))
 
 
@@ -59,22 +67,22 @@ def object_side(boxes_xyxy) -> float | None:
 
 def canvas_groups(image_hw: tuple[int, int], sides: dict[str, float | None], base: int) -> dict[int, list[str]]:
     """Classes -> the canvas each is detected at on an (H, W) px image, from each class's exemplar
-    object_side in image px (None: unknown) -> {canvas long side: [class names]}, at most two
-    entries. A class whose exemplars are big enough at `base` (or of unknown size) is detected
-    at `base`; the small ones share the canvas of the smallest (canvas_size; tiled). So an image
-    needs at most two encodes. A larger class joins the small ones when its objects still fit
-    whole in the tiles' overlap (tile_overlap): large objects are never cut up by the tiles of a
-    small class, while mid-sized ones keep the enlarged view, which the detector prefers."""
+    object_side in image px (None: unknown) -> {canvas long side: [class names]}. A class whose
+    exemplars fit the model at `base` (or of unknown size) is detected at `base`, a large one at
+    its own smaller canvas (canvas_size), and the small ones share the canvas of the smallest
+    (tiled): one encode per entry. A larger class joins the small ones (saving its encode) when
+    its objects still fit whole in the tiles' overlap (tile_overlap) and stay within
+    MAX_OBJECT_PX there: large objects are never cut up, nor blown up, by a small class's tiles."""
     need = {name: canvas_size(image_hw, side, base) for name, side in sides.items()}
     small = [name for name, size in need.items() if size > base]
     groups = {}
     if small:
         size = max(need[n] for n in small)
-        overlap = tile_overlap(image_hw, size, base)      # a class whose objects fit in it joins
-        groups[size] = [n for n in need if n in small or (sides[n] is not None and sides[n] <= overlap)]
-    rest = [name for name in need if not any(name in g for g in groups.values())]
-    if rest:
-        groups[base] = rest
+        fits = min(tile_overlap(image_hw, size, base), MAX_OBJECT_PX * max(image_hw) / size)
+        groups[size] = [n for n in need if n in small or (sides[n] is not None and sides[n] <= fits)]
+    for name in need:
+        if not any(name in g for g in groups.values()):
+            groups.setdefault(need[name], []).append(name)
     return groups
 
 
