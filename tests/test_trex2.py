@@ -863,12 +863,12 @@ def test_canvas_groups_put_each_class_at_its_own_canvas():
     assert canvas_groups(hw, {}, 640) == {}
     assert tile_overlap(hw, small, 640) == 60 and tile_overlap(hw, 640, 640) == float("inf")
     # a larger class joins the tiles when its objects fit whole in their overlap and stay within
-    # MAX_OBJECT_PX there; otherwise it keeps its own canvas
+    # MAX_SHARED_OBJECT_PX there; otherwise it keeps its own canvas
     hw = (480, 640)
     size = canvas_size(hw, 38.0, 640)
-    assert size == 768 and tile_overlap(hw, size, 640) > 300 and 105 * size / 640 > MAX_OBJECT_PX
-    assert canvas_groups(hw, {"tiny": 38.0, "med": 80.0, "big": 105.0, "huge": 300.0}, 640) == {
-        768: ["tiny", "med"], 640: ["big"], 224: ["huge"]}
+    assert size == 768 and tile_overlap(hw, size, 640) > 300 and 148 * size / 640 > MAX_OBJECT_PX
+    assert canvas_groups(hw, {"tiny": 38.0, "med": 105.0, "big": 148.0, "huge": 300.0}, 640) == {
+        768: ["tiny", "med", "big"], 224: ["huge"]}                      # 300 px: 360 at 768
 
 
 def test_canvas_size_for_large_objects():

@@ -30,6 +30,9 @@ MAX_CANVAS = 2560   # ... by a (tiled) canvas long side of at most this many pix
 MAX_OBJECT_PX = 110  # large-object mode: exemplars are shrunk to at most this side in the canvas
                      # (the 75th percentile of the training objects; the image is then smaller
                      # than the padded 640 px canvas, as in the zoomed-out training views)
+MAX_SHARED_OBJECT_PX = 184  # a larger class shares a small class's tiles while its objects stay under
+                            # this (the 90th percentile): one encode less, and larger objects are
+                            # localised better than shrunk ones
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 
 
@@ -72,13 +75,13 @@ def canvas_groups(image_hw: tuple[int, int], sides: dict[str, float | None], bas
     its own smaller canvas (canvas_size), and the small ones share the canvas of the smallest
     (tiled): one encode per entry. A larger class joins the small ones (saving its encode) when
     its objects still fit whole in the tiles' overlap (tile_overlap) and stay within
-    MAX_OBJECT_PX there: large objects are never cut up, nor blown up, by a small class's tiles."""
+    MAX_SHARED_OBJECT_PX there: large objects are never cut up, nor blown up, by a small class's tiles."""
     need = {name: canvas_size(image_hw, side, base) for name, side in sides.items()}
     small = [name for name, size in need.items() if size > base]
     groups = {}
     if small:
         size = max(need[n] for n in small)
-        fits = min(tile_overlap(image_hw, size, base), MAX_OBJECT_PX * max(image_hw) / size)
+        fits = min(tile_overlap(image_hw, size, base), MAX_SHARED_OBJECT_PX * max(image_hw) / size)
         groups[size] = [n for n in need if n in small or (sides[n] is not None and sides[n] <= fits)]
     for name in need:
         if not any(name in g for g in groups.values()):
