@@ -351,8 +351,9 @@ def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: s
 def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int) -> Callable:
     """canvas(abs_path, (H, W)) -> canvas long side, or {canvas: [categories]}. "auto": each
     category at the model's size, or larger and tiled (up to trex2.predictor.MAX_CANVAS) where its
-    exemplars would be too small to see (trex2.predictor.canvas_groups; with --per-image from that
-    image's own exemplars); a number: that size for every image and category."""
+    exemplars would be too small to see, or smaller where they would be too large
+    (trex2.predictor.canvas_groups; with --per-image from that image's own exemplars); a number:
+    that size for every image and category."""
     from trex2.predictor import canvas_groups
     if canvas != "auto":
         return lambda path, hw: int(canvas)

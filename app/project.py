@@ -852,6 +852,7 @@ class Engine:
         self._previews: dict[tuple, tuple[Path, int, int]] = {}
         self._pool = None
         self._hw: dict[tuple, tuple[int, int]] = {}  # image (H, W) by file key
+        self._decoded: tuple | None = None  # (file key, pixels) of the last image_hw decode
 
     @property
     def predictor(self):
@@ -947,7 +948,8 @@ class Engine:
         key = self._key(Path(path))
         with self._lock:
             if key not in self._hw:
-                self._hw[key] = load_image(Path(path)).shape[:2]
+                image = load_image(Path(path))
+                self._hw[key], self._decoded = image.shape[:2], (key, image)   # embedding reuses it
             return self._hw[key]
 
     def class_canvas(self, path: str | os.PathLike, sides: dict | None, cls: str) -> int | None:
@@ -971,8 +973,11 @@ class Engine:
             hit = pred.cached(key, size)
             if hit is not None:
                 return hit
-            image = load_image(path)
-            self._hw[key] = image.shape[:2]
+            if self._decoded is not None and self._decoded[0] == key:
+                image = self._decoded[1]
+            else:
+                image = load_image(path)
+                self._hw[key], self._decoded = image.shape[:2], (key, image)
             return pred.encode_image(image, key=key, size=size)
 
     def class_embeddings(self, project: Project, images: list[int] | None,

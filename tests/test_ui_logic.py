@@ -591,3 +591,22 @@ def test_view_of_an_unreadable_image_names_it_and_keeps_the_session_usable(proje
     assert "cell" in stats_html(s)
     project.step(1)
     assert build_view(s, engine)["image"]["file"] == "sub/c.jpg"
+
+
+def test_an_image_is_decoded_once_for_its_size_and_its_encode(tmp_path, monkeypatch):
+    """Detecting on a new image reads its size and encodes it from one decode of the file."""
+    import trex2.image_io
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(d / "a.png")
+    engine = Engine(predictor=trex2.Predictor(trex2.TRex2(trex2.ModelConfig()).eval()),
+                    preview_dir=tmp_path / "pv")
+    project = Project(d, tmp_path / "proj" / "project.json")
+    project.add_class("dot")
+    project.add_prompt("box", [100, 100, 160, 160], cls="dot")      # 60 px: one plain encode
+    calls = []
+    real = trex2.image_io.load_image
+    monkeypatch.setattr(trex2.image_io, "load_image", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
+    detect_in_image(project, engine)
+    assert len(calls) == 1 and engine.predictor.encode_count == 1
