@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from exports import atomic_write_text, clip_xyxy
-from trex2.image_io import ImageLoadError, list_images, load_image
+from trex2.image_io import ImageLoadError, image_size, list_images, load_image
 
 SIDECAR_SUFFIX = ".partial.jsonl"
 SIDECAR_FORMAT = "trex2-label-partial/1"
@@ -87,16 +87,19 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
             return
         path = os.path.join(image_dir, rel)
         try:
-            image = load_image(path)
+            key, (w, h) = file_key(path), image_size(path)
+            groups = None if canvas is None else canvas(os.path.abspath(path), (h, w))
+            if not isinstance(groups, dict):
+                groups = {groups: None}
+            embs = {size: predictor.cached(key, size) for size in groups}
+            image = None if all(e is not None for e in embs.values()) else load_image(path)
         except (ImageLoadError, OSError) as e:
             yield ImageResult(rel, path, None, None, str(e))
         else:
-            groups = None if canvas is None else canvas(os.path.abspath(path), image.shape[:2])
-            if not isinstance(groups, dict):
-                groups = {groups: None}
+            hw = (h, w) if image is None else tuple(image.shape[:2])    # cached: not decoded again
             parts, order = [], [] if callable(classes) else list(classes)
             for size, names in groups.items():
-                emb = predictor.encode_image(image, key=file_key(path), size=size)
+                emb = embs[size] or predictor.encode_image(image, key=key, size=size)
                 if callable(classes):
                     cls = classes(os.path.abspath(path), emb, names)
                     order += list(cls)
@@ -104,7 +107,7 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     cls = classes if names is None else {n: classes[n] for n in names if n in classes}
                 if cls:
                     parts.append(predictor.detect(emb, cls, score_threshold=score_threshold))
-            yield ImageResult(rel, path, tuple(image.shape[:2]), merge_detections(parts, order))
+            yield ImageResult(rel, path, hw, merge_detections(parts, order))
         if on_progress is not None:
             on_progress(i + 1, total)
 

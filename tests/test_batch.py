@@ -396,6 +396,21 @@ def test_label_folder_generator_progress_and_cancel(dataset, predictor):
     assert len(seen2) == 2
 
 
+def test_label_folder_does_not_decode_images_already_encoded(dataset, predictor, monkeypatch):
+    classes = batch.PromptSource.load(dataset["cross"]).cross_image_classes(predictor)
+    names = sorted(dataset["truth"])[:3]
+    first = list(batch.label_folder(predictor, dataset["images"], names, classes))
+    decoded = []
+    real = batch.load_image
+    monkeypatch.setattr(batch, "load_image", lambda p: decoded.append(p) or real(p))
+    again = list(batch.label_folder(predictor, dataset["images"], names, classes))
+    assert decoded == [] and [r.size for r in again] == [r.size for r in first] == [(SIZE, SIZE)] * 3
+    assert all(np.array_equal(a.detections.xyxy, b.detections.xyxy) for a, b in zip(first, again))
+    predictor.cache.clear()
+    list(batch.label_folder(predictor, dataset["images"], names, classes))
+    assert len(decoded) == 3
+
+
 class Recording:
     """A predictor wrapper that records the canvas size of every encode_image call in ``sizes``."""
 
@@ -441,6 +456,7 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     small_per = Path(dataset["per"]).with_name("small-per.json")
     small_per.write_text(json.dumps(per))
     sizes.clear()
+    predictor.cache.clear()               # label skips the encode of an image already cached
     batch.run(dataset["images"], str(small_per), str(tmp_path / "e.json"), predictor=rec, progress=False,
               per_image=True)
     prompted = len({a["image_id"] for a in per["annotations"]})   # the others are not even encoded
@@ -512,7 +528,7 @@ def test_each_class_is_detected_at_its_own_canvas(predictor, tmp_path):
     sizes = []
     out = tmp_path / "o.json"
     batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(predictor, sizes), progress=False)
-    assert sorted(sizes) == [640, 640, 2560, 2560]        # prompt image, then the folder's image
+    assert sorted(sizes) == [640, 2560]   # the prompt image is the folder's: each canvas encoded once
     data = json.loads(out.read_text())
     thr = data["info"]["score_threshold"]
     by_score = lambda c: sorted((a for a in data["annotations"] if a["category_id"] == c),  # noqa: E731
