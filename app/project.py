@@ -1015,16 +1015,18 @@ class Engine:
                sides: dict | None = None) -> list[tuple[str, list, float]]:
         """Run the model on image i with the class embeddings, each class at its canvas (exemplar
         sizes ``sides``, see ``canvas``) -> [(class, xyxy, score)]."""
+        from app.batch import label_folder
+        from trex2.image_io import ImageLoadError
+
         if not class_embs:
             return []
-        path = project.image_path(i)
-        out = []
-        with self._lock:
-            groups = self.canvas(self.image_hw(path), {n: (sides or {}).get(n) for n in class_embs})
-            for size, names in (groups or {None: list(class_embs)}).items():
-                part = {n: class_embs[n] for n in names}
-                out += detections_to_list(self.predictor.detect(self.embedding(path, size), part), list(part))
-        return out
+        all_sides = {n: (sides or {}).get(n) for n in class_embs}
+        with self._lock:    # the same per-canvas loop as "detect in all images" and `label`
+            res = next(label_folder(self.predictor, str(project.root), [project.images[i].file], class_embs,
+                                    canvas=lambda path, hw: self.canvas(hw, all_sides)))
+        if res.error is not None:
+            raise ImageLoadError(res.error)
+        return detections_to_list(res.detections, list(class_embs))
 
 
 def detections_to_list(dets, names: list[str]) -> list[tuple[str, list, float]]:

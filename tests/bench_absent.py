@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     classes, home = {}, {}
     for s in args.sets:
         prompts = read_prompts(os.path.join(s, "prompts-cross-image", "prompts.json"))
+        embs = {p: predictor.encode_image(load_image(p), key=str(p)) for p in prompts.images()}  # each once
         for c in prompts.category_names:
-            pos = [(predictor.encode_image(load_image(p), key=str(p)), prompts.boxes(p, c)) for p in prompts.images()]
+            pos = [(e, prompts.boxes(p, c)) for p, e in embs.items()]
             name = f"{os.path.basename(os.path.normpath(s))}/{c}"
             classes[name] = predictor.embed_prompts([(e, b) for e, b in pos if len(b)])
             home[name] = s
