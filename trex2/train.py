@@ -38,10 +38,11 @@ def _scene(args):
 
 
 def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log, holdout: int = 4,
-                zoom_out: int = 0, zoom_in: int = 0, workers: int = 1):
+                zoom_out: int = 0, zoom_in: int = 0, workers: int = 1, max_images: int | None = None):
     """Backbone features of every training image -> (train, held). The first `holdout` images of each
     real set are kept apart (no augmentation) to calibrate the score threshold. Each other real image
-    also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas) and `zoom_in` random crops."""
+    also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas) and `zoom_in` random crops.
+    max_images: read only this many images of each real set (smoke tests)."""
     from . import synthetic
     global _SOURCES
     _SOURCES = synthetic.load_object_sources(train_root, rng=np.random.default_rng(seed))
@@ -64,6 +65,8 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
                 raise ValueError("refusing to train on a dev set")
             n0 = len(train)
             for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
+                if max_images is not None and n >= max_images:
+                    break
                 if n < holdout:
                     held.append(cache_image(model, image, boxes, labels, name, size))
                     continue
@@ -216,6 +219,7 @@ def main(argv=None) -> int:
                     help="share of episodes prompting a category the target image lacks (no targets)")
     ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
     ap.add_argument("--holdout", type=int, default=4, help="images per real set kept for calibration")
+    ap.add_argument("--max-images", type=int, default=None, help="read only this many images per real set (smoke tests)")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
     ap.add_argument("--deadline", type=float, default=None,
@@ -255,7 +259,7 @@ def main(argv=None) -> int:
         log(f"loaded {len(train)} training and {len(held)} held-out cached images from {args.cache}")
     else:
         train, held = build_cache(model, args.train_root, args.synthetic, args.size, args.seed, log,
-                                  args.holdout, args.zoom_out, args.zoom_in, args.workers)
+                                  args.holdout, args.zoom_out, args.zoom_in, args.workers, args.max_images)
         if args.cache:
             os.makedirs(os.path.dirname(args.cache) or ".", exist_ok=True)
             save_cache(train, held, args.cache)
