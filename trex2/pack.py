@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .image_io import load_image
-from .train import DEFAULT_TRAIN_ROOT
+from .synthetic import DEFAULT_TRAIN_ROOT
 
 MAX_SIDE = 640
 JPEG_QUALITY = 85

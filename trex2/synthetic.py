@@ -32,7 +32,7 @@ import numpy as np
 
 __all__ = ["Scene", "ObjectSource", "generate_scene", "load_object_sources"]
 
-DEFAULT_TRAIN_ROOT = "/work/shared/data/train"
+DEFAULT_TRAIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")  # the labelled train sets
 MIN_VISIBLE = 0.55      # fraction of an instance's full mask that must stay visible
 MIN_SIZE, MAX_SIZE = 8.0, 300.0   # object long side in px (at size=640)
 

@@ -22,9 +22,7 @@ from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hf
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
-
-DEFAULT_TRAIN_ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
-
+from .synthetic import DEFAULT_TRAIN_ROOT
 
 _SOURCES = None   # object sources shared with forked synthetic-scene workers
 
