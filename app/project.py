@@ -403,6 +403,11 @@ class Project:
             self.active_class = name
         return info
 
+    def _append_class(self, name: str, text: str | None = None) -> None:
+        """Add class `name` with the first unused palette colour (inside a caller's undo step)."""
+        used = {c.color for c in self.classes}
+        self.classes.append(ClassInfo(name, next((x for x in PALETTE if x not in used), PALETTE[0]), text))
+
     def ensure_class(self, name: str) -> ClassInfo:
         return self.get_class(name) if name in self.class_names else self.add_class(name)
 
@@ -759,9 +764,7 @@ class Project:
         with self._edit("load prompts", scope=None):
             for c in ps.categories:
                 if c.name not in self.class_names:
-                    used = {k.color for k in self.classes}
-                    color = next((x for x in PALETTE if x not in used), PALETTE[0])
-                    self.classes.append(ClassInfo(c.name, color, c.text))
+                    self._append_class(c.name, c.text)
                 elif c.text and not self.get_class(c.name).text:
                     self.get_class(c.name).text = c.text
             for p in ps.prompts:
@@ -781,6 +784,65 @@ class Project:
                 self.active_class = self.classes[0].name
         return n_in, n_ext
 
+    def import_coco(self, path: str | os.PathLike) -> dict:
+        """Add the boxes of a COCO file to this folder's images (one undo step). Boxes with a score
+        (the output of `python app.py label`) become pending model boxes, merged as
+        apply_detections merges a detection run; boxes without one (existing labels) become
+        accepted boxes unless an accepted or hand-drawn box of the class already covers them
+        (IoU > DUPLICATE_IOU). An image is matched by its file_name relative to the folder, else
+        by a file name that occurs once in the folder; an image whose size differs from the
+        file's record is skipped (its boxes would be in another frame). Missing classes are
+        created. Returns {"images", "labels", "detections": counts added, "unmatched",
+        "size_mismatch": file_names skipped}."""
+        from exports.coco import read_coco
+
+        try:
+            data = read_coco(path)
+        except (OSError, ValueError) as e:
+            raise ProjectError(f"cannot import {path}: {e}") from e
+        index = {im.file: i for i, im in enumerate(self.images)}
+        names: dict[str, list[int]] = {}
+        for i, im in enumerate(self.images):
+            names.setdefault(Path(im.file).name, []).append(i)
+        where, unmatched, mismatch = {}, [], []
+        for rec in data.images:
+            i = index.get(rec.file_name)
+            if i is None and len(names.get(Path(rec.file_name).name, [])) == 1:
+                i = names[Path(rec.file_name).name][0]
+            if i is None:
+                unmatched.append(rec.file_name)
+            elif self.image_size(i) != (rec.width, rec.height):
+                mismatch.append(rec.file_name)
+            else:
+                where[rec.file_name] = i
+        counts = {"images": 0, "labels": 0, "detections": 0}
+        with self._edit("import COCO", scope=None):
+            for name in data.categories:
+                if name not in self.class_names:
+                    self._append_class(name)
+            if self.active_class is None and self.classes:
+                self.active_class = self.classes[0].name
+            for file_name, i in where.items():
+                anns = data.annotations_for(file_name)
+                dets = [(a.category, list(a.box), float(a.score)) for a in anns if a.score is not None]
+                if dets:
+                    counts["detections"] += self.apply_detections(i, dets)
+                im = self.images[i]
+                for a in anns:
+                    if a.score is not None:
+                        continue
+                    try:
+                        box = _norm_box(a.box, self.image_size(i))
+                    except ProjectError:
+                        continue   # nothing of it inside the image
+                    if any(b.cls == a.category and (b.state == "accepted" or b.source == "manual")
+                           and _box_iou(b.xyxy, box) > DUPLICATE_IOU for b in im.boxes):
+                        continue
+                    im.boxes.append(BoxRec(self._new_id(), a.category, box, None, "accepted", "manual"))
+                    counts["labels"] += 1
+                counts["images"] += bool(anns)
+        return {**counts, "unmatched": unmatched, "size_mismatch": mismatch}
+
     def load_class_embeddings(self, path: str | os.PathLike) -> list[str]:
         """Load a class-embedding file (trex2.save_class_embeddings format): its classes are
         created if missing and used by "detect in all images" for classes without prompts.
@@ -794,9 +856,7 @@ class Project:
         with self._edit("load class embeddings", scope=[]):
             for name in loaded:
                 if name not in self.class_names:
-                    used = {k.color for k in self.classes}
-                    self.classes.append(ClassInfo(name, next((x for x in PALETTE if x not in used),
-                                                             PALETTE[0])))
+                    self._append_class(name)
             if self.active_class is None and self.classes:
                 self.active_class = self.classes[0].name
         self.loaded_embeddings.update(loaded)

@@ -474,6 +474,19 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        force=True)
 
     @guarded
+    def on_import(sess, upload):
+        if not upload:
+            raise ProjectError("choose a COCO .json file first")
+        r = sess.project.import_coco(upload)
+        msg = (f"imported {r['labels']} labels (accepted) and {r['detections']} detections (pending) "
+               f"on {r['images']} images")
+        for key, what in (("unmatched", "not in this folder"), ("size_mismatch", "of another size here")):
+            if r[key]:
+                msg += (f"; skipped {len(r[key])} image(s) {what}: {', '.join(r[key][:3])}"
+                        f"{' ...' if len(r[key]) > 3 else ''}")
+        return refresh(sess, "import", msg, force=True)
+
+    @guarded
     def on_upload(sess, files):
         if not files:
             return (sess,) + (gr.skip(),) * 5
@@ -573,6 +586,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                                            variant="primary")
                 export_file = gr.File(label="Download", elem_id="tx-export-file", interactive=False)
                 export_msg = gr.Markdown(elem_id="tx-export-msg")
+            with gr.Tab("Import"):
+                coco_upload = gr.File(
+                    label="Import a COCO file: boxes without a score (labels) come in accepted, boxes "
+                          "with one (e.g. from 'python app.py label') as pending detections to review",
+                    file_types=[".json"], type="filepath", elem_id="tx-import")
             with gr.Tab("Prompts & class embeddings"):
                 with gr.Row():
                     prompt_path = gr.Textbox(
@@ -637,6 +655,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        concurrency_id="model")
         emb_upload.upload(on_load_embeddings, [state, emb_upload], main)
         upload.upload(on_upload, [state, upload], main)
+        coco_upload.upload(on_import, [state, coco_upload], main)
         def search_classes(sess):
             names = sess.project.class_names if sess else []
             return gr.update(choices=names, value=names[0] if names else None)

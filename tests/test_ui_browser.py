@@ -282,6 +282,18 @@ def test_label_folder_in_browser(app_server):
             link.click()
         coco_path = root / "downloaded.coco.json"
         dl.value.save_as(coco_path)
+
+        # import a COCO file of detections (as `app.py label` writes): pending boxes to review
+        from exports import write_coco
+        dets = root / "detections.coco.json"
+        v = _view(page)
+        write_coco(dets, [(v["image"]["file"], v["image"]["width"], v["image"]["height"])], ["nucleus"],
+                   [(v["image"]["file"], "nucleus", (5, 5, 40, 40), 0.9)])
+        page.get_by_role("tab", name="Import").click()
+        page.locator("#tx-import input[type=file]").set_input_files(str(dets))
+        _wait_view(page, "v.action === 'import' && v.boxes.some(b => b.cls === 'nucleus'"
+                         " && b.state === 'pending' && b.score === 0.9)")
+        assert "1 detections" in _view(page)["message"]
         browser.close()
 
     # only the app's own files are served: previews yes; originals, /etc, traversal no

@@ -610,3 +610,38 @@ def test_an_image_is_decoded_once_for_its_size_and_its_encode(tmp_path, monkeypa
     monkeypatch.setattr(trex2.image_io, "load_image", lambda p, *a, **k: calls.append(p) or real(p, *a, **k))
     detect_in_image(project, engine)
     assert len(calls) == 1 and engine.predictor.encode_count == 1
+
+
+def test_import_coco_labels_and_detections_then_undo(project, tmp_path):
+    from exports import write_coco
+
+    project.add_box([0, 0, 20, 20], cls="cell")          # the user's own label on a.jpg
+    src = tmp_path / "in.coco.json"
+    write_coco(src, [("a.jpg", W, H), ("c.jpg", W, H), ("b.png", W + 1, H), ("gone.jpg", W, H)],
+               ["cell", "nucleus"],
+               [("a.jpg", "cell", (0, 0, 20, 21)),           # duplicates the user's box: dropped
+                ("a.jpg", "nucleus", (30, 30, 50, 50)),      # a label: accepted
+                ("a.jpg", "cell", (40, 10, 60, 30), 0.8),    # a detection: pending, scored
+                ("c.jpg", "cell", (60, 40, 200, 200)),       # by unique file name (sub/c.jpg), clipped
+                ("b.png", "cell", (1, 1, 9, 9)),             # size differs from b.png: skipped
+                ("gone.jpg", "cell", (1, 1, 9, 9))])
+    r = project.import_coco(src)
+    assert r == {"images": 2, "labels": 2, "detections": 1, "unmatched": ["gone.jpg"],
+                 "size_mismatch": ["b.png"]}
+    assert project.class_names == ["cell", "nucleus"]
+    a, b, c = project.images
+    assert sorted((x.cls, x.state, x.score, x.source) for x in a.boxes) == [
+        ("cell", "accepted", None, "manual"), ("cell", "pending", 0.8, "model"),
+        ("nucleus", "accepted", None, "manual")]
+    assert a.status == "predicted" and not b.boxes
+    assert [(x.xyxy, x.state) for x in c.boxes] == [([60.0, 40.0, 80.0, 60.0], "accepted")]
+    assert len(project.accepted_annotations()) == 3
+    assert project.undo() == "import COCO"
+    assert [len(im.boxes) for im in project.images] == [1, 0, 0] and project.class_names == ["cell"]
+
+
+def test_import_coco_rejects_a_bad_file(project, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "annotations": [{"bbox": [0, 0, 1]}]}')
+    with pytest.raises(ProjectError, match="bad.json"):
+        project.import_coco(bad)
