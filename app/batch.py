@@ -105,9 +105,14 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     order += list(cls)
                 else:
                     cls = classes if names is None else {n: classes[n] for n in names if n in classes}
-                if cls:
-                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold))
-            yield ImageResult(rel, path, hw, merge_detections(parts, order))
+                if cls:   # with several canvases, classes compete once all are merged
+                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold,
+                                                  compete=len(groups) == 1))
+            dets = merge_detections(parts, order)
+            if len(groups) > 1:
+                from trex2.predictor import SCORE_FLOOR, compete_classes
+                dets = compete_classes(dets, max(SCORE_FLOOR, score_threshold or 0.0))
+            yield ImageResult(rel, path, hw, dets)
         if on_progress is not None:
             on_progress(i + 1, total)
 

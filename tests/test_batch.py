@@ -539,3 +539,33 @@ def test_each_class_is_detected_at_its_own_canvas(predictor, tmp_path):
     found = [a for a in by_score(1) if a["score"] >= thr]
     m = iou(discs, xyxy(found))
     assert (m.max(1) >= 0.5).mean() >= 0.9 and len(found) <= 33
+
+
+def test_label_folder_makes_classes_on_different_canvases_compete_once(tmp_path):
+    """Classes detected at different canvases compete after the merge, exactly once."""
+    import supervision as sv
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+
+    class Fake:
+        calls = []
+
+        def cached(self, key, size=None):
+            return None
+
+        def encode_image(self, image, key=None, size=None):
+            return size
+
+        def detect(self, emb, classes, score_threshold=None, compete=True):
+            self.calls.append(compete)
+            name = next(iter(classes))
+            score = {"a": 0.8, "b": 0.6}[name]
+            return sv.Detections(xyxy=np.array([[10, 10, 30, 30]], np.float32),
+                                 confidence=np.array([score], np.float32), class_id=np.array([0]),
+                                 data={"class_name": np.array([name], dtype=object)})
+
+    one, = batch.label_folder(Fake(), str(tmp_path), ["a.png"], {"a": None, "b": None},
+                              canvas=lambda path, hw: {640: ["a"], 1280: ["b"]})
+    assert Fake.calls == [False, False]
+    assert dict(zip(one.detections.data["class_name"], one.detections.confidence.tolist())) == \
+        pytest.approx({"a": 0.8, "b": 0.3})

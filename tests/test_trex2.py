@@ -990,3 +990,37 @@ def test_absent_episodes_from_another_set(scene_cache):
             other = 1 - e["target"]
             assert e["source"] == other and e["group"] == ims[other].group and len(e["targets"]) == 0
     assert {e["target"] for e in eps} == {0, 1, 2}
+
+
+def test_compete_classes_halves_the_runner_up_only():
+    from trex2.predictor import _detections, compete_classes
+    xyxy = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0, 0, 10, 10.2],
+                     [0, 0, 10, 10], [20, 20, 30, 30]], np.float32)
+    conf = np.array([0.8, 0.6, 0.5, 0.07, 0.3, 0.5], np.float32)
+    dets = _detections(xyxy, conf, np.array([0, 1, 1, 0, 2, 0]), ["a", "b", "c"])
+    out = compete_classes(dets)
+    # b's 0.6 and c's 0.3 are beaten by a's 0.8 on the same object; a's own 0.07 duplicate is a
+    # same-class overlap (NMS's business) but is beaten by b: 0.035 falls under the floor; the
+    # tie at (20, 20) has no winner
+    assert out.confidence.tolist() == pytest.approx([0.8, 0.3, 0.5, 0.15, 0.5])
+    assert list(out.data["class_name"]) == ["a", "b", "b", "c", "a"]
+    assert dets.confidence.tolist() == pytest.approx(conf.tolist())        # input untouched
+    one = _detections(xyxy[:2], conf[:2], np.array([0, 0]), ["a"])
+    assert compete_classes(one).confidence.tolist() == pytest.approx([0.8, 0.6])
+
+
+def test_detect_makes_classes_compete_for_an_object():
+    model = confident(small_model())
+    predictor = Predictor(model)
+    img, boxes = squares_image(200, 300)
+    emb = predictor.encode_image(img)
+    classes = {"a": predictor.embed_prompts([(emb, boxes[:2])]),
+               "b": predictor.embed_prompts([(emb, boxes[1:3])])}
+    free = predictor.detect(emb, classes, compete=False)
+    dets = predictor.detect(emb, classes)
+    iou = box_iou(torch.as_tensor(free.xyxy), torch.as_tensor(free.xyxy))[0].numpy()
+    beaten = ((iou > 0.7) & (free.class_id[:, None] != free.class_id[None, :])
+              & (free.confidence[None, :] > free.confidence[:, None])).any(1)
+    assert beaten.any() and not beaten.all()
+    want = np.where(beaten, free.confidence / 2, free.confidence)
+    assert sorted(dets.confidence.tolist()) == pytest.approx(sorted(want[want >= 0.05].tolist()))

@@ -59,7 +59,7 @@ class FakePredictor:
         h = float(np.mean(np.concatenate([s[1] for s in sizes]))) if sizes else 10.0
         return trex2.ClassEmbedding(torch.tensor([w, h]), torch.zeros(0, 2))
 
-    def detect(self, emb, classes, score_threshold=None):
+    def detect(self, emb, classes, score_threshold=None, compete=True):
         self.detect_calls += 1
         xyxy, conf, ids = [], [], []
         for c, (name, ce) in enumerate(classes.items()):

@@ -34,6 +34,8 @@ MAX_SHARED_OBJECT_PX = 184  # a larger class shares a small class's tiles while 
                             # this (the 90th percentile): one encode less, and larger objects are
                             # localised better than shrunk ones
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
+CLASS_OVERLAP_IOU = 0.7      # a box this close to a better-scored box of another class ...
+CLASS_OVERLAP_FACTOR = 0.5   # ... keeps this share of its score (see compete_classes)
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
@@ -216,6 +218,29 @@ def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor
     return keep, scores[keep], boxes[keep]
 
 
+def compete_classes(dets: sv.Detections, floor: float = SCORE_FLOOR, iou: float = CLASS_OVERLAP_IOU,
+                    factor: float = CLASS_OVERLAP_FACTOR) -> sv.Detections:
+    """Classes compete for an object: a box overlapping (IoU > `iou`) a higher-scored box of another
+    class has its confidence multiplied by `factor`, and boxes then under `floor` are dropped.
+    Each class is scored on its own (a sigmoid per class, as in training), so one object can be
+    confidently both "white pawn" and "white bishop"; the runner-up is kept, ranked lower, for a
+    reviewer to pick. Measured on the Chess, Masks and Screws train sets (3 cross-image exemplars
+    per class): AP50 0.434 -> 0.475, 0.436 -> 0.455, 0.376 -> 0.399; dropping the runner-up
+    (factor 0) cost 0.02-0.10 instead."""
+    if len(dets) < 2 or len(np.unique(dets.class_id)) < 2:
+        keep = dets.confidence >= floor
+        return dets[keep] if not keep.all() else dets
+    b = torch.as_tensor(dets.xyxy, dtype=torch.float32)
+    s = torch.as_tensor(dets.confidence)
+    c = torch.as_tensor(dets.class_id)
+    beaten = (box_iou(b, b)[0] > iou) & (c[:, None] != c[None, :]) & (s[None, :] > s[:, None])
+    conf = np.where(beaten.any(1).numpy(), dets.confidence * factor, dets.confidence).astype(np.float32)
+    keep = conf >= floor
+    out = dets[keep]            # a copy: the caller's detections are left as they were
+    out.confidence = conf[keep]
+    return out
+
+
 class Predictor:
     def __init__(self, model: TRex2, cache_size: int = 32):
         self.model = model.eval()
@@ -354,15 +379,17 @@ class Predictor:
 
     @torch.no_grad()
     def detect(self, emb: ImageEmbedding, classes: dict[str, ClassEmbedding],
-               score_threshold: float | None = None) -> sv.Detections:
+               score_threshold: float | None = None, compete: bool = True) -> sv.Detections:
         """Find every instance of each class -> sv.Detections (xyxy image pixels, confidence,
-        class_id = index in `classes`, data["class_name"])."""
+        class_id = index in `classes`, data["class_name"]). compete: classes compete for each
+        object (compete_classes); False leaves that to a caller merging several detect() calls."""
         floor = max(SCORE_FLOOR, score_threshold or 0.0)
         names = list(classes)
         if not names:
             return sv.Detections.empty()
         if isinstance(emb, TiledEmbedding):
-            return self._detect_tiled(emb, classes, score_threshold)
+            dets = self._detect_tiled(emb, classes, score_threshold)
+            return compete_classes(dets, floor) if compete else dets
         cls = torch.stack([classes[n].embedding for n in names])
         cfg = self.model.cfg
         results = self._decode(emb, names, classes, cls, cfg.num_queries, floor)
@@ -380,14 +407,15 @@ class Predictor:
         xyxy = np.concatenate(xyxy).astype(np.float32)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         class_id = np.concatenate(ids).astype(int)[keep]
-        return _detections(xyxy[keep], np.concatenate(conf).astype(np.float32)[keep], class_id, names)
+        dets = _detections(xyxy[keep], np.concatenate(conf).astype(np.float32)[keep], class_id, names)
+        return compete_classes(dets, floor) if compete else dets
 
     def _detect_tiled(self, emb: TiledEmbedding, classes, score_threshold) -> sv.Detections:
         """detect() on each tile, boxes moved to image pixels, duplicates between tiles merged."""
         H, W = emb.image_size
         xyxy, conf, ids, cut, where = [], [], [], [], []
         for t, ((x0, y0, x1, y1), tile) in enumerate(emb.tiles):
-            d = self.detect(tile, classes, score_threshold)
+            d = self.detect(tile, classes, score_threshold, compete=False)
             b = d.xyxy + np.array([x0, y0, x0, y0], np.float32)
             # touches an edge of the tile that is inside the image: the object may go on beyond it
             cut.append(((b[:, 0] <= x0 + 1) & (x0 > 0)) | ((b[:, 1] <= y0 + 1) & (y0 > 0))
