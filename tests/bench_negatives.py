@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     records = gt.images[: args.limit] if args.limit else gt.images
     for rec in records:
         emb = predictor.encode_image(load_image(os.path.join(args.set, "images", rec.file_name)))
-        dets = predictor.detect(emb, classes, score_threshold=thr)
+        dets = predictor.detect(emb, classes, score_threshold=thr, compete=False)  # each class alone
         anns = gt.annotations_for(rec.file_name)
         for name in classes:
             c = name.replace(" +neg", "")
