@@ -541,10 +541,10 @@ def test_detect_in_all_images_keeps_done_images_when_the_model_fails(project, en
     project.add_prompt("box", [10, 10, 30, 20])
     real = fake.detect
 
-    def flaky(emb, classes, score_threshold=None):
+    def flaky(emb, classes, score_threshold=None, compete=True):
         if fake.detect_calls >= 2:
             raise RuntimeError("model failed")
-        return real(emb, classes, score_threshold)
+        return real(emb, classes, score_threshold, compete)
 
     fake.detect = flaky
     with pytest.raises(RuntimeError, match="model failed"):
