@@ -233,8 +233,12 @@ def compete_classes(dets: sv.Detections, floor: float = SCORE_FLOOR, iou: float 
     b = torch.as_tensor(dets.xyxy, dtype=torch.float32)
     s = torch.as_tensor(dets.confidence)
     c = torch.as_tensor(dets.class_id)
-    beaten = (box_iou(b, b)[0] > iou) & (c[:, None] != c[None, :]) & (s[None, :] > s[:, None])
-    conf = np.where(beaten.any(1).numpy(), dets.confidence * factor, dets.confidence).astype(np.float32)
+    beaten = torch.zeros(len(b), dtype=torch.bool)
+    for i in range(0, len(b), 1024):      # rows in chunks: memory stays linear in the boxes
+        r = slice(i, i + 1024)
+        other = (c[r, None] != c[None, :]) & (s[None, :] > s[r, None])   # another class, scored higher
+        beaten[r] = ((box_iou(b[r], b)[0] > iou) & other).any(1)
+    conf = np.where(beaten.numpy(), dets.confidence * factor, dets.confidence).astype(np.float32)
     keep = conf >= floor
     out = dets[keep]            # a copy: the caller's detections are left as they were
     out.confidence = conf[keep]
