@@ -225,7 +225,7 @@ def compete_classes(dets: sv.Detections, floor: float = SCORE_FLOOR, iou: float 
     Each class is scored on its own (a sigmoid per class, as in training), so one object can be
     confidently both "white pawn" and "white bishop"; the runner-up is kept, ranked lower, for a
     reviewer to pick. Measured on the Chess, Masks and Screws train sets (3 cross-image exemplars
-    per class): AP50 0.434 -> 0.475, 0.436 -> 0.455, 0.376 -> 0.399; dropping the runner-up
+    per class): AP50 0.434 -> 0.473, 0.436 -> 0.453, 0.376 -> 0.402; dropping the runner-up
     (factor 0) cost 0.02-0.10 instead."""
     if len(dets) < 2 or len(np.unique(dets.class_id)) < 2:
         keep = dets.confidence >= floor
