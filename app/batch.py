@@ -25,6 +25,7 @@ import numpy as np
 
 from exports import atomic_write_text, clip_xyxy
 from trex2.image_io import ImageLoadError, image_size, list_images, load_image
+from trex2.predictor import compete_classes
 
 SIDECAR_SUFFIX = ".partial.jsonl"
 SIDECAR_FORMAT = "trex2-label-partial/1"
@@ -105,14 +106,9 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     order += list(cls)
                 else:
                     cls = classes if names is None else {n: classes[n] for n in names if n in classes}
-                if cls:   # with several canvases, classes compete once all are merged
-                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold,
-                                                  compete=len(groups) == 1))
-            dets = merge_detections(parts, order)
-            if len(groups) > 1:
-                from trex2.predictor import SCORE_FLOOR, compete_classes
-                dets = compete_classes(dets, max(SCORE_FLOOR, score_threshold or 0.0))
-            yield ImageResult(rel, path, hw, dets)
+                if cls:   # classes compete once all canvases are merged
+                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold, compete=False))
+            yield ImageResult(rel, path, hw, compete_classes(merge_detections(parts, order), score_threshold))
         if on_progress is not None:
             on_progress(i + 1, total)
 

@@ -129,6 +129,11 @@ def _box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def _duplicates(boxes, cls: str, xyxy) -> bool:
+    """Whether a box of class `cls` among `boxes` (BoxRec) overlaps xyxy by IoU > DUPLICATE_IOU."""
+    return any(b.cls == cls and _box_iou(b.xyxy, xyxy) > DUPLICATE_IOU for b in boxes)
+
+
 def _norm_box(coords, size=None) -> list[float]:
     """4 numbers -> [x1, y1, x2, y2] ordered, finite, clipped to the image when size is known."""
     b = [float(v) for v in coords]
@@ -395,18 +400,21 @@ class Project:
             raise ProjectError("a class needs a name")
         if name in self.class_names:
             raise ProjectError(f"class {name!r} already exists")
-        used = {c.color for c in self.classes}
-        color = color or next((c for c in PALETTE if c not in used), PALETTE[len(used) % len(PALETTE)])
+        color = color or self._free_color()
         with self._edit(f"add class {name}", scope=[]):
             info = ClassInfo(name, color, (text or "").strip() or None)
             self.classes.append(info)
             self.active_class = name
         return info
 
-    def _append_class(self, name: str, text: str | None = None) -> None:
-        """Add class `name` with the first unused palette colour (inside a caller's undo step)."""
+    def _free_color(self) -> str:
+        """The first palette colour no class uses (the palette again when all are taken)."""
         used = {c.color for c in self.classes}
-        self.classes.append(ClassInfo(name, next((x for x in PALETTE if x not in used), PALETTE[0]), text))
+        return next((c for c in PALETTE if c not in used), PALETTE[len(used) % len(PALETTE)])
+
+    def _append_class(self, name: str, text: str | None = None) -> None:
+        """Add class `name` with a free palette colour (inside a caller's undo step)."""
+        self.classes.append(ClassInfo(name, self._free_color(), text))
 
     def ensure_class(self, name: str) -> ClassInfo:
         return self.get_class(name) if name in self.class_names else self.add_class(name)
@@ -648,7 +656,7 @@ class Project:
                     min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
             if xyxy[2] - xyxy[0] < 1 or xyxy[3] - xyxy[1] < 1:
                 continue  # nothing left inside the image
-            if any(k.cls == cls and _box_iou(k.xyxy, xyxy) > DUPLICATE_IOU for k in decided):
+            if _duplicates(decided, cls, xyxy):
                 continue
             kept.append(BoxRec(self._new_id(), cls, [round(float(v), 2) for v in xyxy],
                                round(float(score), 4)))
@@ -835,8 +843,8 @@ class Project:
                         box = _norm_box(a.box, self.image_size(i))
                     except ProjectError:
                         continue   # nothing of it inside the image
-                    if any(b.cls == a.category and (b.state == "accepted" or b.source == "manual")
-                           and _box_iou(b.xyxy, box) > DUPLICATE_IOU for b in im.boxes):
+                    if _duplicates([b for b in im.boxes if b.state == "accepted" or b.source == "manual"],
+                                   a.category, box):
                         continue
                     im.boxes.append(BoxRec(self._new_id(), a.category, box, None, "accepted", "manual"))
                     counts["labels"] += 1
@@ -989,28 +997,39 @@ class Engine:
                               f"failed: {e}")
         return self._pool.submit(run)
 
-    def canvas(self, hw: tuple[int, int], sides: dict[str, float | None] | None) -> dict | None:
+    def canvas(self, hw: tuple[int, int], sides: dict[str, float | None] | None,
+               classes: list[str] | None = None) -> dict | None:
         """{canvas long side: [classes]} to detect each class at on an (H, W) px image, from its
         exemplars' size in px (trex2.predictor.canvas_groups: larger and tiled only for small
         objects); None: the model's default canvas for every class (no sizes, or a predictor
-        without a model config, as in tests)."""
+        without a model config, as in tests). ``classes``: the classes to place (default those of
+        ``sides``); one without a size goes to the model's canvas."""
         from trex2.predictor import canvas_groups
 
         cfg = getattr(getattr(self.predictor, "model", None), "cfg", None)
         if not sides or cfg is None:
             return None
+        if classes is not None:
+            sides = {n: sides.get(n) for n in classes}
         return canvas_groups(hw, sides, int(cfg.image_size))
 
     def image_hw(self, path: str | os.PathLike) -> tuple[int, int]:
         """(H, W) of an image file as loaded (EXIF-rotated); decodes it only the first time."""
-        from trex2.image_io import load_image
-
         key = self._key(Path(path))
         with self._lock:
             if key not in self._hw:
-                image = load_image(Path(path))
-                self._hw[key], self._decoded = image.shape[:2], (key, image)   # embedding reuses it
+                self._decode(key, Path(path))    # embedding() reuses the pixels
             return self._hw[key]
+
+    def _decode(self, key: tuple, path: Path):
+        """Pixels of the image file ``path`` (file key ``key``): the last decode is kept, its
+        (H, W) remembered."""
+        from trex2.image_io import load_image
+
+        if self._decoded is None or self._decoded[0] != key:
+            image = load_image(path)
+            self._hw[key], self._decoded = image.shape[:2], (key, image)
+        return self._decoded[1]
 
     def class_canvas(self, path: str | os.PathLike, sides: dict | None, cls: str) -> int | None:
         """The canvas class ``cls`` is detected at on the image at ``path`` (see ``canvas``)."""
@@ -1024,8 +1043,6 @@ class Engine:
     def embedding(self, path: str | os.PathLike, size: int | None = None):
         """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size) at canvas long
         side ``size`` px (None: the model's); decodes the file only on a cache miss."""
-        from trex2.image_io import load_image
-
         path = Path(path)
         key = self._key(path)
         with self._lock:
@@ -1033,12 +1050,7 @@ class Engine:
             hit = pred.cached(key, size)
             if hit is not None:
                 return hit
-            if self._decoded is not None and self._decoded[0] == key:
-                image = self._decoded[1]
-            else:
-                image = load_image(path)
-                self._hw[key], self._decoded = image.shape[:2], (key, image)
-            return pred.encode_image(image, key=key, size=size)
+            return pred.encode_image(self._decode(key, path), key=key, size=size)
 
     def class_embeddings(self, project: Project, images: list[int] | None,
                          classes: list[str] | None = None, sides: dict | None = None) -> dict:
@@ -1080,10 +1092,9 @@ class Engine:
 
         if not class_embs:
             return []
-        all_sides = {n: (sides or {}).get(n) for n in class_embs}
         with self._lock:    # the same per-canvas loop as "detect in all images" and `label`
             res = next(label_folder(self.predictor, str(project.root), [project.images[i].file], class_embs,
-                                    canvas=lambda path, hw: self.canvas(hw, all_sides)))
+                                    canvas=lambda path, hw: self.canvas(hw, sides, list(class_embs))))
         if res.error is not None:
             raise ImageLoadError(res.error)
         return detections_to_list(res.detections, list(class_embs))
@@ -1140,7 +1151,7 @@ def detect_in_folder(project: Project, engine: Engine,
     n = len(files)
     with project._edit("detect in all images", scope=None, keep_partial=True), engine.lock:
         results = label_folder(engine.predictor, str(project.root), files, embs,
-                               canvas=lambda path, hw: engine.canvas(hw, {n: sides.get(n) for n in embs}),
+                               canvas=lambda path, hw: engine.canvas(hw, sides, list(embs)),
                                should_cancel=should_stop)
         for i, res in enumerate(results):
             assert res.file_name == files[i]
@@ -1169,7 +1180,7 @@ def search_images(project: Project, engine: Engine, cls: str,
     files = [im.file for im in project.images]
     with engine.lock:
         for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
-                                             canvas=lambda path, hw: engine.canvas(hw, sides),
+                                             canvas=lambda path, hw: engine.canvas(hw, sides, list(embs)),
                                              should_cancel=should_stop,
                                              on_progress=on_progress)):
             dets = [] if res.error else detections_to_list(res.detections, [cls])

@@ -218,15 +218,22 @@ def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor
     return keep, scores[keep], boxes[keep]
 
 
-def compete_classes(dets: sv.Detections, floor: float = SCORE_FLOOR, iou: float = CLASS_OVERLAP_IOU,
+def score_floor(score_threshold: float | None) -> float:
+    """The lowest confidence detect() returns for a requested score_threshold (None: SCORE_FLOOR)."""
+    return max(SCORE_FLOOR, score_threshold or 0.0)
+
+
+def compete_classes(dets: sv.Detections, score_threshold: float | None = None, iou: float = CLASS_OVERLAP_IOU,
                     factor: float = CLASS_OVERLAP_FACTOR) -> sv.Detections:
     """Classes compete for an object: a box overlapping (IoU > `iou`) a higher-scored box of another
-    class has its confidence multiplied by `factor`, and boxes then under `floor` are dropped.
+    class has its confidence multiplied by `factor`, and boxes then under score_floor(score_threshold)
+    are dropped.
     Each class is scored on its own (a sigmoid per class, as in training), so one object can be
     confidently both "white pawn" and "white bishop"; the runner-up is kept, ranked lower, for a
     reviewer to pick. Measured on the Chess, Masks and Screws train sets (3 cross-image exemplars
     per class): AP50 0.434 -> 0.473, 0.436 -> 0.453, 0.376 -> 0.402; dropping the runner-up
     (factor 0) cost 0.02-0.10 instead."""
+    floor = score_floor(score_threshold)
     if len(dets) < 2 or len(np.unique(dets.class_id)) < 2:
         keep = dets.confidence >= floor
         return dets[keep] if not keep.all() else dets
@@ -387,13 +394,13 @@ class Predictor:
         """Find every instance of each class -> sv.Detections (xyxy image pixels, confidence,
         class_id = index in `classes`, data["class_name"]). compete: classes compete for each
         object (compete_classes); False leaves that to a caller merging several detect() calls."""
-        floor = max(SCORE_FLOOR, score_threshold or 0.0)
+        floor = score_floor(score_threshold)
         names = list(classes)
         if not names:
             return sv.Detections.empty()
         if isinstance(emb, TiledEmbedding):
             dets = self._detect_tiled(emb, classes, score_threshold)
-            return compete_classes(dets, floor) if compete else dets
+            return compete_classes(dets, score_threshold) if compete else dets
         cls = torch.stack([classes[n].embedding for n in names])
         cfg = self.model.cfg
         results = self._decode(emb, names, classes, cls, cfg.num_queries, floor)
@@ -412,7 +419,7 @@ class Predictor:
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         class_id = np.concatenate(ids).astype(int)[keep]
         dets = _detections(xyxy[keep], np.concatenate(conf).astype(np.float32)[keep], class_id, names)
-        return compete_classes(dets, floor) if compete else dets
+        return compete_classes(dets, score_threshold) if compete else dets
 
     def _detect_tiled(self, emb: TiledEmbedding, classes, score_threshold) -> sv.Detections:
         """detect() on each tile, boxes moved to image pixels, duplicates between tiles merged."""
