@@ -201,8 +201,23 @@ class Project:
         self.last_saved: float | None = None
         self.warnings: list[str] = []
 
-        files = list_images(self.root)
-        saved = self._read_saved() if self.path.exists() else None
+        #: (inode, mtime, size) of the project file as this object last read or wrote it
+        self._stamp: tuple | None = None
+        self._load(list_images(self.root), self._read_saved() if self.path.exists() else None)
+        self._load_embeddings()
+
+    def _load_embeddings(self):
+        """Class embeddings from the side file beside the project file, if there is one."""
+        emb_path = self.embeddings_path
+        if emb_path.exists():
+            try:
+                import trex2
+                self.loaded_embeddings = trex2.load_class_embeddings(str(emb_path))
+            except Exception as e:  # noqa: BLE001 - reported, project still opens
+                self.warnings.append(f"could not load class embeddings {emb_path}: {e}")
+
+    def _load(self, files: list[str], saved: dict | None):
+        """Set the state from a saved project (None: a new one) over the folder's ``files``."""
         by_file = {}
         if saved:
             self.classes = [ClassInfo(**c) for c in saved.get("classes", [])]
@@ -221,13 +236,6 @@ class Project:
             self.index = files.index(saved["current"])
         if self.active_class not in self.class_names:
             self.active_class = self.classes[0].name if self.classes else None
-        emb_path = self.embeddings_path
-        if emb_path.exists():
-            try:
-                import trex2
-                self.loaded_embeddings = trex2.load_class_embeddings(str(emb_path))
-            except Exception as e:  # noqa: BLE001 - reported, project still opens
-                self.warnings.append(f"could not load class embeddings {emb_path}: {e}")
 
     # ----------------------------------------------------------------- persistence
     @property
@@ -235,11 +243,20 @@ class Project:
         """Side file holding class embeddings loaded into this project."""
         return self.path.with_name(self.path.stem + ".embeddings.safetensors")
 
+    def _disk_stamp(self) -> tuple | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
     def _read_saved(self) -> dict:
         try:
+            stamp = self._disk_stamp()
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ProjectError(f"project file {self.path} cannot be read: {e}") from e
+        self._stamp = stamp
         if not isinstance(data, dict) or data.get("format") != PROJECT_FORMAT:
             raise ProjectError(f"{self.path} is not a {PROJECT_FORMAT} file")
         return data
@@ -256,8 +273,29 @@ class Project:
     def save(self) -> Path:
         """Write the project file atomically (temp file + os.replace)."""
         atomic_write_json(self.path, self.to_json(), indent=None)
+        self._stamp = self._disk_stamp()
         self.last_saved = time.time()
         return self.path
+
+    def sync(self) -> bool:
+        """Reload the project file if another Project (another browser tab or process) saved it
+        since this one last read or wrote it, so that a stale copy never overwrites newer work
+        when it saves next. Keeps this object's current image; clears undo/redo (their snapshots
+        predate the other's changes). Returns whether it reloaded."""
+        from trex2.image_io import list_images
+
+        stamp = self._disk_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        current = self.images[self.index].file if self.images else None
+        self._load(list_images(self.root), self._read_saved())
+        self._load_embeddings()
+        if current is not None:
+            self.index = next((i for i, im in enumerate(self.images) if im.file == current),
+                              min(self.index, max(len(self.images) - 1, 0)))
+        self._undo.clear()
+        self._redo.clear()
+        return True
 
     def _autosave(self):
         if self.autosave:
@@ -284,6 +322,8 @@ class Project:
         exception the change is rolled back, or, with keep_partial (long runs), what was done
         so far is kept as the undo step and saved before the exception propagates."""
         project = self
+        if scope and not self.images:
+            self._at()
 
         class _Ctx:
             def __enter__(self):
@@ -337,11 +377,15 @@ class Project:
             self.index = next(iter(snap["images"]))
 
     # ----------------------------------------------------------------- navigation
-    @property
-    def current(self) -> ImageRec:
+    def _at(self, i: int | None = None) -> int:
+        """Index of image i (default: the current one); ProjectError when the folder has none."""
         if not self.images:
             raise ProjectError(f"no images in {self.root}: upload some or open another folder")
-        return self.images[self.index]
+        return self.index if i is None else i
+
+    @property
+    def current(self) -> ImageRec:
+        return self.images[self._at()]
 
     def goto(self, index: int) -> ImageRec:
         """Show image ``index`` (clamped to the folder); saved so a restart resumes here."""
@@ -360,6 +404,7 @@ class Project:
     def next_to_review(self) -> ImageRec:
         """Go to the next image (after the current one, wrapping) that is not reviewed yet."""
         n = len(self.images)
+        self._at()
         for k in range(1, n + 1):
             i = (self.index + k) % n
             if self.images[i].status != "reviewed":
@@ -373,11 +418,11 @@ class Project:
         raise ProjectError(f"{file} is not an image of {self.root}")
 
     def image_path(self, i: int | None = None) -> Path:
-        return self.root / self.images[self.index if i is None else i].file
+        return self.root / self.images[self._at(i)].file
 
     def image_size(self, i: int | None = None) -> tuple[int, int]:
         """(W, H) of image i (EXIF-corrected), read from the header once and remembered."""
-        im = self.images[self.index if i is None else i]
+        im = self.images[self._at(i)]
         if im.size is None:
             from trex2.image_io import image_size
             im.size = tuple(int(v) for v in image_size(self.root / im.file))
@@ -514,7 +559,7 @@ class Project:
 
     def find(self, item_id: int, image: int | None = None):
         """-> ("prompt" | "box", record) on the image (default: current)."""
-        im = self.images[self.index if image is None else image]
+        im = self.images[self._at(image)]
         for p in im.prompts:
             if p.id == item_id:
                 return "prompt", p
@@ -603,8 +648,9 @@ class Project:
         t = float(t)
         if not 0.0 <= t <= 1.0:
             raise ProjectError(f"threshold must be in [0, 1], got {t}")
-        self.threshold = t
-        self._autosave()
+        if t != self.threshold:
+            self.threshold = t
+            self._autosave()
 
     def visible_boxes(self, i: int | None = None) -> list[BoxRec]:
         """Boxes shown for image i: accepted ones and pending ones scoring >= threshold."""
@@ -708,26 +754,43 @@ class Project:
         return [(im.file, b.cls, b.xyxy) for im in self.images for b in im.boxes
                 if b.state == "accepted"]
 
+    def export_images(self, only_reviewed: bool = False) -> tuple[list[tuple[str, int, int]],
+                                                                  list[str]]:
+        """(file, W, H) of the images an export lists (every image, or only reviewed ones), and
+        the files left out because they are gone or unreadable (no size): one bad file must not
+        block the export of the rest."""
+        images, skipped = [], []
+        for i, im in enumerate(self.images):
+            if only_reviewed and not im.reviewed:
+                continue
+            try:
+                if not self.image_path(i).is_file():
+                    raise FileNotFoundError(im.file)
+                images.append((im.file, *self.image_size(i)))
+            except (OSError, ValueError):   # ImageLoadError is a ValueError
+                skipped.append(im.file)
+        return images, skipped
+
     def export_coco(self, out_path: str | os.PathLike, only_reviewed: bool = False) -> dict:
         """Write a COCO file (exports.coco) of the accepted boxes. Every image of the folder
-        is listed (or only reviewed ones); file_name relative to the folder."""
+        is listed (or only reviewed ones; see export_images); file_name relative to the folder."""
         from exports.coco import write_coco
 
-        images = [(im.file, *self.image_size(i)) for i, im in enumerate(self.images)
-                  if not only_reviewed or im.reviewed]
+        images, _ = self.export_images(only_reviewed)
         listed = {f for f, _, _ in images}
         anns = [(f, c, b) for f, c, b in self.accepted_annotations() if f in listed]
         return write_coco(out_path, images, self.class_names, anns,
                           info={"description": f"labelled with trex2 app from {self.root}"})
 
-    def export_yolo(self, out_dir: str | os.PathLike) -> Path:
+    def export_yolo(self, out_dir: str | os.PathLike, only_reviewed: bool = False) -> Path:
         """Write a YOLO dataset (exports.write_yolo: data.yaml, images/, labels/) of the
         accepted boxes into out_dir (must not exist or be empty). Returns data.yaml's path."""
         from exports import write_yolo
 
-        images = [(im.file, *self.image_size(i)) for i, im in enumerate(self.images)]
+        images, _ = self.export_images(only_reviewed)
+        listed = {f for f, _, _ in images}
         return write_yolo(out_dir, self.root, images, self.class_names,
-                          self.accepted_annotations())
+                          [a for a in self.accepted_annotations() if a[0] in listed])
 
     def prompt_set(self):
         """All prompts (folder and external) as an exports.prompts.PromptSet."""
@@ -801,7 +864,7 @@ class Project:
         by a file name that occurs once in the folder; an image whose size differs from the
         file's record is skipped (its boxes would be in another frame). Missing classes are
         created. Returns {"images", "labels", "detections": counts added, "unmatched",
-        "size_mismatch": file_names skipped}."""
+        "size_mismatch", "unreadable": file_names skipped}."""
         from exports.coco import read_coco
 
         try:
@@ -812,14 +875,20 @@ class Project:
         names: dict[str, list[int]] = {}
         for i, im in enumerate(self.images):
             names.setdefault(Path(im.file).name, []).append(i)
-        where, unmatched, mismatch = {}, [], []
+        where, unmatched, mismatch, unreadable = {}, [], [], []
         for rec in data.images:
             i = index.get(rec.file_name)
             if i is None and len(names.get(Path(rec.file_name).name, [])) == 1:
                 i = names[Path(rec.file_name).name][0]
             if i is None:
                 unmatched.append(rec.file_name)
-            elif self.image_size(i) != (rec.width, rec.height):
+                continue
+            try:
+                size = self.image_size(i)
+            except (OSError, ValueError):   # ImageLoadError is a ValueError
+                unreadable.append(rec.file_name)
+                continue
+            if size != (rec.width, rec.height):
                 mismatch.append(rec.file_name)
             else:
                 where[rec.file_name] = i
@@ -849,7 +918,8 @@ class Project:
                     im.boxes.append(BoxRec(self._new_id(), a.category, box, None, "accepted", "manual"))
                     counts["labels"] += 1
                 counts["images"] += bool(anns)
-        return {**counts, "unmatched": unmatched, "size_mismatch": mismatch}
+        return {**counts, "unmatched": unmatched, "size_mismatch": mismatch,
+                "unreadable": unreadable}
 
     def load_class_embeddings(self, path: str | os.PathLike) -> list[str]:
         """Load a class-embedding file (trex2.save_class_embeddings format): its classes are
@@ -1114,7 +1184,7 @@ def detections_to_list(dets, names: list[str]) -> list[tuple[str, list, float]]:
 def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> int:
     """"Detect in this image": each class from the prompts drawn on this image only.
     One undo step. Returns the number of new boxes."""
-    i = project.index if i is None else i
+    i = project._at(i)
     if not project.images[i].prompts:
         raise ProjectError("draw a box or point on this image first (or use "
                            "'Detect in all images' to apply prompts from other images)")

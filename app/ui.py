@@ -62,6 +62,17 @@ STATUS_ICON = {"untouched": "\u25cb", "predicted": "\u25d0", "reviewed": "\u25cf
 
 
 @dataclass
+class Work:
+    """What the sessions on one project file share: the lock held while a handler changes the
+    project (sessions on one file take turns, each syncing with the file first: see
+    Project.sync), and the long run holding it, with its cancel flag."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    #: what the long run holding the lock does ("" when none)
+    long_job: str = ""
+    cancel: bool = False
+
+
+@dataclass
 class AppConfig:
     """What every session needs: the folder, the project file, the shared engine, temp dir."""
     images_dir: Path
@@ -71,6 +82,7 @@ class AppConfig:
     #: folders that typed-in file paths (prompt files) may be in; None: anywhere (the app
     #: is bound to this machine only, so its user is the machine's user)
     path_roots: list[Path] | None = None
+    work: Work = field(default_factory=Work)
 
 
 @dataclass
@@ -79,26 +91,32 @@ class Session:
     project: Project
     tmp_dir: Path
     selected: int | None = None
-    cancel: bool = False
     seq: int = 0
     search: list[tuple[int, float]] = field(default_factory=list)
-    #: held while a handler changes the project; a long run (detect in all images) makes
-    #: other edits answer "busy" instead of interleaving with it
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    #: what the long run holding the lock does ("" when none)
-    long_job: str = ""
+    #: shared with the other sessions on the project file; a long run (detect in all images)
+    #: makes their edits answer "busy" instead of interleaving with it
+    work: Work = field(default_factory=Work)
     last_images_sig: tuple | None = None
     last_classes_sig: tuple | None = None
 
 
 def _acquire(sess: Session) -> bool:
-    """Take the session lock: wait for short handlers, give up at once during a long run
-    (detect in all images, search), so edits are refused with a message instead of hanging."""
+    """Take the project lock: wait for short handlers, give up at once during a long run
+    (detect in all images, search), so edits are refused with a message instead of hanging.
+    Then bring the session's project up to date with the file (another tab may have saved)."""
     while True:
-        if sess.lock.acquire(timeout=0.05):
-            return True
-        if sess.long_job:
+        if sess.work.lock.acquire(timeout=0.05):
+            break
+        if sess.work.long_job:
             return False
+    try:
+        if sess.project.sync():
+            gr.Warning("this folder's project was changed in another tab or window: reloaded "
+                       "it here first (undo history cleared)")
+    except BaseException:
+        sess.work.lock.release()
+        raise
+    return True
 
 
 # ----------------------------------------------------------------------------- views
@@ -209,8 +227,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
             if not _acquire(sess):
-                gr.Warning(f"busy: {sess.long_job} (press Cancel to stop it)")
-                return refresh(sess, "busy", f"busy: {sess.long_job}")
+                gr.Warning(f"busy: {sess.work.long_job} (press Cancel to stop it)")
+                return refresh(sess, "busy", f"busy: {sess.work.long_job}")
             try:
                 return fn(sess, *args, **kwargs)
             except (ProjectError, ValueError, OSError) as e:
@@ -222,7 +240,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 gr.Warning(msg)
                 return refresh(sess, "error", msg)
             finally:
-                sess.lock.release()
+                sess.work.lock.release()
         return wrapper
 
     def on_load(request: gr.Request):
@@ -237,7 +255,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 project.threshold = round(float(engine.predictor.score_threshold), 2)
             except Exception as e:  # noqa: BLE001 - model problems surface on detect
                 gr.Warning(f"the model could not be loaded: {e}")
-        sess = Session(project, tmp)
+        sess = Session(project, tmp, work=cfg.work)
         msg = " ".join(project.warnings)
         for w in project.warnings:
             gr.Warning(w)
@@ -311,12 +329,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     @guarded
     def on_detect_all(sess, progress=gr.Progress()):
-        sess.cancel = False
-        sess.long_job = "detecting in all images"
+        sess.work.cancel = False
+        sess.work.long_job = "detecting in all images"
         try:
             return _detect_all(sess, progress)
         finally:
-            sess.long_job = ""
+            sess.work.long_job = ""
 
     def _detect_all(sess, progress):
         p = sess.project
@@ -325,13 +343,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         done = total = 0
         failed = []
         for done, total, file, error in detect_in_folder(p, engine,
-                                                         should_stop=lambda: sess.cancel):
+                                                         should_stop=lambda: sess.work.cancel):
             progress((done, total), desc=f"detecting: {file}")
             if error:
                 failed.append(error)
                 gr.Warning(f"skipped: {error}")
         secs = time.perf_counter() - t
-        msg = (f"cancelled after {done}/{total} images" if sess.cancel and done < total
+        msg = (f"cancelled after {done}/{total} images" if sess.work.cancel and done < total
                else f"detected in {done} images ({secs:.1f} s)")
         if failed:
             msg += f"; {len(failed)} unreadable image(s) skipped"
@@ -339,7 +357,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     def on_cancel(sess):
         if sess is not None:
-            sess.cancel = True
+            sess.work.cancel = True
 
     @guarded
     def on_accept_all(sess):
@@ -401,13 +419,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if sess is None:
                 raise gr.Error("the session is not ready yet; reload the page")
             if not _acquire(sess):
-                raise gr.Error(f"busy: {sess.long_job} (press Cancel to stop it)")
+                raise gr.Error(f"busy: {sess.work.long_job} (press Cancel to stop it)")
             try:
                 return fn(sess, *args)
             except (ProjectError, ValueError, OSError) as e:
                 raise gr.Error(str(e))
             finally:
-                sess.lock.release()
+                sess.work.lock.release()
         return wrapper
 
     def _out_dir(sess, what):
@@ -418,20 +436,38 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @file_guard
     def on_export(sess, fmt, only_reviewed):
         p = sess.project
+        only_reviewed = bool(only_reviewed)
+        listed, skipped = p.export_images(only_reviewed)
+        if not listed:
+            raise ProjectError("no image to export" + (
+                ": none is reviewed yet (untick 'only reviewed images')" if only_reviewed else ""))
+        notes = ""
+        reviewed = {im.file for im in p.images if im.reviewed}
+        unreviewed = sum(f not in reviewed for f, _, _ in listed)
+        if unreviewed:
+            notes += (f"  \n{unreviewed} of the images are not reviewed yet: they are exported with "
+                      f"only the boxes accepted on them (an image with none counts as having no "
+                      f"objects); tick 'only reviewed images' to leave them out.")
+        if skipped:
+            notes += (f"  \nleft out {len(skipped)} missing or unreadable image(s): "
+                      f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
         if fmt == "COCO":
             out = _out_dir(sess, "coco") / "annotations.coco.json"
-            data = p.export_coco(out, only_reviewed=bool(only_reviewed))
+            data = p.export_coco(out, only_reviewed=only_reviewed)
             msg = (f"COCO: {len(data['images'])} images, {len(data['annotations'])} accepted "
                    f"boxes, {len(data['categories'])} classes -> {out}")
-            return str(out), msg
+            return str(out), msg + notes
         folder = _out_dir(sess, "yolo")
-        p.export_yolo(folder / "yolo")
+        p.export_yolo(folder / "yolo", only_reviewed=only_reviewed)
         zpath = folder / "yolo.zip"
         with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted((folder / "yolo").rglob("*")):
                 if f.is_file():
                     z.write(f, f.relative_to(folder).as_posix())
-        return str(zpath), f"YOLO dataset ({len(p.accepted_annotations())} boxes) -> {zpath}"
+        files = {f for f, _, _ in listed}
+        n_boxes = sum(f in files for f, _, _ in p.accepted_annotations())
+        return str(zpath), (f"YOLO dataset: {len(listed)} images, {n_boxes} accepted boxes -> "
+                            f"{zpath}" + notes)
 
     @file_guard
     def on_save_prompts(sess, path):
@@ -480,7 +516,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         r = sess.project.import_coco(upload)
         msg = (f"imported {r['labels']} labels (accepted) and {r['detections']} detections (pending) "
                f"on {r['images']} images")
-        for key, what in (("unmatched", "not in this folder"), ("size_mismatch", "of another size here")):
+        for key, what in (("unmatched", "not in this folder"), ("size_mismatch", "of another size here"),
+                          ("unreadable", "unreadable here")):
             if r[key]:
                 msg += (f"; skipped {len(r[key])} image(s) {what}: {', '.join(r[key][:3])}"
                         f"{' ...' if len(r[key]) > 3 else ''}")
@@ -500,13 +537,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if not cls:
             raise ProjectError("pick a class to search for")
         progress(0, desc=f"ranking images by {cls}")
-        sess.cancel = False
-        sess.long_job = f"ranking images by {cls}"
+        sess.work.cancel = False
+        sess.work.long_job = f"ranking images by {cls}"
         try:
-            ranked = search_images(p, engine, cls, should_stop=lambda: sess.cancel,
+            ranked = search_images(p, engine, cls, should_stop=lambda: sess.work.cancel,
                                    on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"))
         finally:
-            sess.long_job = ""
+            sess.work.long_job = ""
         items = []
         shown = []
         for i, score in ranked:

@@ -2,7 +2,8 @@
 
 Starts the app (real model) on a free port on a tiny folder, draws a box prompt with the
 mouse, detects in this image and in all images, reviews with the keyboard, accepts, exports
-COCO through the download link and loads it with pycocotools; checks the page made no
+COCO through the download link and loads it with pycocotools; checks that a second tab on the
+same folder never overwrites the first one's work; checks the page made no
 request to another host, and prints the detect-click-to-boxes-on-screen latency for an
 already-encoded image.
 
@@ -272,6 +273,22 @@ def test_label_folder_in_browser(app_server):
         _wait_view(other, "v.image.file === 'img2.jpg'")
         _click_and_time(page, "tx-accept-all", "accept_all")
         assert _view(page)["image"]["file"] == "img1.jpg"
+        # the first tab labels by hand; the second (its copy now stale) then saves by navigating:
+        # the box must survive on disk and show in the second tab
+        page.locator("#tx-canvas .tx-wrap").focus()
+        page.keyboard.press("m")
+        seq = _view(page)["seq"]
+        _draw_box(page, [12, 12, 70, 60])
+        _wait_view(page, f"v.seq > {seq} && v.action === 'add_box'")
+        page.keyboard.press("b")
+        manual = [b["id"] for b in _view(page)["boxes"] if b["source"] == "manual"]
+        assert len(manual) == 1
+        other.keyboard.press("ArrowLeft")
+        _wait_view(other, "v.image.file === 'img1.jpg'")
+        assert [b["id"] for b in _view(other)["boxes"] if b["source"] == "manual"] == manual
+        on_disk = json.loads((root / "project.json").read_text())
+        assert [b["id"] for im in on_disk["images"] for b in im["boxes"]
+                if b["source"] == "manual"] == manual
         preview_url = urljoin(url, _view(page)["image"]["url"])
 
         # export COCO and download it

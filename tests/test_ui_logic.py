@@ -627,7 +627,7 @@ def test_import_coco_labels_and_detections_then_undo(project, tmp_path):
                 ("gone.jpg", "cell", (1, 1, 9, 9))])
     r = project.import_coco(src)
     assert r == {"images": 2, "labels": 2, "detections": 1, "unmatched": ["gone.jpg"],
-                 "size_mismatch": ["b.png"]}
+                 "size_mismatch": ["b.png"], "unreadable": []}
     assert project.class_names == ["cell", "nucleus"]
     a, b, c = project.images
     assert sorted((x.cls, x.state, x.score, x.source) for x in a.boxes) == [
@@ -645,3 +645,89 @@ def test_import_coco_rejects_a_bad_file(project, tmp_path):
     bad.write_text('{"images": [], "annotations": [{"bbox": [0, 0, 1]}]}')
     with pytest.raises(ProjectError, match="bad.json"):
         project.import_coco(bad)
+
+
+def test_two_sessions_on_one_project_file_never_overwrite_each_other(folder, tmp_path):
+    """A second tab's stale copy of the project must not overwrite the first tab's work when
+    it saves (here: by navigating); each handler syncs with the file under the shared lock."""
+    from app.ui import Session, Work, _acquire
+
+    def act(sess, fn):                                   # what every guarded handler does
+        assert _acquire(sess)
+        try:
+            return fn()
+        finally:
+            work.lock.release()
+
+    path = tmp_path / "proj" / "project.json"
+    work = Work()
+    a = Session(Project(folder, path), tmp_path, work=work)
+    act(a, lambda: a.project.add_class("cell"))
+    b = Session(Project(folder, path), tmp_path, work=work)            # a second tab opens
+    act(b, lambda: b.project.add_prompt("point", [5, 5], image=1))
+    act(a, lambda: a.project.add_box([10, 10, 40, 30]))               # tab A labels image 0
+    act(a, lambda: a.project.goto(2))
+    act(b, lambda: b.project.step(1))                    # B saves (navigation), synced first
+    saved = Project(folder, path)
+    assert [x.state for x in saved.images[0].boxes] == ["accepted"]
+    assert len(saved.images[1].prompts) == 1
+    assert b.project.index == 1 and saved.current.file == "b.png"   # B kept its own image
+    assert not b.project.can_undo                        # B's undo steps predate A's box
+    act(a, lambda: None)                                 # A picks up B's state in turn
+    assert a.project.index == 2 and len(a.project.images[1].prompts) == 1
+    assert not a.project.sync()                          # nothing new: no reload
+
+
+def test_opening_a_session_does_not_rewrite_the_project_file(project):
+    """Setting the threshold to its current value (what the slider does when a page opens)
+    must not save: a stale tab would otherwise write on open."""
+    project.set_threshold(0.4)
+    stamp = project.path.stat().st_mtime_ns, project.path.stat().st_ino
+    project.set_threshold(0.4)
+    assert (project.path.stat().st_mtime_ns, project.path.stat().st_ino) == stamp
+
+
+def test_an_empty_folder_answers_with_a_message_not_a_crash(tmp_path, engine):
+    (tmp_path / "empty").mkdir()
+    p = Project(tmp_path / "empty", tmp_path / "p.json")
+    for action in (lambda: detect_in_image(p, engine), p.accept_all, p.next_to_review,
+                   lambda: p.add_prompt("box", [0, 0, 5, 5]), lambda: p.add_box([0, 0, 5, 5]),
+                   p.mark_reviewed, lambda: p.set_state(1, "accepted"), lambda: p.delete(1),
+                   lambda: p.move(1, [0, 0, 3, 3])):
+        with pytest.raises(ProjectError, match="no images in"):
+            action()
+
+
+def test_an_unreadable_image_does_not_block_export_or_import(project, folder, tmp_path):
+    from pycocotools.coco import COCO
+
+    from exports import read_coco, write_coco
+
+    project.add_box([10, 10, 40, 30])
+    project.accept_all()
+    (folder / "z_broken.jpg").write_bytes(b"not a jpeg")
+    p = Project(folder, project.path)                    # reopened with the broken file in it
+    assert p.export_images() == ([("a.jpg", W, H), ("b.png", W, H), ("sub/c.jpg", W, H)],
+                                 ["z_broken.jpg"])
+    p.export_coco(tmp_path / "out.json")
+    coco = COCO(str(tmp_path / "out.json"))
+    assert len(coco.imgs) == 3 and len(coco.anns) == 1
+    p.export_yolo(tmp_path / "yolo")
+    assert (tmp_path / "yolo" / "labels" / "a.txt").read_text().count("\n") == 1
+    write_coco(tmp_path / "in.json", [("z_broken.jpg", W, H), ("b.png", W, H)], ["cell"],
+               [("z_broken.jpg", "cell", (1, 1, 9, 9)), ("b.png", "cell", (2, 2, 20, 20))])
+    r = p.import_coco(tmp_path / "in.json")
+    assert r["unreadable"] == ["z_broken.jpg"] and r["labels"] == 1
+    assert read_coco(tmp_path / "out.json").images
+
+
+def test_yolo_export_can_leave_out_images_not_reviewed(project, tmp_path):
+    project.add_box([10, 10, 40, 30])                    # a.jpg: accepted box, reviewed
+    project.accept_all()
+    project.goto(1)
+    project.add_box([5, 5, 20, 20])                      # b.png: accepted, not marked reviewed
+    project.images[1].reviewed = False
+    project.export_yolo(tmp_path / "yolo", only_reviewed=True)
+    labels = sorted(p.name for p in (tmp_path / "yolo" / "labels").rglob("*.txt"))
+    assert labels == ["a.txt"]
+    assert sorted(p.name for p in (tmp_path / "yolo" / "images").rglob("*.*")) == ["a.jpg"]
