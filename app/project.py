@@ -825,12 +825,23 @@ class Project:
 
     def load_prompts(self, path: str | os.PathLike) -> tuple[int, int]:
         """Add the prompts of a prompt file: those on images of this folder go on the images,
-        the others are kept as external prompts (used by "detect in all images").
-        Missing classes are created. Returns (on folder images, external)."""
+        the others are kept as external prompts (used by "detect in all images"). A prompt the
+        project already has (same image, class, kind, place and sign: the file loaded twice) is
+        skipped, so it does not count twice in the class average. Missing classes are created.
+        Returns (added on folder images, added external)."""
         from exports.prompts import read_prompts
 
         ps = read_prompts(path)
         by_path = {(self.root / im.file).resolve(): i for i, im in enumerate(self.images)}
+
+        def key(image, cls, kind, coords, negative):
+            return (str(Path(image).resolve()), cls, kind,
+                    tuple(round(float(v), 2) for v in coords), bool(negative))
+
+        have = {key(self.root / im.file, q.cls, q.kind, q.coords, q.negative)
+                for im in self.images for q in im.prompts}
+        have |= {key(q["image"], q["cls"], q["kind"], q["coords"], q.get("negative", False))
+                 for q in self.external_prompts}
         n_in = n_ext = 0
         with self._edit("load prompts", scope=None):
             for c in ps.categories:
@@ -841,6 +852,10 @@ class Project:
             for p in ps.prompts:
                 kind = "box" if p.box is not None else "point"
                 coords = [float(v) for v in (p.box if p.box is not None else p.point)]
+                k = key(p.image, p.category, kind, coords, p.negative)
+                if k in have:
+                    continue
+                have.add(k)
                 i = by_path.get(Path(p.image).resolve())
                 if i is not None:
                     self.images[i].prompts.append(

@@ -488,8 +488,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             raise ProjectError("give the path of a prompt file")
         src = _check_user_path(cfg, src)
         n_in, n_ext = sess.project.load_prompts(src)
-        return refresh(sess, "load_prompts", f"loaded {n_in} prompts on this folder's images and "
-                                             f"{n_ext} on other images from {src}", force=True)
+        msg = (f"loaded {n_in} prompts on this folder's images and {n_ext} on other images from "
+               f"{src}" if n_in + n_ext else f"every prompt of {src} is already loaded")
+        return refresh(sess, "load_prompts", msg, force=True)
 
     @file_guard
     def on_save_embeddings(sess):

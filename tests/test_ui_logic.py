@@ -371,6 +371,9 @@ def test_prompt_file_roundtrip_and_external_prompts(project, folder, tmp_path, e
     r = Project(folder, tmp_path / "r.json")
     assert r.load_prompts(out) == (2, 0)
     assert r.images[2].prompts[0].negative is True
+    # loading a file again adds nothing (a prompt twice would count twice in the class average)
+    assert r.load_prompts(out) == (0, 0) and q.load_prompts(out) == (0, 0)
+    assert sum(len(im.prompts) for im in r.images) == 2 and len(q.external_prompts) == 2
 
 
 def test_export_yolo(project, engine, tmp_path):
