@@ -203,6 +203,8 @@ class Project:
 
         #: (inode, mtime, size) of the project file as this object last read or wrote it
         self._stamp: tuple | None = None
+        #: saved records (JSON) of images no longer in the folder, written back unchanged
+        self._absent: list[dict] = []
         self._load(list_images(self.root), self._read_saved() if self.path.exists() else None)
         self._load_embeddings()
 
@@ -226,12 +228,20 @@ class Project:
             self.next_id = int(saved.get("next_id", 1))
             self.external_prompts = list(saved.get("external_prompts", []))
             by_file = {d["file"]: ImageRec.from_json(d) for d in saved.get("images", [])}
-            missing = sorted(set(by_file) - set(files))
+            listed = set(files)
+            # kept as they are in the file (not shown): a folder not mounted or an image moved
+            # away must not cost its labels at the next save
+            self._absent = [d for d in saved.get("images", []) if d["file"] not in listed]
+            missing = [d["file"] for d in self._absent]
             if missing:
                 self.warnings.append(
-                    f"{len(missing)} image(s) in the project are no longer in {self.root} and "
-                    f"were dropped: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+                    f"{len(missing)} image(s) of the project are not in {self.root}: "
+                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}; their labels "
+                    f"stay in the project file (not shown, not exported) and come back with them")
         self.images = [by_file.get(f) or ImageRec(f) for f in files]
+        for cls in dict.fromkeys(x.cls for im in self.images for x in (*im.prompts, *im.boxes)):
+            if cls not in self.class_names:   # e.g. an image back after its class was deleted
+                self._append_class(cls)
         if saved and saved.get("current") in files:
             self.index = files.index(saved["current"])
         if self.active_class not in self.class_names:
@@ -268,7 +278,8 @@ class Project:
                 "next_id": self.next_id, "classes": [asdict(c) for c in self.classes],
                 "external_prompts": self.external_prompts,
                 "images": [im.to_json() for im in self.images
-                           if im.prompts or im.boxes or im.predicted or im.reviewed]}
+                           if im.prompts or im.boxes or im.predicted or im.reviewed]
+                + self._absent}
 
     def save(self) -> Path:
         """Write the project file atomically (temp file + os.replace)."""

@@ -310,12 +310,22 @@ def test_project_file_not_ours_is_a_clear_error(folder, tmp_path):
         Project(folder, bad)
 
 
-def test_removed_images_are_dropped_with_a_warning(project, folder):
+def test_removed_images_are_hidden_with_a_warning_and_keep_their_labels(project, folder, tmp_path):
     project.add_prompt("box", [10, 10, 30, 20], image=1)
-    (folder / "b.png").unlink()
+    project.goto(1)
+    project.add_box([5, 5, 25, 25])
+    (folder / "b.png").rename(tmp_path / "b.png")          # e.g. moved away, a drive unmounted
     again = Project(folder, project.path)
     assert [im.file for im in again.images] == ["a.jpg", "sub/c.jpg"]
     assert "b.png" in again.warnings[0]
+    again.add_box([1, 1, 9, 9])                            # a save while b.png is away
+    again.delete_class("cell")                             # even its class goes
+    assert again.export_images()[0] == [("a.jpg", W, H), ("sub/c.jpg", W, H)]
+    (tmp_path / "b.png").rename(folder / "b.png")
+    back = Project(folder, project.path)
+    assert [b.state for b in back.images[1].boxes] == ["accepted"]
+    assert len(back.images[1].prompts) == 1 and back.class_names == ["cell"]
+    back.export_coco(tmp_path / "out.json")                # its class came back with it
 
 
 def test_classes_add_rename_delete(project):
