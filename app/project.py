@@ -984,7 +984,8 @@ class Project:
             dest_dir.mkdir(parents=True, exist_ok=True)
             dest = dest_dir / f.name
             k = 1
-            while dest.exists():
+            absent = {d["file"] for d in self._absent}   # a name that still holds labels
+            while dest.exists() or dest.relative_to(self.root).as_posix() in absent:
                 dest = dest_dir / f"{f.stem}-{k}{f.suffix}"
                 k += 1
             shutil.copyfile(f, dest)

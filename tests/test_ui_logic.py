@@ -425,6 +425,15 @@ def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(Exception, match="broken.jpg"):
         project.add_uploaded([bad])
+    # an upload does not take the name of an image that is away but still holds labels
+    project.add_box([2, 2, 12, 12])
+    (project.root / "uploaded" / "new.jpg").rename(tmp_path / "away.jpg")
+    again = Project(project.root, project.path)
+    new = again.add_uploaded([src])
+    assert again.images[new[0]].file == "uploaded/new-1.jpg"
+    (tmp_path / "away.jpg").rename(project.root / "uploaded" / "new.jpg")
+    back = Project(project.root, project.path)
+    assert len(back.images[back.index_of("uploaded/new.jpg")].boxes) == 1
 
 
 def test_class_embeddings_save_load(project, engine, folder, tmp_path):
