@@ -290,7 +290,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         elif op == "set_class":
             p.set_active_class(data["cls"])
             if iid is not None:
+                kind, rec = p.find(int(iid))
+                old = rec.cls
                 p.relabel(int(iid), data["cls"])
+                # the selection may be the box that A/X jumped to: say what changed
+                return refresh(sess, op, f"relabelled the selected {kind} {old} -> {data['cls']}"
+                                         f"{' and accepted it' if kind == 'box' else ''} "
+                                         f"(Ctrl+Z undoes; Esc clears the selection)")
         else:
             raise ProjectError(f"unknown canvas operation {op!r}")
         if auto_detect and prompt_op and p.current.prompts:

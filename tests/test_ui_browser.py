@@ -249,6 +249,27 @@ def test_label_folder_in_browser(app_server):
                          f" && Math.abs(b.xyxy[2] - {x2 - 6}) < 1.5 && b.state === 'accepted')")
         page.keyboard.press("b")
 
+        # Caps Lock on: 'A' without Shift accepts the selected box only (not all boxes), and
+        # a class key on the box A jumped to says that it relabelled it
+        page.locator("#tx-canvas .tx-wrap").focus()
+        page.keyboard.press("Tab")
+        n_accepted = sum(b["state"] == "accepted" for b in _view(page)["boxes"])
+        seq = _view(page)["seq"]
+        page.evaluate("document.dispatchEvent(new KeyboardEvent('keydown', {key: 'A'}))")
+        _wait_view(page, f"v.seq > {seq} && v.action === 'accept'")
+        assert sum(b["state"] == "accepted" for b in _view(page)["boxes"]) == n_accepted + 1
+        seq = _view(page)["seq"]
+        page.keyboard.press("1")
+        _wait_view(page, f"v.seq > {seq} && v.action === 'set_class'")
+        assert "relabelled the selected box" in _view(page)["message"]
+        # Space over the image pans; it must not press the focused 'Detect in all images'
+        seq = _view(page)["seq"]
+        page.focus("#tx-detect-all")
+        page.mouse.move(*_to_page(page, 5, 5))
+        page.keyboard.press(" ")
+        time.sleep(2)
+        assert _view(page)["seq"] == seq
+
         # detect in all images (prompts of every image averaged per class), with progress
         _click_and_time(page, "tx-detect-all", "detect_all", 180_000)
         statuses = page.locator("#tx-stats").inner_text()

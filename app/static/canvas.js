@@ -22,6 +22,7 @@ let drag = null;              // current mouse gesture
 let local = null;             // optimistic shape drawn until Python answers
 let xf = {s: 1, ox: 0, oy: 0, fitted: true};  // css px = image px * s + offset
 let spaceDown = false;
+let overStage = false;        // pointer over the image: Space pans (not a focused button)
 const HANDLE = 6;             // handle half-size, css px
 const api = window.trexCanvas = window.trexCanvas || {};
 api.renders = api.renders || 0;
@@ -384,6 +385,8 @@ canvas.addEventListener('pointerup', e => {
   }
   render();
 });
+stage.addEventListener('pointerenter', () => { overStage = true; });
+stage.addEventListener('pointerleave', () => { overStage = false; });
 canvas.addEventListener('pointercancel', () => { drag = null; local = null; render(); });
 stage.addEventListener('wheel', e => {
   if (!view || !view.image) return;
@@ -406,36 +409,40 @@ function onKey(e) {
   const t = e.target;
   if (t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName))) return;
   if (!document.body.contains(root)) return;
-  const k = e.key, ctrl = e.ctrlKey || e.metaKey;
+  // letters by e.shiftKey, not by case: with Caps Lock on, 'a' must not accept every box
+  const k = e.key.length === 1 ? e.key.toLowerCase() : e.key, ctrl = e.ctrlKey || e.metaKey;
+  const shift = e.shiftKey;
   let handled = true;
-  if (ctrl && (k === 'z' || k === 'Z')) clickButton(e.shiftKey ? 'tx-redo' : 'tx-undo');
-  else if (ctrl && (k === 'y' || k === 'Y')) clickButton('tx-redo');
-  else if (ctrl) handled = false;
-  else if (k === 'b' || k === 'B') setTool('box');
-  else if (k === 'p' || k === 'P') setTool('point');
-  else if (k === 'm' || k === 'M') setTool('manual');
-  else if (k === 'v' || k === 'V') setTool('select');
-  else if (k === 'n' || k === 'N') {
+  if (ctrl && k === 'z') clickButton(shift ? 'tx-redo' : 'tx-undo');
+  else if (ctrl && k === 'y') clickButton('tx-redo');
+  else if (ctrl || e.altKey) handled = false;
+  else if (k === 'b') setTool('box');
+  else if (k === 'p') setTool('point');
+  else if (k === 'm') setTool('manual');
+  else if (k === 'v') setTool('select');
+  else if (k === 'n') {
     const sel = findSelected();
     if (sel && sel.type === 'prompt') { sel.rec.negative = !sel.rec.negative; send('negative', {id: sel.rec.id, value: sel.rec.negative}); render(); }
     else { negative = !negative; render(); }
   }
-  else if (k === 'a') decide('accepted');
-  else if (k === 'A') clickButton('tx-accept-all');
-  else if (k === 'x' || k === 'X' || k === 'r') decide('rejected');
+  else if (k === 'a' && !shift) decide('accepted');
+  else if (k === 'a') clickButton('tx-accept-all');
+  else if (k === 'x' || k === 'r') decide('rejected');
   else if (k === 'Delete' || k === 'Backspace') {
     const sel = findSelected();
     if (sel) { send('delete', {id: sel.rec.id}); selected = null; }
   }
-  else if (k === 'd') clickButton('tx-detect-this');
-  else if (k === 'D') clickButton('tx-detect-all');
+  else if (k === 'd' && !shift) clickButton('tx-detect-this');
+  else if (k === 'd') clickButton('tx-detect-all');
   else if (k === 'ArrowRight' || k === '.') clickButton('tx-next');
-  else if (k === 'u' || k === 'U') clickButton('tx-next-review');
+  else if (k === 'u') clickButton('tx-next-review');
   else if (k === 'ArrowLeft' || k === ',') clickButton('tx-prev');
   else if (k === 'Tab' && document.activeElement === root) selectNextBox(e.shiftKey ? -1 : 1);
   else if (k === 'Escape') { selected = null; local = null; drag = null; send('select', {id: null}); render(); }
   else if (k === '0') { fit(); render(); }
-  else if (k === ' ' && (document.activeElement === root || document.activeElement === document.body)) { spaceDown = true; }
+  else if (k === ' ' && (overStage || document.activeElement === root || document.activeElement === document.body)) {
+    spaceDown = true;  // (over the image, a focused button, e.g. Detect in all images, must not fire)
+  }
   else if (/^[1-9]$/.test(k) && view && view.classes[Number(k) - 1]) {
     const cls = view.classes[Number(k) - 1].name;
     const sel = findSelected();
@@ -454,7 +461,9 @@ function onSlider(e) {
 if (api.sliderHandler) document.removeEventListener('input', api.sliderHandler);
 api.sliderHandler = onSlider;
 document.addEventListener('input', onSlider);
-function onKeyUp(e) { if (e.key === ' ') spaceDown = false; }
+function onKeyUp(e) {
+  if (e.key === ' ' && spaceDown) { spaceDown = false; e.preventDefault(); }
+}
 if (api.keyHandler) document.removeEventListener('keydown', api.keyHandler);
 if (api.keyUpHandler) document.removeEventListener('keyup', api.keyUpHandler);
 api.keyHandler = onKey;
