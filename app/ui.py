@@ -96,6 +96,8 @@ class Session:
     #: shared with the other sessions on the project file; a long run (detect in all images)
     #: makes their edits answer "busy" instead of interleaving with it
     work: Work = field(default_factory=Work)
+    #: prompt files this session loaded or saved: the only existing files a save may replace
+    prompt_files: set = field(default_factory=set)
     last_images_sig: tuple | None = None
     last_classes_sig: tuple | None = None
 
@@ -478,9 +480,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @file_guard
     def on_save_prompts(sess, path):
         p = sess.project
-        path = (_check_user_path(cfg, path.strip()) if path and path.strip()
+        path = (_prompt_save_path(cfg, sess, path.strip()) if path and path.strip()
                 else _out_dir(sess, "prompts") / "prompts.json")
         p.save_prompts(path)
+        sess.prompt_files.add(path)
         shown = path
         if not _is_under(path, cfg.tmp_dir):
             shown = _out_dir(sess, "prompts") / path.name
@@ -494,6 +497,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             raise ProjectError("give the path of a prompt file")
         src = _check_user_path(cfg, src)
         n_in, n_ext = sess.project.load_prompts(src)
+        sess.prompt_files.add(src)
         msg = (f"loaded {n_in} prompts on this folder's images and {n_ext} on other images from "
                f"{src}" if n_in + n_ext else f"every prompt of {src} is already loaded")
         return refresh(sess, "load_prompts", msg, force=True)
@@ -737,6 +741,17 @@ def _check_user_path(cfg: AppConfig, path: str) -> Path:
         raise ProjectError(f"{path} is outside the folders this app may use: "
                            f"{', '.join(str(r) for r in cfg.path_roots)}")
     return p
+
+
+def _prompt_save_path(cfg: AppConfig, sess: Session, typed: str) -> Path:
+    """The checked path 'Save prompt set' writes to. An existing file is replaced only when this
+    session loaded or saved it: the path box comes filled in (on the demo folder, with the
+    shipped demo prompt file), and one click must not overwrite a file the user never opened."""
+    path = _check_user_path(cfg, typed)
+    if path.exists() and path not in sess.prompt_files:
+        raise ProjectError(f"{path} already exists and was not loaded here: give another file "
+                           f"name (or load it first to add your prompts to it)")
+    return path
 
 
 def _is_under(path: Path, folder: Path) -> bool:

@@ -332,6 +332,15 @@ def test_label_folder_in_browser(app_server):
         _wait_view(page, "v.action === 'import' && v.boxes.some(b => b.cls === 'nucleus'"
                          " && b.state === 'pending' && b.score === 0.9)")
         assert "1 detections" in _view(page)["message"]
+
+        # 'Save prompt set' does not replace a file the session never loaded or saved
+        keep = root / "keep.json"
+        keep.write_text('{"mine": 1}')
+        page.get_by_role("tab", name="Prompts & class embeddings").click()
+        page.locator("#tx-prompt-path input, #tx-prompt-path textarea").first.fill(str(keep))
+        page.get_by_role("button", name="Save prompt set").click()
+        page.get_by_text("already exists and was not loaded here").first.wait_for(timeout=30_000)
+        assert keep.read_text() == '{"mine": 1}'
         browser.close()
 
     # only the app's own files are served: previews yes; originals, /etc, traversal no

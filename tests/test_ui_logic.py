@@ -753,3 +753,20 @@ def test_yolo_export_can_leave_out_images_not_reviewed(project, tmp_path):
     labels = sorted(p.name for p in (tmp_path / "yolo" / "labels").rglob("*.txt"))
     assert labels == ["a.txt"]
     assert sorted(p.name for p in (tmp_path / "yolo" / "images").rglob("*.*")) == ["a.jpg"]
+
+
+def test_save_prompt_set_never_replaces_a_file_it_did_not_open(project, tmp_path):
+    """The prompt path box comes filled in (the demo's own prompt file on the demo folder):
+    saving must not overwrite an existing file this session did not load or save."""
+    from app.ui import AppConfig, Session, _prompt_save_path
+
+    cfg = AppConfig(project.root, project.path, None, tmp_path)
+    sess = Session(project, tmp_path)
+    theirs = tmp_path / "shipped.json"
+    theirs.write_text("{}")
+    with pytest.raises(ProjectError, match="already exists"):
+        _prompt_save_path(cfg, sess, str(theirs))
+    new = tmp_path / "mine.json"
+    assert _prompt_save_path(cfg, sess, str(new)) == new.resolve()
+    sess.prompt_files.add(theirs.resolve())              # loaded here: saving back is allowed
+    assert _prompt_save_path(cfg, sess, str(theirs)) == theirs.resolve()
