@@ -613,9 +613,15 @@ class Project:
             rec.negative = bool(negative)
 
     def delete(self, item_id: int):
+        """Remove a prompt or a hand-drawn box; a model box is rejected instead (kept hidden),
+        so that detecting again does not bring the deleted box back."""
         with self._edit("delete", scope=[self.index]):
-            kind, _ = self.find(item_id)
+            kind, rec = self.find(item_id)
             im = self.current
+            if kind == "box" and rec.source == "model":
+                rec.state = "rejected"
+                self._after_review()
+                return
             im.prompts = [p for p in im.prompts if p.id != item_id]
             im.boxes = [b for b in im.boxes if b.id != item_id]
 

@@ -51,7 +51,8 @@ SHORTCUTS = [
     ("X or R", "reject the selected box (then jumps to the next)"),
     ("Shift+A", "accept all boxes above the threshold on this image (marks it reviewed, "
                 "also when it has nothing to label)"),
-    ("Del / Backspace", "delete the selected prompt or box"),
+    ("Del / Backspace", "delete the selected prompt or box (a model box is rejected: detecting "
+                        "again does not bring it back)"),
     ("Ctrl+Z / Ctrl+Shift+Z or Ctrl+Y", "undo / redo"),
     ("\u2192 or . / \u2190 or ,", "next / previous image"),
     ("U", "next image not reviewed yet"),

@@ -770,3 +770,17 @@ def test_save_prompt_set_never_replaces_a_file_it_did_not_open(project, tmp_path
     assert _prompt_save_path(cfg, sess, str(new)) == new.resolve()
     sess.prompt_files.add(theirs.resolve())              # loaded here: saving back is allowed
     assert _prompt_save_path(cfg, sess, str(theirs)) == theirs.resolve()
+
+
+def test_a_deleted_model_box_does_not_come_back_on_detecting_again(project, engine):
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)
+    best = project.visible_boxes()[0]
+    project.delete(best.id)                              # Del on a false positive
+    assert best.id not in [b.id for b in project.visible_boxes()]
+    detect_in_image(project, engine)                     # the model finds it again
+    assert all(b.score != best.score for b in project.visible_boxes())
+    project.add_box([40, 30, 60, 50])
+    manual = project.current.boxes[-1].id
+    project.delete(manual)                               # a hand-drawn box is removed outright
+    assert manual not in [b.id for b in project.current.boxes]
