@@ -1022,6 +1022,7 @@ class Engine:
         self.preview_max_side = preview_max_side
         self._previews: dict[tuple, tuple[Path, int, int]] = {}
         self._pool = None
+        self._queued = None   # the latest image prefetch (Future)
         self._hw: dict[tuple, tuple[int, int]] = {}  # image (H, W) by file key
         self._decoded: tuple | None = None  # (file key, pixels) of the last image_hw decode
 
@@ -1083,7 +1084,9 @@ class Engine:
         """In a background thread (one job at a time): load the model if needed and encode
         the image at ``path`` at every canvas its classes need (exemplar sizes ``sides``, see
         ``canvas``), so the first "detect" on the image the user is looking at does not wait for
-        the encoder. Returns a Future."""
+        the encoder. An encode still waiting to start is dropped for the newer one: paging fast
+        through the folder must not pile up encodes that "detect" would then wait behind.
+        Returns a Future."""
         import concurrent.futures
 
         if self._pool is None:
@@ -1098,7 +1101,12 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - reported; detect raises it again
                 warnings.warn(f"background {'encode of ' + str(path) if path else 'model load'} "
                               f"failed: {e}")
-        return self._pool.submit(run)
+        future = self._pool.submit(run)
+        if path is not None:
+            if self._queued is not None:
+                self._queued.cancel()        # no effect once it runs
+            self._queued = future
+        return future
 
     def canvas(self, hw: tuple[int, int], sides: dict[str, float | None] | None,
                classes: list[str] | None = None) -> dict | None:

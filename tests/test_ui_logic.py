@@ -784,3 +784,21 @@ def test_a_deleted_model_box_does_not_come_back_on_detecting_again(project, engi
     manual = project.current.boxes[-1].id
     project.delete(manual)                               # a hand-drawn box is removed outright
     assert manual not in [b.id for b in project.current.boxes]
+
+
+def test_paging_fast_drops_prefetch_encodes_not_started(project, tmp_path):
+    """Each image shown starts a background encode; those still queued when the user has
+    already moved on are dropped, so 'detect' does not wait behind a pile of them."""
+    import time as _time
+
+    class Slow(FakePredictor):
+        def encode_image(self, image, key=None, size=None):
+            _time.sleep(0.3)
+            return super().encode_image(image, key, size)
+
+    slow = Slow()
+    engine = Engine(predictor=slow, preview_dir=tmp_path / "previews")
+    futures = [engine.prefetch(project.image_path(i % 3)) for i in range(5)]
+    futures[-1].result(timeout=10)
+    assert slow.encode_count == 2                        # the one running, and the last
+    assert sum(f.cancelled() for f in futures) == 3
