@@ -32,9 +32,13 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 #: Largest image accepted, in pixels (W * H). Guards against decompression bombs.
 MAX_PIXELS: int = 100_000_000
 
-# EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
+# EXIF orientations that flip or rotate the stored pixels; 5-8 also swap width and height.
 _EXIF_ORIENTATION_TAG = 0x0112
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+# Pixels are copied out of PIL in strips of about this many bytes (see _pixels).
+_STRIP_BYTES = 1 << 24
 
 # Modes that carry an alpha channel; composited onto white.
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -92,21 +96,24 @@ def _open(path: Path) -> Image.Image:
 def _high_bit_depth_to_rgb(im: Image.Image) -> Image.Image:
     """Single-channel modes I;16*, I (32-bit int) and F (float) -> 8-bit RGB.
 
-    I;16*: 0..65535 scaled to 0..255. I: treated as 16-bit if any value exceeds 255,
+    I;16*: 0..65535 scaled to 0..255 (rounded). I: treated as 16-bit if any value exceeds 255,
     else as 8-bit. F: values in [0, 1] are scaled by 255, others clipped to 0..255.
+    Integer modes are scaled in 4-byte integers, F in float32: a large image costs a few
+    bytes per pixel, not the several float64 copies (8 bytes each) of a naive conversion.
     """
-    arr = np.asarray(im).astype(np.float64)
-    if im.mode.startswith("I;16"):
-        arr = arr / 257.0
-    elif im.mode == "I":
-        arr = np.clip(arr, 0, 65535)
-        if arr.size and arr.max() > 255:
-            arr = arr / 257.0
-    elif im.mode == "F":
-        arr = np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0)
+    arr = np.asarray(im)
+    if im.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float32, copy=False), nan=0.0, posinf=255.0, neginf=0.0)
         if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-            arr = arr * 255.0
-    grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+            arr *= 255.0
+        grey = np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8)
+    else:
+        arr = arr.astype(np.int32)                       # I;16* are uint16, I is int32
+        np.clip(arr, 0, 65535, out=arr)
+        if im.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+            arr += 128
+            arr //= 257                                 # == rint(v / 257) for integers v
+        grey = arr.astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
@@ -125,29 +132,58 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _orientation(im: Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8), or None when absent or the EXIF block is malformed."""
+    try:
+        return im.getexif().get(_EXIF_ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001 - malformed EXIF: no orientation
+        return None
+
+
+def _pixels(im: Image.Image) -> np.ndarray:
+    """An RGB image -> a new writable (H, W, 3) uint8 array, copied in strips of rows: the
+    pixels are held about twice at the peak (np.array(im) holds them three times, through
+    Image.tobytes, e.g. 0.9 GB more for a 100-megapixel photo)."""
+    w, h = im.size
+    out = np.empty((h, w, 3), np.uint8)
+    step = max(1, _STRIP_BYTES // (3 * w))
+    with warnings.catch_warnings():   # crop repeats PIL's bomb check, done already by _open
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for y in range(0, h, step):
+            out[y:y + step] = np.asarray(im.crop((0, y, w, min(h, y + step))))
+    return out
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as RGB uint8 pixels, shape ``(H, W, 3)``, EXIF orientation applied.
 
     Greyscale, palette, CMYK, 16-bit and float images are converted to RGB; alpha is
     composited onto white; for multi-frame files the first frame is used.
     Raises :class:`ImageLoadError` (naming the file) for a missing, empty, corrupt or
-    non-image file, or one with more than :data:`MAX_PIXELS` pixels.
+    non-image file, or one with more than :data:`MAX_PIXELS` pixels. Each intermediate
+    image is released as soon as the next exists, so a large file costs about twice its
+    decoded size at the peak.
     """
     path = Path(path)
     im = _open(path)
     try:
-        with im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
-            arr = np.array(rgb, dtype=np.uint8)
+        im.load()
+        steps = [_to_rgb]
+        if _orientation(im) in _TRANSPOSING_ORIENTATIONS:
+            steps.insert(0, ImageOps.exif_transpose)
+        for step in steps:
+            new = step(im)
+            if new is not im:
+                im.close()
+                im = new
+        arr = _pixels(im)
     except ImageLoadError:
         raise
     except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
         raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ImageLoadError(f"{path}: decoded to unexpected shape {arr.shape}")
-    return np.ascontiguousarray(arr)
+    finally:
+        im.close()
+    return arr
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -160,10 +196,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     im = _open(path)
     with im:
         w, h = im.size
-        try:
-            orientation = im.getexif().get(_EXIF_ORIENTATION_TAG)
-        except Exception:  # noqa: BLE001 - malformed EXIF: no orientation
-            orientation = None
+        orientation = _orientation(im)
     if orientation in _SWAPPING_ORIENTATIONS:
         w, h = h, w
     return int(w), int(h)
