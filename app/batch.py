@@ -5,10 +5,11 @@
 
 Images are read, encoded, detected and recorded one at a time, so memory stays flat over a folder
 of any size. Each finished image is appended (flushed and fsynced) to the sidecar
-``OUT.json.partial.jsonl``; its first line records the prompts' SHA-256 and the options, so
-``--resume`` continues a killed run (even after SIGKILL) without losing or repeating an image, and
-refuses a different prompt set. OUT.json is assembled from the sidecar at the end and written
-atomically; the sidecar is then removed.
+``OUT.json.partial.jsonl``; its first line records the prompts' and weights' SHA-256 and the
+options, so ``--resume`` continues a killed run (even after SIGKILL) without losing or repeating an
+image (images recorded as unreadable are tried again), and refuses different prompts or weights.
+OUT.json is assembled from the sidecar at the end and written atomically; the sidecar is then
+removed.
 """
 from __future__ import annotations
 
@@ -18,13 +19,14 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 
 from exports import atomic_write_text, clip_xyxy
-from trex2.image_io import ImageLoadError, image_size, list_images, load_image
+from trex2.image_io import ImageLoadError, image_size, is_image_file, list_images, load_image
 from trex2.predictor import compete_classes
 
 SIDECAR_SUFFIX = ".partial.jsonl"
@@ -40,8 +42,11 @@ category text prompts are honoured. All detections above a low floor are written
 score; info.score_threshold is the recommended acceptance threshold.
 
 Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
-kill), run the same command with --resume to continue. Unreadable images are skipped with a
-warning. Exit code 0 if any image was labeled, 1 if none could be read, 2 on bad input."""
+kill), run the same command with --resume to continue (same prompts, mode, canvas and weights;
+images that could not be read are tried again). Unreadable images, and files whose names a COCO
+file cannot hold (a backslash, bytes that are not UTF-8), are skipped with a warning. The prompt
+file's width/height must be each prompt image's size as displayed (EXIF orientation applied).
+Exit code 0 if any image was labeled, 1 if none could be read, 2 on bad input."""
 
 
 class LabelError(Exception):
@@ -149,6 +154,14 @@ def result_record(res: ImageResult, cat_index: dict[str, int]) -> dict:
 
 
 # --------------------------------------------------------------------------- prompts
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _is_safetensors(path: str) -> bool:
     """True if the file starts like a safetensors file (8-byte little-endian header size, then '{')."""
     with open(path, "rb") as f:
@@ -171,10 +184,7 @@ class PromptSource:
         """Read and check ``path``; LabelError naming the file on any problem."""
         if not os.path.isfile(path):
             raise LabelError(f"prompts file not found: {path}")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        sha256 = _sha256(path)
         if path.endswith(".safetensors") or _is_safetensors(path):
             from trex2 import load_class_embeddings
             try:
@@ -183,7 +193,7 @@ class PromptSource:
                 raise LabelError(str(e)) from None
             if not emb:
                 raise LabelError(f"{path}: the class-embedding file holds no class")
-            return cls(path, "embeddings", h.hexdigest(), list(emb), embeddings=emb)
+            return cls(path, "embeddings", sha256, list(emb), embeddings=emb)
         from exports.prompts import read_prompts
         try:
             ps = read_prompts(path)
@@ -195,7 +205,29 @@ class PromptSource:
             if not ps.select(category=c.name, negative=False) and not c.text:
                 raise LabelError(f"{path}: category {c.name!r} has no positive exemplar (box or point) "
                                  f"and no text prompt")
-        return cls(path, "prompts", h.hexdigest(), ps.category_names, prompt_set=ps)
+        return cls(path, "prompts", sha256, ps.category_names, prompt_set=ps)
+
+    def check_image_sizes(self, images=None) -> None:
+        """LabelError unless each prompted image (of ``images``, real paths; None: all) can be read
+        and has the width x height the prompt file records, as displayed (EXIF orientation
+        applied): prompts drawn in another frame or on another version of the file would land
+        on the wrong pixels."""
+        if self.kind != "prompts":
+            return
+        ps = self.prompt_set
+        for image in dict.fromkeys(p.image for p in ps.prompts):
+            if images is not None and str(image) not in images:
+                continue
+            try:
+                size = image_size(image)
+            except ImageLoadError as e:
+                raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
+            recorded = ps.image_sizes.get(image)
+            if recorded is not None and tuple(recorded) != size:
+                raise LabelError(
+                    f"{self.path}: image {image} is {size[0]}x{size[1]} pixels as displayed (EXIF "
+                    f"orientation applied), but the prompt file records {recorded[0]}x{recorded[1]}; "
+                    f"its prompts must be drawn on this file, in the displayed frame")
 
     def _image_embedding(self, predictor, image, canvas, name: str, pixels: dict):
         """The prompt image ``image`` encoded at the canvas of category ``name`` (canvas(path, (H, W))
@@ -290,6 +322,7 @@ class PromptSource:
         if not hit:
             raise LabelError(f"--per-image: none of the {len(prompted)} prompted images of {self.path} is under "
                              f"{image_dir} (file_name in a prompt file is relative to the prompt file's folder)")
+        self.check_image_sizes(hit)
         if len(hit) < len(prompted):
             warn(f"--per-image: {len(prompted) - len(hit)} prompted image(s) of {self.path} are not under "
                  f"{image_dir}; their exemplars are unused")
@@ -305,7 +338,8 @@ def sidecar_path(out: str) -> str:
 
 def read_sidecar(path: str) -> tuple[dict, dict[str, dict], int]:
     """(header, records by file_name, byte length of the valid prefix). A torn or unparsable last
-    line is ignored (the caller truncates it away); a bad line before the last is an error."""
+    line is ignored (the caller truncates it away); a bad line before the last is an error. A file
+    recorded twice (an unreadable image retried by --resume) keeps its last record."""
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -325,7 +359,7 @@ def read_sidecar(path: str) -> tuple[dict, dict[str, dict], int]:
                 raise LabelError(f"{path} is not a progress file of this tool; delete it to start over")
             header = rec
         else:
-            records.setdefault(rec.get("file_name"), rec)
+            records[rec.get("file_name")] = rec
         good_end += len(line) + 1
     if header is None:
         raise LabelError(f"progress file {path} has no header (killed while starting?); delete it to start over")
@@ -345,11 +379,15 @@ def append_record(f, rec: dict) -> None:
 
 
 # --------------------------------------------------------------------------- run
-def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: str = "auto") -> dict:
-    """What decides the detections; a resumed run must match it exactly."""
+def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: str = "auto",
+             weights: str | None = None) -> dict:
+    """What decides the detections; a resumed run must match it exactly. ``weights``: the
+    model file (None: the shipped one), recorded by its SHA-256."""
+    from trex2.model import DEFAULT_WEIGHTS
+    weights = weights or DEFAULT_WEIGHTS
     return {"image_dir": os.path.realpath(image_dir), "prompts_sha256": prompts.sha256,
             "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image",
-            "canvas": str(canvas)}
+            "canvas": str(canvas), "weights_sha256": _sha256(weights) if os.path.isfile(weights) else weights}
 
 
 def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int) -> Callable:
@@ -415,6 +453,38 @@ def _write_output(out: str, file_names: list[str], records: dict[str, dict], cat
     return len(data["images"]), len(data["annotations"])
 
 
+def _coco_name_problem(rel: str) -> str | None:
+    """Why ``rel`` (a path from list_images) cannot be a COCO file_name, or None if it can."""
+    if "\\" in rel:
+        return "its name holds a backslash, which COCO readers take for a Windows folder separator"
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8, so a JSON file cannot hold it"
+    return None
+
+
+def _check_out(out: str, prompts_path: str) -> None:
+    """LabelError unless OUT.json can be written: its folder exists and takes new files, and it is
+    not a folder, the prompt file or an image (checked before any work, so a bad --out neither
+    wastes a run nor overwrites the user's files)."""
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise LabelError(f"output folder does not exist: {out_dir}")
+    if os.path.isdir(out):
+        raise LabelError(f"--out {out} is a folder; give the name of the COCO file to write")
+    if os.path.realpath(out) == os.path.realpath(prompts_path):
+        raise LabelError(f"--out {out} would overwrite the prompt file; give another name for the COCO file")
+    if is_image_file(out):
+        raise LabelError(f"--out {out} has an image file's extension; the COCO file is JSON: give a .json name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trex2-label-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LabelError(f"cannot write to the output folder {out_dir}: {e}") from None
+
+
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
         weights: str | None = None, progress: bool = True, warn=None, canvas="auto") -> dict:
@@ -425,17 +495,22 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         from tqdm import tqdm
         warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
     if not os.path.isdir(image_dir):
-        raise LabelError(f"image folder not found: {image_dir}")
-    file_names = list_images(image_dir)
+        raise LabelError(f"image folder not found: {image_dir}" if not os.path.exists(image_dir)
+                         else f"IMAGE_DIR must be a folder: {image_dir}")
+    file_names = []
+    for rel in list_images(image_dir):
+        problem = _coco_name_problem(rel)
+        if problem:
+            warn(f"skipped {os.path.join(image_dir, rel)!r}: {problem}; rename it to label it")
+        else:
+            file_names.append(rel)
     if not file_names:
         raise LabelError(f"no image files under {image_dir}")
     prompts = PromptSource.load(prompts_path)
     if per_image and prompts.kind == "embeddings":
         raise LabelError(f"--per-image needs a prompt file with exemplars on the images; "
                          f"{prompts_path} holds saved class embeddings")
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise LabelError(f"output folder does not exist: {out_dir}")
+    _check_out(out, prompts_path)
     policy = canvas if callable(canvas) else None
     canvas = "custom" if policy else str(canvas)
     if canvas not in ("auto", "custom"):
@@ -445,12 +520,14 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         except ValueError:
             raise LabelError(f"--canvas must be 'auto' or a multiple of 32 between 64 and 8192, "
                              f"got {canvas!r}") from None
-    options = _options(image_dir, prompts, per_image, canvas)
+    options = _options(image_dir, prompts, per_image, canvas, weights)
     records = _check_progress(out, options, resume)
     if resume and records is None:
         warn(f"--resume: no progress file {sidecar_path(out)}; starting from the beginning")
     if per_image:
         prompts.check_per_image(image_dir, file_names, warn)
+    else:
+        prompts.check_image_sizes()
     if predictor is None:
         import trex2
         try:
@@ -459,10 +536,13 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             raise LabelError(f"cannot load the model: {e}") from None
     sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
     classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
-    side_f = _open_progress(out, options, records)
+    try:
+        side_f = _open_progress(out, options, records)
+    except OSError as e:
+        raise LabelError(f"cannot write the progress file {sidecar_path(out)}: {e}") from None
     records = dict(records or {})
     try:
-        todo = [r for r in file_names if r not in records]
+        todo = [r for r in file_names if r not in records or "error" in records[r]]   # retry unreadable
         cat_index = {name: i for i, name in enumerate(prompts.categories)}
         bar = None
         if progress:
@@ -486,7 +566,11 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
                 "prompts": os.path.abspath(prompts_path), "image_dir": os.path.abspath(image_dir),
                 "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold,
                 "canvas": canvas}
-        n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
+        try:
+            n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
+        except (OSError, ValueError) as e:
+            raise LabelError(f"cannot write {out}: {e}\n  the detections are kept in {sidecar_path(out)}; "
+                             f"fix the problem and run again with --resume") from None
     finally:
         side_f.close()
     os.unlink(sidecar_path(out))

@@ -68,17 +68,30 @@ class ImageMatcher:
 
 
 def load_json(path: str, what: str) -> dict:
-    """Read a COCO dataset file; EvalError naming the file if missing or malformed."""
+    """Read and check a COCO dataset file (``what``: "GT" or "PRED"; exports.parse_coco, with the
+    file names of other tools allowed) or, for ``what`` "prompt", a prompt file
+    (exports.read_prompts); EvalError naming the file if missing or malformed."""
+    from exports._io import read_json
+    from exports.coco import parse_coco
+    from exports.prompts import read_prompts
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise EvalError(f"{what} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EvalError(f"{what} file {path} is not readable JSON: {e}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
-                                             for k in ("images", "categories", "annotations")):
-        raise EvalError(f"{what} file {path} is not a COCO dataset (needs images, categories, annotations lists)")
+        data = read_json(path, f"{what} file")
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
+                                                 for k in ("images", "categories", "annotations")):
+            raise EvalError(f"{what} file {path} is not a COCO dataset (needs images, categories, annotations lists)")
+        if what == "prompt":
+            read_prompts(path)
+        else:
+            parse_coco(data, source=f"{what} file {path}", strict_names=False)
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    if what == "GT":   # pycocotools indexes GT objects by id: a repeated id loses one silently
+        seen = set()
+        for n, a in enumerate(data["annotations"]):
+            i = a.get("id")
+            if isinstance(i, bool) or not isinstance(i, int) or i in seen:
+                raise EvalError(f"GT file {path}: annotations[{n}]: 'id' must be an integer of its own, got {i!r}")
+            seen.add(i)
     return data
 
 
@@ -94,14 +107,17 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
     """PRED annotations mapped onto GT ids: list of (gt_image_id, gt_category_id, bbox xywh, score)."""
     match = ImageMatcher(gt["images"])
     gt_cat = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
-    img_map = {}
-    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0}
+    img_map, by_gt = {}, {}
+    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0, "pred_images_merged": []}
     for im in pred["images"]:
         gid = match(im.get("file_name", ""))
         if gid is None:
             stats["pred_images_unmatched"] += 1
         else:
             img_map[im["id"]] = gid
+            if gid in by_gt:   # as shared/tools/score.py: detections merged, reported
+                stats["pred_images_merged"].append([by_gt[gid], im["file_name"]])
+            by_gt.setdefault(gid, im["file_name"])
     cat_map = {}
     for c in pred["categories"]:
         gcid = gt_cat.get(_norm_name(c.get("name", "")))
@@ -115,8 +131,10 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
         if gid is None or cid is None or not b or len(b) != 4:
             stats["dets_dropped"] += 1
             continue
-        dets.append((gid, cid, [float(v) for v in b], float(a.get("score", 1.0))))
+        score = a.get("score")
+        dets.append((gid, cid, [float(v) for v in b], 1.0 if score is None else float(score)))
     stats["images_matched"] = len(set(img_map.values()))
+    stats["gt_images_missing"] = len(gt["images"]) - stats["images_matched"]
     return dets, stats
 
 
@@ -168,7 +186,9 @@ def coco_ap(gt: dict, dets: list, max_dets: int, ignore_ids: set[int]) -> dict:
     dt_anns = [{"id": k, "image_id": g, "category_id": c, "bbox": b, "score": s, "area": b[2] * b[3], "iscrowd": 0}
                for k, (g, c, b, s) in enumerate(dets, start=1)
                if all(math.isfinite(v) for v in b) and b[2] > 0 and b[3] > 0]
-    result = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "AP50_per_category": {c["name"]: None for c in cats}}
+    scored = {a["category_id"] for a in gt_anns if not a["iscrowd"]}   # AP is 0 where nothing was detected
+    result = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0,
+              "AP50_per_category": {c["name"]: 0.0 if c["id"] in scored else None for c in cats}}
     if not dt_anns or not gt_anns:
         return result
     with contextlib.redirect_stdout(io.StringIO()):
@@ -222,8 +242,17 @@ def counting(gt: dict, dets: list, threshold: float) -> dict:
 
 def evaluate(gt: dict, pred: dict, *, exemplars: dict | None = None, score_threshold: float | None = None,
              max_dets: int = 1000) -> dict:
-    """All metrics for loaded COCO dicts. ``exemplars``: a loaded prompt file for --exclude-exemplars."""
+    """All metrics for loaded COCO dicts. ``exemplars``: a loaded prompt file for --exclude-exemplars.
+    EvalError when PRED has images but none matches a GT image, or categories but none is a GT one
+    (nothing could be scored: a renamed folder or class, not an AP of 0)."""
     dets, stats = predictions(gt, pred)
+    if pred["images"] and not stats["images_matched"]:
+        raise EvalError(f"none of the {len(pred['images'])} PRED images matches a GT image by file_name "
+                        f"(PRED has e.g. {pred['images'][0].get('file_name')!r}, GT "
+                        f"{gt['images'][0]['file_name'] if gt['images'] else 'no image'!r})")
+    if pred["categories"] and len(stats["unknown_categories"]) == len(pred["categories"]):
+        raise EvalError(f"none of the PRED categories {stats['unknown_categories']} is a GT category "
+                        f"{[c['name'] for c in gt['categories']]} (matched by name)")
     if score_threshold is None:
         score_threshold = (pred.get("info") or {}).get("score_threshold")
     threshold = 0.5 if score_threshold is None else float(score_threshold)
@@ -233,6 +262,22 @@ def evaluate(gt: dict, pred: dict, *, exemplars: dict | None = None, score_thres
         out["exemplars_excluded"] = len(ignore)
     out.update(coco_ap(gt, dets, max_dets, ignore))
     out.update(counting(gt, dets, threshold))
+    return out
+
+
+def warnings(r: dict) -> list[str]:
+    """What :func:`evaluate` matched only in part (also shown by --json runs, on stderr)."""
+    out = []
+    if r["unknown_categories"]:
+        out.append(f"PRED categories not in GT, ignored: {', '.join(map(str, r['unknown_categories']))}")
+    if r["pred_images_unmatched"]:
+        out.append(f"{r['pred_images_unmatched']} PRED image(s) not in GT, ignored")
+    for first, other in r["pred_images_merged"]:
+        out.append(f"PRED images {first!r} and {other!r} match the same GT image; their detections are merged")
+    if r["gt_images_missing"]:
+        out.append(f"{r['gt_images_missing']} GT image(s) not in PRED, scored as holding no detection")
+    if "exemplars_excluded" in r and not r["exemplars_excluded"]:
+        out.append("no exemplar of the prompt file matches a GT object")
     return out
 
 
@@ -246,10 +291,6 @@ def format_table(r: dict) -> str:
              f"count error @ score >= {r['count_threshold']:g}: MAE {f(r['count_mae'])}  RMSE {f(r['count_rmse'])}"
              f"  NAE {f(r['count_nae'])}  (predicted {r['count_pred_total']}, true {r['count_gt_total']})"]
     lines += [f"  AP50 {name}: {f(v)}" for name, v in r["AP50_per_category"].items()]
-    if r["unknown_categories"]:
-        lines.append(f"PRED categories not in GT (ignored): {', '.join(map(str, r['unknown_categories']))}")
-    if r["pred_images_unmatched"]:
-        lines.append(f"PRED images not in GT (ignored): {r['pred_images_unmatched']}")
     return "\n".join(lines)
 
 
@@ -268,11 +309,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gt, pred = load_json(a.gt, "GT"), load_json(a.pred, "PRED")
         ex = load_json(a.exclude_exemplars, "prompt") if a.exclude_exemplars else None
-        r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets)
+        try:
+            r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets)
+        except EvalError as e:
+            raise EvalError(f"{a.pred} against {a.gt}: {e}") from None
     except EvalError as e:
         print(f"app.py eval: error: {e}", file=sys.stderr)
         return 2
-    if ex is not None and not r["exemplars_excluded"]:
-        print("app.py eval: warning: no exemplar of the prompt file matches a GT object", file=sys.stderr)
+    for warning in warnings(r):
+        print(f"app.py eval: warning: {warning}", file=sys.stderr)
     print(json.dumps(r) if a.json else format_table(r))
     return 0

@@ -227,11 +227,13 @@ def _need(d: dict, key: str, typ, where: str):
     return d[key]
 
 
-def parse_coco(data: dict, source: str = "<dict>") -> CocoDataset:
+def parse_coco(data: dict, source: str = "<dict>", *, strict_names: bool = True) -> CocoDataset:
     """Validate a loaded COCO dict and convert it to a :class:`CocoDataset` (boxes -> xyxy).
 
     ``source`` names the file in error messages. Annotations without ``bbox`` (e.g. point
     prompts) are an error here; read prompt files with :mod:`exports.prompts`.
+    ``strict_names=False`` (files of other tools, e.g. for scoring): a ``file_name`` may be any
+    non-empty string (absolute, Windows or "./" paths) and width/height may be missing (0).
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: top level must be a JSON object")
@@ -245,10 +247,13 @@ def parse_coco(data: dict, source: str = "<dict>") -> CocoDataset:
         if not isinstance(im, dict):
             raise ValueError(f"{where}: must be an object")
         iid = _need(im, "id", int, where)
-        fn = check_relative_posix(_need(im, "file_name", str, where), allow_parent=True,
-                                  what=f"{where} file_name")
-        w = _check_size(_need(im, "width", (int, float), where), f"{where} width")
-        h = _check_size(_need(im, "height", (int, float), where), f"{where} height")
+        fn = _need(im, "file_name", str, where)
+        if strict_names:
+            fn = check_relative_posix(fn, allow_parent=True, what=f"{where} file_name")
+        elif not fn.strip():
+            raise ValueError(f"{where}: 'file_name' is empty")
+        w, h = ((_check_size(_need(im, k, (int, float), where), f"{where} {k}")
+                 if strict_names or k in im else 0) for k in ("width", "height"))
         if iid in by_id:
             raise ValueError(f"{where}: duplicate image id {iid}")
         if fn in image_ids:

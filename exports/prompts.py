@@ -144,7 +144,8 @@ def read_prompts(path: str | os.PathLike) -> PromptSet:
 
     Raises ValueError naming the file and the problem (bad JSON, missing keys, unknown
     image/category ids, an annotation with neither or both of bbox/point, non-finite or
-    empty boxes, points outside the image, a non-boolean ``negative``, ...).
+    empty boxes, boxes or points outside the image, a non-boolean ``negative``, ...).
+    A box partly outside its image (``width`` x ``height``) is clipped to it.
     """
     path = Path(path)
     data = read_json(path, "prompt file")
@@ -226,7 +227,10 @@ def read_prompts(path: str | os.PathLike) -> PromptSet:
                                  f"got {a['bbox']!r}")
             if b[2] <= 0 or b[3] <= 0:
                 raise ValueError(f"{where}: bbox {a['bbox']} has width or height <= 0")
-            box = tuple(float(v) for v in xywh_to_xyxy(b)[0])
+            clipped = clip_xyxy(xywh_to_xyxy(b), w, h)[0]
+            if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+                raise ValueError(f"{where}: bbox {a['bbox']} lies outside the {w}x{h} image")
+            box = tuple(float(v) for v in clipped)   # a box partly outside: the part inside
         else:
             q = _numbers(a["point"], 2)
             if q is None:

@@ -569,3 +569,217 @@ def test_label_folder_makes_classes_on_different_canvases_compete_once(tmp_path)
     assert Fake.calls == [False, False]
     assert dict(zip(one.detections.data["class_name"], one.detections.confidence.tolist())) == \
         pytest.approx({"a": 0.8, "b": 0.3})
+
+
+# ------------------------------------------------------------------ bad input found by the s6 audit
+def _copy_images(dataset, folder: Path, names=("img00.png", "img01.png")) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes((Path(dataset["images"]) / n).read_bytes())
+    return folder
+
+
+def test_prompts_must_be_in_the_displayed_frame_of_the_file(predictor, tmp_path):
+    """An EXIF-rotated prompt image: prompts in the displayed frame land on the object drawn; a prompt
+    file recording another size (the stored frame, or another version of the file) is refused before
+    any work, naming the file and both sizes (it used to run with the boxes on the wrong pixels)."""
+    from PIL import Image
+    img, boxes = draw_scene(np.random.default_rng(5), {"disc": 4})
+    shown = Image.fromarray(img[:, :160])                      # 160 x 224 as displayed
+    boxes = boxes["disc"][boxes["disc"][:, 2] <= 160]
+    assert len(boxes) >= 2
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # viewers rotate the stored pixels 90 deg
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shown.transpose(Image.Transpose.ROTATE_90).save(folder / "rot.png", exif=exif.tobytes())
+
+    def prompts(name, w, h, drawn):
+        anns = [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+                for k, b in enumerate(drawn)]
+        path = tmp_path / name
+        path.write_text(json.dumps({"images": [{"id": 1, "file_name": "photos/rot.png", "width": w, "height": h}],
+                                    "categories": [{"id": 1, "name": "disc"}], "annotations": anns}))
+        return str(path)
+
+    out = tmp_path / "o.json"
+    batch.run(str(folder), prompts("shown.json", 160, 224, boxes[:1]), str(out), per_image=True,
+              predictor=predictor, progress=False, warn=lambda m: None)
+    found = dets_by_image(load_coco_checked(out))["rot.png"]["disc"]
+    assert iou(found[np.argmax(found[:, 4]), :4], boxes).max() > 0.7   # the top box is a disc, as displayed
+    stored = [[b[1], 160 - b[2], b[3], 160 - b[0]] for b in boxes[:1]]  # the same disc in stored pixels
+    for per_image in (False, True):
+        with pytest.raises(batch.LabelError, match=r"rot.png is 160x224 pixels as displayed.*records 224x160"):
+            batch.run(str(folder), prompts("stored.json", 224, 160, stored), str(tmp_path / "x.json"),
+                      per_image=per_image, predictor=predictor, progress=False, warn=lambda m: None)
+    assert not (tmp_path / ("x.json" + batch.SIDECAR_SUFFIX)).exists()
+
+
+def test_bad_out_is_refused_before_any_work(dataset, predictor, tmp_path, monkeypatch, capsys):
+    """--out naming a folder, the prompt file, an image, or a folder that takes no new file is a clear
+    error up front (a folder used to end the whole run in an IsADirectoryError traceback; the prompt
+    file or an image was overwritten by the output)."""
+    folder = _copy_images(dataset, tmp_path / "imgs", ("img00.png",))
+    assert batch.main([str(folder), "--prompts", dataset["cross"], "--out", str(folder), "--quiet"]) == 2
+    assert f"--out {folder} is a folder" in capsys.readouterr().err
+    prompts = Path(dataset["cross"]).read_bytes()
+    copy = Path(dataset["cross"]).with_name("copy-for-the-out-test.json")   # beside it: same prompt image
+    copy.write_bytes(prompts)
+    try:
+        for out, what in ((copy, "would overwrite the prompt file"), (folder / "img00.png", "image file's")):
+            assert batch.main([str(folder), "--prompts", str(copy), "--out", str(out), "--quiet"]) == 2
+            assert what in capsys.readouterr().err
+        assert copy.read_bytes() == prompts
+    finally:
+        copy.unlink()
+
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(batch.tempfile, "mkstemp", refused)
+    with pytest.raises(batch.LabelError, match="cannot write to the output folder .*Permission denied"):
+        batch.run(str(folder), dataset["cross"], str(tmp_path / "o.json"), predictor=predictor, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_file_names_a_coco_file_cannot_hold_are_skipped_with_a_warning(dataset, predictor, tmp_path):
+    """A backslash or non-UTF-8 bytes in a file name (legal on Linux) used to crash the final COCO write
+    after every image was labelled; such files are now skipped up front, each named in a warning."""
+    folder = _copy_images(dataset, tmp_path / "imgs", ("img00.png",))
+    data = (folder / "img00.png").read_bytes()
+    (folder / "a\\b.png").write_bytes(data)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.png"), "wb") as f:   # Latin-1 name
+        f.write(data)
+    out, warnings = tmp_path / "o.json", []
+    s = batch.run(str(folder), dataset["cross"], str(out), predictor=predictor, progress=False,
+                  warn=warnings.append)
+    assert s["images"] == 1 and [im["file_name"] for im in load_coco_checked(out)["images"]] == ["img00.png"]
+    assert len(warnings) == 2 and "a\\\\b.png" in warnings[0] and "backslash" in warnings[0]
+    assert "caf\\udce9.png" in warnings[1] and "UTF-8" in warnings[1]
+
+
+def test_failed_final_write_keeps_progress_and_resume_finishes_it(dataset, predictor, tmp_path, monkeypatch):
+    """A failure writing OUT.json (disk full) is a clear error that keeps the progress file; --resume
+    then refuses other weights, retries the image that could not be read before (fixed since), and
+    does not redo the others."""
+    import exports.coco
+    folder = _copy_images(dataset, tmp_path / "imgs")
+    late = (Path(dataset["images"]) / "img02.png").read_bytes()
+    (folder / "late.png").write_bytes(late[: len(late) // 3])          # still being copied
+    out = tmp_path / "o.json"
+    sidecar = Path(str(out) + batch.SIDECAR_SUFFIX)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(exports.coco, "atomic_write_json", disk_full)
+    with pytest.raises(batch.LabelError, match=r"(?s)No space left.*kept in .*--resume"):
+        batch.run(str(folder), dataset["cross"], str(out), predictor=predictor, progress=False, warn=lambda m: None)
+    monkeypatch.undo()
+    assert not out.exists() and sidecar.exists()
+    assert "error" in batch.read_sidecar(str(sidecar))[1]["late.png"]
+
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"other weights")
+    with pytest.raises(batch.LabelError, match="different weights_sha256"):
+        batch.run(str(folder), dataset["cross"], str(out), resume=True, weights=str(other), predictor=predictor,
+                  progress=False)
+
+    (folder / "late.png").write_bytes(late)                               # the copy finished
+    fresh = trex2.Predictor(predictor.model)
+    s = batch.run(str(folder), dataset["cross"], str(out), resume=True, predictor=fresh, progress=False)
+    assert fresh.encode_count == 1 + 1                                    # late.png + the prompt image
+    assert s["skipped"] == [] and not sidecar.exists()
+    assert [im["file_name"] for im in load_coco_checked(out)["images"]] == ["img00.png", "img01.png", "late.png"]
+
+
+# ---------------------------- app.evaluate (`python app.py eval`) on bad input; pure JSON, no model
+def _eval_gt():
+    return {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
+                       {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100}],
+            "categories": [{"id": 1, "name": "cell"}, {"id": 2, "name": "dot"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 10, 10]}]}
+
+
+def _eval_pred():
+    return {"info": {"score_threshold": 0.5},
+            "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100},
+                       {"id": 2, "file_name": "b.jpg", "width": 100, "height": 100}],
+            "categories": [{"id": 1, "name": "cell"}, {"id": 2, "name": "dot"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [50, 50, 10, 10], "score": 0.8}]}
+
+
+def _eval(tmp_path, capsys, gt, pred, *extra):
+    from app import evaluate
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "pred.json").write_text(json.dumps(pred))
+    code = evaluate.main([str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _edit(d, where, key, value):
+    """d[where[0]][where[1]][key] = value, or delete the key when value is ...; returns d."""
+    item = d[where[0]][where[1]]
+    if value is ...:
+        del item[key]
+    else:
+        item[key] = value
+    return d
+
+
+@pytest.mark.parametrize("which, edit, message", [
+    ("gt", (("annotations", 0), "bbox", ...), "annotations[0]: missing 'bbox'"),
+    ("gt", (("annotations", 0), "bbox", [1, 2, 3]), "bbox must be 4 finite numbers"),
+    ("gt", (("annotations", 0), "id", ...), "annotations[0]: 'id' must be an integer"),
+    ("gt", (("annotations", 1), "id", 1), "annotations[1]: 'id' must be an integer of its own"),
+    ("gt", (("annotations", 0), "image_id", 9), "image_id 9 is not in images"),
+    ("gt", (("annotations", 0), "category_id", 9), "category_id 9 is not in categories"),
+    ("gt", (("images", 1), "id", 1), "duplicate image id 1"),
+    ("gt", (("images", 0), "id", ...), "images[0]: missing 'id'"),
+    ("gt", (("categories", 0), "id", "1"), "categories[0]: 'id' has the wrong type"),
+    ("pred", (("annotations", 0), "score", "high"), "score must be a finite number"),
+    ("pred", (("annotations", 0), "bbox", ["a", 1, 2, 3]), "bbox must be 4 finite numbers"),
+    ("pred", (("images", 0), "file_name", 5), "'file_name' has the wrong type"),
+])
+def test_eval_malformed_files_are_clear_errors(tmp_path, capsys, which, edit, message):
+    """Each of these ended in a traceback (KeyError, IndexError, TypeError) or was scored silently
+    (a GT object on a missing image or category, a repeated GT id: pycocotools drops one)."""
+    gt, pred = _eval_gt(), _eval_pred()
+    _edit(gt if which == "gt" else pred, *edit)
+    code, out, err = _eval(tmp_path, capsys, gt, pred)
+    assert code == 2 and message in err and f"{which}.json" in err and out == "", err
+
+
+def test_eval_nothing_matched_is_an_error_and_partial_matches_warn(tmp_path, capsys):
+    """PRED of another folder or other class names scored AP 0 with exit code 0; now a clear error.
+    Partial matches are warned on stderr (also with --json), and an image without detections scores
+    AP50 0 for its categories (was None, unlike shared/tools/score.py)."""
+    pred = _eval_pred()
+    for im in pred["images"]:
+        im["file_name"] = "other_" + im["file_name"]
+    code, _, err = _eval(tmp_path, capsys, _eval_gt(), pred)
+    assert code == 2 and "none of the 2 PRED images matches" in err and "'other_a.jpg'" in err
+    pred = _eval_pred()
+    for c in pred["categories"]:
+        c["name"] += "s"
+    code, _, err = _eval(tmp_path, capsys, _eval_gt(), pred)
+    assert code == 2 and "none of the PRED categories ['cells', 'dots']" in err
+
+    pred = _eval_pred()
+    pred["images"][1]["file_name"] = "sub/a.jpg"          # two PRED images on GT a.jpg, none on b.jpg
+    pred["categories"][1]["name"] = "blob"
+    code, out, err = _eval(tmp_path, capsys, _eval_gt(), pred, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["images_matched"] == 1 and r["gt_images_missing"] == 1
+    for warning in ("categories not in GT, ignored: blob", "'a.jpg' and 'sub/a.jpg' match the same GT image",
+                    "1 GT image(s) not in PRED"):
+        assert warning in err, err
+    pred = _eval_pred()
+    pred["annotations"] = []
+    code, out, _ = _eval(tmp_path, capsys, _eval_gt(), pred, "--json")
+    assert code == 0 and json.loads(out)["AP50_per_category"] == {"cell": 0.0, "dot": 0.0}
+    pred = _eval_pred()
+    pred["annotations"][0]["score"] = None                 # no score: counted as 1.0 (was a TypeError)
+    code, out, _ = _eval(tmp_path, capsys, _eval_gt(), pred, "--json")
+    assert code == 0 and json.loads(out)["AP50"] == pytest.approx(1.0)

@@ -236,6 +236,27 @@ def test_read_coco_errors_name_the_file(tmp_path):
         read_coco(tmp_path / "missing.json")
 
 
+def test_parse_coco_names_of_other_tools():
+    """strict_names=False (app.py eval reads other tools' files): absolute, Windows and "./" file names
+    and a missing width/height pass; the structure is still checked. Strict reading refuses them."""
+    from exports import parse_coco
+    data = {"images": [{"id": 1, "file_name": "/data/a.jpg"}, {"id": 2, "file_name": "C:\\x\\b.jpg"},
+                       {"id": 3, "file_name": "./c.jpg", "width": 5, "height": 5}],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 2, 2]}]}
+    ds = parse_coco(data, "f.json", strict_names=False)
+    assert [im.file_name for im in ds.images] == ["/data/a.jpg", "C:\\x\\b.jpg", "./c.jpg"]
+    assert ds.annotations[0].image == "C:\\x\\b.jpg"
+    with pytest.raises(ValueError, match="relative path"):
+        parse_coco(data, "f.json")
+    data["images"][0]["file_name"] = " "
+    with pytest.raises(ValueError, match=r"f.json: images\[0\]: 'file_name' is empty"):
+        parse_coco(data, "f.json", strict_names=False)
+    data["images"][0] = {"id": 1, "file_name": "a.jpg", "width": 0, "height": 5}
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        parse_coco(data, "f.json", strict_names=False)
+
+
 def test_write_is_atomic(tmp_path):
     images, cats, anns = _sample()
     out = tmp_path / "out.json"
@@ -412,6 +433,9 @@ def _prompt_json(**changes):
     ({"ann_category_id": 5}, "category_id 5 is not in categories"),
     ({"ann_image_id": 9}, "image_id 9 is not in images"),
     ({"drop_bbox": True, "ann_point": [100, 4]}, "outside the 64x48 image"),
+    ({"ann_bbox": [70, 2, 10, 10]}, "bbox .* lies outside the 64x48 image"),
+    ({"ann_bbox": [-30, -30, 20, 20]}, "bbox .* lies outside the 64x48 image"),
+    ({"ann_bbox": [1e300, 1e300, 1e300, 1e300]}, "bbox .* lies outside the 64x48 image"),
     ({"drop_bbox": True, "ann_point": [1]}, "point must be 2 finite numbers"),
     ({"categories": [{"id": 1, "name": "t", "text": 3}]}, "'text' must be a non-empty string"),
     ({"images": [{"id": 1, "file_name": "C:\\x\\a.jpg", "width": 6, "height": 4}]},
@@ -433,6 +457,8 @@ def test_prompt_reader_valid_minimal_and_bad_json(tmp_path):
     p.write_text(json.dumps(_prompt_json()))
     ps = read_prompts(p)
     assert ps.prompts == [Prompt(tmp_path / "images" / "a.jpg", "tomato", box=(1, 2, 11, 12))]
+    p.write_text(json.dumps(_prompt_json(ann_bbox=[-5, 40, 20, 20])))   # partly outside: clipped
+    assert read_prompts(p).prompts[0].box == (0, 40, 15, 48)
     p.write_text("[1, 2")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_prompts(p)
