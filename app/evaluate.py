@@ -108,7 +108,9 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
     match = ImageMatcher(gt["images"])
     gt_cat = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
     img_map, by_gt = {}, {}
-    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0, "pred_images_merged": []}
+    gt_size = {im["id"]: (im.get("width"), im.get("height")) for im in gt["images"]}
+    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0, "pred_images_merged": [],
+             "size_mismatches": []}
     for im in pred["images"]:
         gid = match(im.get("file_name", ""))
         if gid is None:
@@ -118,6 +120,9 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
             if gid in by_gt:   # as shared/tools/score.py: detections merged, reported
                 stats["pred_images_merged"].append([by_gt[gid], im["file_name"]])
             by_gt.setdefault(gid, im["file_name"])
+            size = (im.get("width"), im.get("height"))
+            if None not in size + gt_size[gid] and size != gt_size[gid]:   # boxes in another frame or scale
+                stats["size_mismatches"].append([im["file_name"], list(size), list(gt_size[gid])])
     cat_map = {}
     for c in pred["categories"]:
         gcid = gt_cat.get(_norm_name(c.get("name", "")))
@@ -274,6 +279,11 @@ def warnings(r: dict) -> list[str]:
         out.append(f"{r['pred_images_unmatched']} PRED image(s) not in GT, ignored")
     for first, other in r["pred_images_merged"]:
         out.append(f"PRED images {first!r} and {other!r} match the same GT image; their detections are merged")
+    if r["size_mismatches"]:
+        name, size, gt_size = r["size_mismatches"][0]
+        out.append(f"{len(r['size_mismatches'])} PRED image(s) differ in size from GT (e.g. {name!r}: "
+                   f"{size[0]}x{size[1]} against {gt_size[0]}x{gt_size[1]}; a resized copy, or EXIF "
+                   f"orientation applied on one side only?); their boxes are scored as they are")
     if r["gt_images_missing"]:
         out.append(f"{r['gt_images_missing']} GT image(s) not in PRED, scored as holding no detection")
     if "exemplars_excluded" in r and not r["exemplars_excluded"]:

@@ -776,6 +776,10 @@ def test_eval_nothing_matched_is_an_error_and_partial_matches_warn(tmp_path, cap
                     "1 GT image(s) not in PRED"):
         assert warning in err, err
     pred = _eval_pred()
+    pred["images"][1].update(width=50, height=50)          # boxes of a resized copy: warned, not silent
+    code, out, err = _eval(tmp_path, capsys, _eval_gt(), pred)
+    assert code == 0 and "1 PRED image(s) differ in size from GT (e.g. 'b.jpg': 50x50 against 100x100" in err
+    pred = _eval_pred()
     pred["annotations"] = []
     code, out, _ = _eval(tmp_path, capsys, _eval_gt(), pred, "--json")
     assert code == 0 and json.loads(out)["AP50_per_category"] == {"cell": 0.0, "dot": 0.0}
