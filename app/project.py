@@ -159,6 +159,15 @@ def _norm_point(coords, size=None) -> list[float]:
     return [round(p[0], 2), round(p[1], 2)]
 
 
+def _relative_name(file_name: str) -> str:
+    """A COCO file_name as a relative POSIX path: other tools write absolute or Windows paths
+    ("/data/upload/1/a.jpg", "C:\\x\\a.jpg"), which import matches by their file name."""
+    parts = [p for p in file_name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    if parts and len(parts[0]) == 2 and parts[0][1] == ":":   # a Windows drive
+        parts = parts[1:]
+    return "/".join(parts) or file_name
+
+
 def default_project_path(images_dir: str | os.PathLike) -> Path:
     """Where the project of a folder lives unless --project is given:
     ``$XDG_CACHE_HOME/trex2/projects/<folder name>-<hash of its absolute path>.json``."""
@@ -897,10 +906,15 @@ class Project:
         file's record is skipped (its boxes would be in another frame). Missing classes are
         created. Returns {"images", "labels", "detections": counts added, "unmatched",
         "size_mismatch", "unreadable": file_names skipped}."""
-        from exports.coco import read_coco
+        from exports._io import read_json
+        from exports.coco import parse_coco
 
         try:
-            data = read_coco(path)
+            raw = read_json(path, "COCO file")
+            for rec in raw.get("images", []) if isinstance(raw, dict) else []:
+                if isinstance(rec, dict) and isinstance(rec.get("file_name"), str):
+                    rec["file_name"] = _relative_name(rec["file_name"])
+            data = parse_coco(raw, source=str(path))
         except (OSError, ValueError) as e:
             raise ProjectError(f"cannot import {path}: {e}") from e
         index = {im.file: i for i, im in enumerate(self.images)}

@@ -802,3 +802,19 @@ def test_paging_fast_drops_prefetch_encodes_not_started(project, tmp_path):
     futures[-1].result(timeout=10)
     assert slow.encode_count == 2                        # the one running, and the last
     assert sum(f.cancelled() for f in futures) == 3
+
+
+def test_import_coco_with_absolute_or_windows_paths_matches_by_file_name(project, tmp_path):
+    """COCO files from other tools may name images by absolute or Windows paths."""
+    from exports import write_coco
+
+    src = tmp_path / "other-tool.json"
+    write_coco(src, [("a.jpg", W, H), ("c.jpg", W, H)], ["cell"],
+               [("a.jpg", "cell", (1, 1, 20, 20)), ("c.jpg", "cell", (2, 2, 30, 30))])
+    data = json.loads(src.read_text())
+    data["images"][0]["file_name"] = "/data/upload/1/a.jpg"
+    data["images"][1]["file_name"] = "C:\\labels\\sub\\c.jpg"
+    src.write_text(json.dumps(data))
+    r = project.import_coco(src)
+    assert r["labels"] == 2 and r["unmatched"] == [] and r["images"] == 2
+    assert [len(im.boxes) for im in project.images] == [1, 0, 1]
