@@ -7,7 +7,8 @@ Images are read, encoded, detected and recorded one at a time, so memory stays f
 of any size. Each finished image is appended (flushed and fsynced) to the sidecar
 ``OUT.json.partial.jsonl``; its first line records the prompts' and weights' SHA-256 and the
 options, so ``--resume`` continues a killed run (even after SIGKILL) without losing or repeating an
-image (images recorded as unreadable are tried again), and refuses different prompts or weights.
+image (images recorded as unreadable, or changed since, are done again), and refuses different
+prompts or weights.
 OUT.json is assembled from the sidecar at the end and written atomically; the sidecar is then
 removed.
 """
@@ -43,7 +44,7 @@ score; info.score_threshold is the recommended acceptance threshold.
 
 Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
 kill), run the same command with --resume to continue (same prompts, mode, canvas and weights;
-images that could not be read are tried again). Unreadable images, and files whose names a COCO
+images that could not be read, or changed since, are done again). Unreadable images, and files whose names a COCO
 file cannot hold (a backslash, bytes that are not UTF-8), are skipped with a warning. The prompt
 file's width/height must be each prompt image's size as displayed (EXIF orientation applied).
 Exit code 0 if any image was labeled, 1 if none could be read, 2 on bad input."""
@@ -453,6 +454,21 @@ def _write_output(out: str, file_names: list[str], records: dict[str, dict], cat
     return len(data["images"]), len(data["annotations"])
 
 
+def _file_state(path: str) -> list | None:
+    """[mtime_ns, size] of a file (None if it cannot be stat'ed): a resumed run redoes a file that
+    changed since its record was written."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _redo(record: dict | None, path: str) -> bool:
+    """Whether --resume must (re)label ``path``: no record, an unreadable one, or the file changed."""
+    return record is None or "error" in record or record.get("file", _file_state(path)) != _file_state(path)
+
+
 def _coco_name_problem(rel: str) -> str | None:
     """Why ``rel`` (a path from list_images) cannot be a COCO file_name, or None if it can."""
     if "\\" in rel:
@@ -542,7 +558,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         raise LabelError(f"cannot write the progress file {sidecar_path(out)}: {e}") from None
     records = dict(records or {})
     try:
-        todo = [r for r in file_names if r not in records or "error" in records[r]]   # retry unreadable
+        todo = [r for r in file_names if _redo(records.get(r), os.path.join(image_dir, r))]
         cat_index = {name: i for i, name in enumerate(prompts.categories)}
         bar = None
         if progress:
@@ -553,7 +569,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             for res in label_folder(predictor, image_dir, todo, classes, canvas=sizes):
                 if res.error is not None:
                     warn(f"skipped {res.error}")
-                rec = result_record(res, cat_index)
+                rec = {**result_record(res, cat_index), "file": _file_state(res.path)}
                 append_record(side_f, rec)
                 records[rec["file_name"]] = rec
                 if bar is not None:

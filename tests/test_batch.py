@@ -659,8 +659,8 @@ def test_file_names_a_coco_file_cannot_hold_are_skipped_with_a_warning(dataset, 
 
 def test_failed_final_write_keeps_progress_and_resume_finishes_it(dataset, predictor, tmp_path, monkeypatch):
     """A failure writing OUT.json (disk full) is a clear error that keeps the progress file; --resume
-    then refuses other weights, retries the image that could not be read before (fixed since), and
-    does not redo the others."""
+    then refuses other weights, redoes the image that could not be read before (fixed since) and the
+    one replaced since, and not the others."""
     import exports.coco
     folder = _copy_images(dataset, tmp_path / "imgs")
     late = (Path(dataset["images"]) / "img02.png").read_bytes()
@@ -684,9 +684,10 @@ def test_failed_final_write_keeps_progress_and_resume_finishes_it(dataset, predi
                   progress=False)
 
     (folder / "late.png").write_bytes(late)                               # the copy finished
+    (folder / "img01.png").write_bytes((Path(dataset["images"]) / "img03.png").read_bytes())   # replaced
     fresh = trex2.Predictor(predictor.model)
     s = batch.run(str(folder), dataset["cross"], str(out), resume=True, predictor=fresh, progress=False)
-    assert fresh.encode_count == 1 + 1                                    # late.png + the prompt image
+    assert fresh.encode_count == 2 + 1                            # late.png, img01.png + the prompt image
     assert s["skipped"] == [] and not sidecar.exists()
     assert [im["file_name"] for im in load_coco_checked(out)["images"]] == ["img00.png", "img01.png", "late.png"]
 
