@@ -277,6 +277,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if op == "select":
             sess.selected = iid
             return (sess,) + (gr.skip(),) * 5
+        made_on = data.get("file")
+        if (made_on and p.images and made_on != p.current.file
+                and not (op == "set_class" and iid is None)):
+            raise ProjectError(f"not applied: that edit was made on {made_on}, but "
+                               f"{p.current.file} is shown now")
         if op == "add_prompt":
             p.add_prompt(data["kind"], data["coords"], negative=bool(data.get("negative")))
         elif op == "add_box":

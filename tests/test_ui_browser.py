@@ -294,7 +294,15 @@ def test_label_folder_in_browser(app_server):
         _wait_view(other, "v.image.file === 'img2.jpg'")
         _click_and_time(page, "tx-accept-all", "accept_all")
         assert _view(page)["image"]["file"] == "img1.jpg"
+        # an edit that reaches Python after the image changed (drawn, then Next at once) is refused,
+        # not put on the image now shown
+        seq = _view(page)["seq"]
+        page.evaluate("window.trexCanvas.send('add_box', {coords: [2, 2, 30, 30], file: 'img0.jpg'})")
+        _wait_view(page, f"v.seq > {seq} && v.action === 'error'")
+        assert "made on img0.jpg" in _view(page)["message"]
+        assert not any(b["xyxy"] == [2, 2, 30, 30] for b in _view(page)["boxes"])
         # the first tab labels by hand; the second (its copy now stale) then saves by navigating:
+
         # the box must survive on disk and show in the second tab
         page.locator("#tx-canvas .tx-wrap").focus()
         page.keyboard.press("m")

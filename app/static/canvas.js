@@ -5,8 +5,8 @@
 //   classes: [{name, color}], active_class, threshold, prompts: [{id, cls, kind, coords,
 //   negative}], boxes: [{id, cls, xyxy, score, state, source}], message, action}.
 // JS -> Python: trigger('op', {op, ...}) with op one of add_prompt, add_box, move, delete,
-//   accept, reject, relabel, set_class, negative, select. Coordinates are pixels of the
-//   original (EXIF-corrected) image; the preview image may be smaller.
+//   accept, reject, relabel, set_class, negative, select, and file (the image it was made on).
+//   Coordinates are pixels of the original (EXIF-corrected) image; the preview may be smaller.
 const root = element.querySelector('.tx-wrap');
 const stage = root.querySelector('.tx-stage');
 const canvas = root.querySelector('.tx-canvas');
@@ -263,7 +263,11 @@ let negative = false;
 function negBoxState() { return negative; }
 
 // ---------------------------------------------------------------- Python round trips
-function send(op, data) { trigger('op', Object.assign({op: op}, data || {})); }
+// every op names the image it was made on: Python refuses it if another image is current
+// by then (a fast Next after drawing must not put the shape on the next image)
+function send(op, data) {
+  trigger('op', Object.assign({op: op, file: view && view.image ? view.image.file : null}, data || {}));
+}
 function select(it) {
   const next = it ? {type: it.type, id: it.rec.id} : null;
   const changed = JSON.stringify(next) !== JSON.stringify(selected);
@@ -491,6 +495,7 @@ function onView() {
   render();
 }
 api.getView = () => view;
+api.send = send;
 api.getState = () => ({tool: tool, negative: negative, selected: selected, transform: xf});
 api.select = (type, id) => { const it = items().find(i => i.type === type && i.rec.id === id); select(it || null); };
 new ResizeObserver(() => render()).observe(stage);
