@@ -308,6 +308,7 @@ class Project:
         if stamp is None or stamp == self._stamp:
             return False
         current = self.images[self.index].file if self.images else None
+        self.warnings = []   # (shown when a page opens; a reload must not pile them up)
         self._load(list_images(self.root), self._read_saved())
         self._load_embeddings()
         if current is not None:
