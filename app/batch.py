@@ -510,6 +510,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     if warn is None:
         from tqdm import tqdm
         warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
+    if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+        raise LabelError(f"a score threshold is a number from 0 to 1, got {score_threshold!r}")
     if not os.path.isdir(image_dir):
         raise LabelError(f"image folder not found: {image_dir}" if not os.path.exists(image_dir)
                          else f"IMAGE_DIR must be a folder: {image_dir}")
@@ -596,6 +598,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.evaluate import score_arg
     ap = argparse.ArgumentParser(prog="app.py label", description=HELP,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image_dir", metavar="IMAGE_DIR", help="folder of images (searched recursively)")
@@ -606,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-image", action="store_true",
                     help="each image uses only the exemplars drawn on it (default: pool all exemplars "
                          "of a category and apply them to every image)")
-    ap.add_argument("--score-threshold", type=float, default=None, metavar="T",
+    ap.add_argument("--score-threshold", type=score_arg, default=None, metavar="T",
                     help="recorded as info.score_threshold (default: the model's recommended threshold); "
                          "all detections above a low floor are written regardless")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted run with the same prompts")

@@ -304,6 +304,23 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def score_arg(text: str) -> float:
+    """argparse type of a score threshold: a number from 0 to 1 (scores are probabilities)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"a score threshold is a number from 0 to 1, got {text!r}")
+    return v
+
+
+def _positive_int_arg(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="app.py eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -311,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("pred", metavar="PRED.json")
     ap.add_argument("--exclude-exemplars", metavar="PROMPTS.json",
                     help="per-image prompt file whose exemplar objects are left out of AP")
-    ap.add_argument("--score-threshold", type=float, default=None,
+    ap.add_argument("--score-threshold", type=score_arg, default=None,
                     help="counting threshold (default: PRED info.score_threshold, else 0.5)")
-    ap.add_argument("--max-dets", type=int, default=1000, help="detections per image and category (default 1000)")
+    ap.add_argument("--max-dets", type=_positive_int_arg, default=1000, help="detections per image and category (default 1000)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     a = ap.parse_args(argv)
     try:

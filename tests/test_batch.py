@@ -641,6 +641,26 @@ def test_bad_out_is_refused_before_any_work(dataset, predictor, tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
 
 
+def test_score_threshold_outside_0_1_is_refused_up_front(dataset, predictor, tmp_path, capsys):
+    """--score-threshold nan or inf failed only when writing OUT.json after the whole run; 2 or -1 were
+    recorded as they were. eval counted nothing at nan, and scored AP 0 at --max-dets 0."""
+    from app import evaluate
+    out = str(tmp_path / "o.json")
+    for t in ("nan", "inf", "2", "-0.5", "x"):
+        with pytest.raises(SystemExit) as e:
+            batch.main([dataset["images"], "--prompts", dataset["cross"], "--out", out, "--score-threshold", t])
+        assert e.value.code == 2 and "from 0 to 1" in capsys.readouterr().err
+    with pytest.raises(batch.LabelError, match="from 0 to 1"):
+        batch.run(dataset["images"], dataset["cross"], out, score_threshold=float("nan"), predictor=predictor)
+    assert not os.path.exists(out + batch.SIDECAR_SUFFIX)
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(_eval_gt()))
+    for option in (["--score-threshold", "nan"], ["--max-dets", "0"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main([str(gt), str(gt), *option])
+        assert e.value.code == 2 and option[0] in capsys.readouterr().err
+
+
 def test_file_names_a_coco_file_cannot_hold_are_skipped_with_a_warning(dataset, predictor, tmp_path):
     """A backslash or non-UTF-8 bytes in a file name (legal on Linux) used to crash the final COCO write
     after every image was labelled; such files are now skipped up front, each named in a warning."""
