@@ -550,8 +550,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         import trex2
         try:
             predictor = trex2.Predictor(trex2.load_model(weights))
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            raise LabelError(f"cannot load the model: {e}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, too
+            raise LabelError(f"cannot load the model from {weights or 'the shipped weights'}: {e}") from None
     sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
     classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
     try:

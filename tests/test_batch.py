@@ -699,6 +699,8 @@ def test_failed_final_write_keeps_progress_and_resume_finishes_it(dataset, predi
 
     other = tmp_path / "other.safetensors"
     other.write_bytes(b"other weights")
+    with pytest.raises(batch.LabelError, match=f"cannot load the model from {other}"):   # was a SafetensorError
+        batch.run(str(folder), dataset["cross"], str(tmp_path / "x.json"), weights=str(other), progress=False)
     with pytest.raises(batch.LabelError, match="different weights_sha256"):
         batch.run(str(folder), dataset["cross"], str(out), resume=True, weights=str(other), predictor=predictor,
                   progress=False)
