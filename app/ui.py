@@ -374,7 +374,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             sess.work.cancel = True
 
     @guarded
-    def on_accept_all(sess):
+    def on_accept_all(sess, t=None):
+        # the threshold as the slider shows it: its own change event may not have run yet
+        if t is not None:
+            sess.project.set_threshold(t)
         n = sess.project.accept_all()
         return refresh(sess, "accept_all", f"accepted {n} boxes")
 
@@ -684,7 +687,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         det_all_btn.click(on_detect_all, [state], main, show_progress="full",
                           show_progress_on=[progress_box], concurrency_id="model")
         cancel_btn.click(on_cancel, [state], None, queue=False)
-        accept_btn.click(on_accept_all, [state], main, show_progress="hidden")
+        accept_btn.click(on_accept_all, [state, threshold], main, show_progress="hidden")
         undo_btn.click(on_undo, [state], main, show_progress="hidden")
         redo_btn.click(on_redo, [state], main, show_progress="hidden")
         threshold.change(on_threshold, [state, threshold], main, show_progress="hidden",

@@ -818,3 +818,19 @@ def test_import_coco_with_absolute_or_windows_paths_matches_by_file_name(project
     r = project.import_coco(src)
     assert r["labels"] == 2 and r["unmatched"] == [] and r["images"] == 2
     assert [len(im.boxes) for im in project.images] == [1, 0, 1]
+
+
+def test_accept_all_uses_the_threshold_the_slider_shows(project, engine, tmp_path):
+    """'Accept all' gets the slider's value with the click: the slider's own change event may
+    be handled after it, and the boxes shown are those at the slider's value."""
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    fn = next(f for f in demo.fns.values() if f.fn.__name__ == "on_accept_all")
+    assert [getattr(c, "elem_id", None) for c in fn.inputs][1:] == ["tx-threshold"]
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)                     # scores 0.9, 0.5, 0.1
+    project.set_threshold(0.3)
+    fn.fn(Session(project, tmp_path), 0.6)               # the slider already shows 0.6
+    assert [b.score for b in project.current.boxes if b.state == "accepted"] == [0.9]
+    assert project.threshold == 0.6
