@@ -93,7 +93,9 @@ class Session:
     tmp_dir: Path
     selected: int | None = None
     seq: int = 0
-    search: list[tuple[int, float]] = field(default_factory=list)
+    #: the gallery of the last search: (image file, score); by file, as indices shift
+    #: when images are added
+    search: list[tuple[str, float]] = field(default_factory=list)
     #: shared with the other sessions on the project file; a long run (detect in all images)
     #: makes their edits answer "busy" instead of interleaving with it
     work: Work = field(default_factory=Work)
@@ -572,7 +574,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             except (ValueError, OSError):
                 continue  # unreadable: it scored 0 and has nothing to show
             items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
-            shown.append((i, score))
+            shown.append((p.images[i].file, score))
         sess.search = shown
         return items, f"{len(ranked)} images ranked by the max score of {cls!r}"
 
@@ -580,7 +582,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     def on_search_pick(sess, evt: gr.SelectData):
         if evt.index is None or evt.index >= len(sess.search):
             return (sess,) + (gr.skip(),) * 5
-        sess.project.goto(sess.search[evt.index][0])
+        sess.project.goto(sess.project.index_of(sess.search[evt.index][0]))
         return refresh(sess, "nav")
 
     # ------------------------------------------------------------------ layout

@@ -834,3 +834,19 @@ def test_accept_all_uses_the_threshold_the_slider_shows(project, engine, tmp_pat
     fn.fn(Session(project, tmp_path), 0.6)               # the slider already shows 0.6
     assert [b.score for b in project.current.boxes if b.state == "accepted"] == [0.9]
     assert project.threshold == 0.6
+
+
+def test_search_gallery_opens_the_image_shown_after_images_were_added(project, engine, tmp_path):
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    fns = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    sess = Session(project, tmp_path)
+    project.add_prompt("box", [10, 10, 30, 20])
+    items, _ = fns["on_search"](sess, "cell")
+    first = items[0][1].split()[-1]                      # caption "score  file"
+    src = tmp_path / "0_new.jpg"                         # sorts first: every index shifts
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(src)
+    project.add_uploaded([src], subdir="0")
+    fns["on_search_pick"](sess, SimpleNamespace(index=0))
+    assert project.current.file == first
