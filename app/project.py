@@ -159,6 +159,11 @@ def _norm_point(coords, size=None) -> list[float]:
     return [round(p[0], 2), round(p[1], 2)]
 
 
+def _content(saved: dict) -> dict:
+    """A saved project without its current image (which each tab keeps for itself)."""
+    return {k: v for k, v in saved.items() if k != "current"}
+
+
 def _relative_name(file_name: str) -> str:
     """A COCO file_name as a relative POSIX path: other tools write absolute or Windows paths
     ("/data/upload/1/a.jpg", "C:\\x\\a.jpg"), which import matches by their file name."""
@@ -210,8 +215,10 @@ class Project:
         self.last_saved: float | None = None
         self.warnings: list[str] = []
 
-        #: (inode, mtime, size) of the project file as this object last read or wrote it
+        #: (inode, mtime, size) of the project file as this object last read or wrote it, and
+        #: its content but the current image (see sync)
         self._stamp: tuple | None = None
+        self._state: dict | None = None
         #: saved records (JSON) of images no longer in the folder, written back unchanged
         self._absent: list[dict] = []
         self._load(list_images(self.root), self._read_saved() if self.path.exists() else None)
@@ -275,9 +282,9 @@ class Project:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ProjectError(f"project file {self.path} cannot be read: {e}") from e
-        self._stamp = stamp
         if not isinstance(data, dict) or data.get("format") != PROJECT_FORMAT:
             raise ProjectError(f"{self.path} is not a {PROJECT_FORMAT} file")
+        self._stamp, self._state = stamp, _content(data)
         return data
 
     def to_json(self) -> dict:
@@ -292,8 +299,9 @@ class Project:
 
     def save(self) -> Path:
         """Write the project file atomically (temp file + os.replace)."""
-        atomic_write_json(self.path, self.to_json(), indent=None)
-        self._stamp = self._disk_stamp()
+        data = self.to_json()
+        atomic_write_json(self.path, data, indent=None)
+        self._stamp, self._state = self._disk_stamp(), _content(data)
         self.last_saved = time.time()
         return self.path
 
@@ -307,9 +315,13 @@ class Project:
         stamp = self._disk_stamp()
         if stamp is None or stamp == self._stamp:
             return False
+        before = self._state
+        saved = self._read_saved()
+        if _content(saved) == before:
+            return False    # the other only moved to another image: keep the undo history
         current = self.images[self.index].file if self.images else None
         self.warnings = []   # (shown when a page opens; a reload must not pile them up)
-        self._load(list_images(self.root), self._read_saved())
+        self._load(list_images(self.root), saved)
         self._load_embeddings()
         if current is not None:
             self.index = next((i for i, im in enumerate(self.images) if im.file == current),

@@ -698,6 +698,11 @@ def test_two_sessions_on_one_project_file_never_overwrite_each_other(folder, tmp
     act(a, lambda: None)                                 # A picks up B's state in turn
     assert a.project.index == 2 and len(a.project.images[1].prompts) == 1
     assert not a.project.sync()                          # nothing new: no reload
+    act(a, lambda: a.project.add_box([20, 20, 30, 30]))
+    act(b, lambda: b.project.goto(0))                    # B only moves on (and saves that)
+    assert not a.project.sync() and a.project.can_undo   # A keeps its undo history
+    act(a, lambda: a.project.undo())
+    assert len(Project(folder, path).images[2].boxes) == 0
 
 
 def test_opening_a_session_does_not_rewrite_the_project_file(project):
