@@ -118,6 +118,8 @@ def _acquire(sess: Session) -> bool:
         if sess.project.sync():
             gr.Warning("this folder's project was changed in another tab or window: reloaded "
                        "it here first (undo history cleared)")
+    except ProjectError as e:   # e.g. not a project file any more: this tab's state is kept
+        gr.Warning(f"{e}; this tab's labels will be saved over it")
     except BaseException:
         sess.work.lock.release()
         raise

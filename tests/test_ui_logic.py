@@ -855,3 +855,17 @@ def test_search_gallery_opens_the_image_shown_after_images_were_added(project, e
     project.add_uploaded([src], subdir="0")
     fns["on_search_pick"](sess, SimpleNamespace(index=0))
     assert project.current.file == first
+
+
+def test_a_project_file_spoilt_by_another_program_does_not_stop_the_session(project, tmp_path):
+    from app.ui import Session, _acquire
+
+    sess = Session(project, tmp_path)
+    project.add_class("other")
+    project.path.write_text("not json")                  # written over from outside
+    assert _acquire(sess)                                # a warning, and the handler runs
+    try:
+        project.add_box([1, 1, 9, 9])
+    finally:
+        sess.work.lock.release()
+    assert Project(project.root, project.path).class_names == ["cell", "other"]
