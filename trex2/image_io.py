@@ -8,7 +8,8 @@ orientation applied). Anything that cannot be read raises :class:`ImageLoadError
 from __future__ import annotations
 
 import os
-import warnings
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,22 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp",
 )
 
-#: Largest image accepted, in pixels (W * H). Guards against decompression bombs.
-MAX_PIXELS: int = 100_000_000
+#: Largest image accepted, in pixels (W * H). Guards against decompression bombs while taking the
+#: largest phone photos (200 MP, 16320 x 12240).
+MAX_PIXELS: int = 256_000_000
+_PIL_LIMIT = threading.Lock()
+
+
+@contextmanager
+def _pil_limit_lifted():
+    """PIL's own decompression-bomb check off (it is global state) while the block runs: MAX_PIXELS
+    is checked instead, by _open."""
+    with _PIL_LIMIT:
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
 
 # EXIF orientations that flip or rotate the stored pixels; 5-8 also swap width and height.
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -65,18 +80,13 @@ def _check_file(path: Path) -> None:
 def _open(path: Path) -> Image.Image:
     """Open lazily (header only) and enforce :data:`MAX_PIXELS`.
 
-    PIL's own decompression-bomb check is replaced by ours: its warning is
-    silenced while opening and its error becomes an :class:`ImageLoadError`.
+    PIL's own decompression-bomb check (a warning above 89 MP, an error above 179 MP) is replaced
+    by ours: it is lifted while the header is read, and the size checked against MAX_PIXELS.
     """
     _check_file(path)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _pil_limit_lifted():
             im = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(
-            f"{path}: image too large, refused as a possible decompression bomb ({e}); "
-            f"limit is {MAX_PIXELS} pixels (trex2.image_io.MAX_PIXELS)") from e
     except Image.UnidentifiedImageError as e:
         raise ImageLoadError(f"{path}: not a recognised image file") from e
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
@@ -147,10 +157,10 @@ def _pixels(im: Image.Image) -> np.ndarray:
     w, h = im.size
     out = np.empty((h, w, 3), np.uint8)
     step = max(1, _STRIP_BYTES // (3 * w))
-    with warnings.catch_warnings():   # crop repeats PIL's bomb check, done already by _open
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for y in range(0, h, step):
-            out[y:y + step] = np.asarray(im.crop((0, y, w, min(h, y + step))))
+    for y in range(0, h, step):
+        with _pil_limit_lifted():   # crop repeats PIL's bomb check, done already by _open
+            strip = im.crop((0, y, w, min(h, y + step)))
+        out[y:y + step] = np.asarray(strip)
     return out
 
 
