@@ -208,11 +208,12 @@ class PromptSource:
                                  f"and no text prompt")
         return cls(path, "prompts", sha256, ps.category_names, prompt_set=ps)
 
-    def check_image_sizes(self, images=None) -> None:
+    def check_image_sizes(self, images=None, skip_unreadable: bool = False) -> None:
         """LabelError unless each prompted image (of ``images``, real paths; None: all) can be read
         and has the width x height the prompt file records, as displayed (EXIF orientation
         applied): prompts drawn in another frame or on another version of the file would land
-        on the wrong pixels."""
+        on the wrong pixels. skip_unreadable: an image that cannot be read is passed over (per-image
+        mode, where it is one of the images labelled, skipped with a warning like any other)."""
         if self.kind != "prompts":
             return
         ps = self.prompt_set
@@ -222,6 +223,8 @@ class PromptSource:
             try:
                 size = image_size(image)
             except ImageLoadError as e:
+                if skip_unreadable:
+                    continue
                 raise LabelError(f"cannot read a prompt image of {self.path}: {e}") from None
             recorded = ps.image_sizes.get(image)
             if recorded is not None and tuple(recorded) != size:
@@ -323,7 +326,7 @@ class PromptSource:
         if not hit:
             raise LabelError(f"--per-image: none of the {len(prompted)} prompted images of {self.path} is under "
                              f"{image_dir} (file_name in a prompt file is relative to the prompt file's folder)")
-        self.check_image_sizes(hit)
+        self.check_image_sizes(hit, skip_unreadable=True)
         if len(hit) < len(prompted):
             warn(f"--per-image: {len(prompted) - len(hit)} prompted image(s) of {self.path} are not under "
                  f"{image_dir}; their exemplars are unused")

@@ -810,3 +810,19 @@ def test_eval_nothing_matched_is_an_error_and_partial_matches_warn(tmp_path, cap
     pred["annotations"][0]["score"] = None                 # no score: counted as 1.0 (was a TypeError)
     code, out, _ = _eval(tmp_path, capsys, _eval_gt(), pred, "--json")
     assert code == 0 and json.loads(out)["AP50"] == pytest.approx(1.0)
+
+
+def test_per_image_skips_an_unreadable_prompted_image(dataset, predictor, tmp_path):
+    """--per-image: a prompted image that cannot be read is skipped with a warning like any unreadable
+    image, and the other prompted images are labelled (it used to stop the whole run)."""
+    folder = _copy_images(dataset, tmp_path / "imgs")
+    (folder / "img01.png").write_bytes(b"not an image")
+    per = prompt_file(tmp_path / "per.json",
+                      [(folder / "img00.png", "disc", b, None, False) for b in dataset["truth"]["img00.png"]["disc"][:2]]
+                      + [(folder / "img01.png", "square", b, None, False) for b in dataset["truth"]["img01.png"]["square"][:2]])
+    warned = []
+    s = batch.run(str(folder), per, str(tmp_path / "o.json"), per_image=True, predictor=predictor, progress=False,
+                  warn=warned.append)
+    assert s["skipped"] == ["img01.png"] and any("img01.png" in m for m in warned)
+    found = dets_by_image(load_coco_checked(tmp_path / "o.json"))["img00.png"]["disc"]
+    assert top_k_precision(found, dataset["truth"]["img00.png"]["disc"]) >= 0.6
