@@ -582,12 +582,14 @@ class Project:
         return rec
 
     def add_box(self, xyxy, cls: str | None = None) -> BoxRec:
-        """A box drawn by hand: accepted at once (it is the user's own label)."""
+        """A box drawn by hand: accepted at once (it is the user's own label), and the image is
+        reviewed unless boxes above the threshold are still pending (as after accepting one)."""
         xyxy = _norm_box(xyxy, self.image_size())
         with self._edit("add box", scope=[self.index]):
             cls = self._cls(cls)
             rec = BoxRec(self._new_id(), cls, xyxy, None, "accepted", "manual")
             self.current.boxes.append(rec)
+            self._after_review()
         return rec
 
     def find(self, item_id: int, image: int | None = None):
@@ -658,9 +660,10 @@ class Project:
             rec.state = state
             self._after_review()
 
-    def _after_review(self):
-        """An image is reviewed once no box above the threshold is still pending."""
-        im = self.current
+    def _after_review(self, i: int | None = None):
+        """An image (default: the current one) is reviewed once no box above the threshold is
+        still pending."""
+        im = self.images[self._at(i)]
         if not any(b.state == "pending" and (b.score or 0) >= self.threshold for b in im.boxes):
             im.reviewed = True
 
@@ -914,7 +917,8 @@ class Project:
         (the output of `python app.py label`) become pending model boxes, merged as
         apply_detections merges a detection run; boxes without one (existing labels) become
         accepted boxes unless an accepted or hand-drawn box of the class already covers them
-        (IoU > DUPLICATE_IOU). An image is matched by its file_name relative to the folder, else
+        (IoU > DUPLICATE_IOU); an image given labels is reviewed unless boxes above the threshold
+        are still pending on it (the rule of a box drawn or accepted here). An image is matched by its file_name relative to the folder, else
         by a file name that occurs once in the folder; an image whose size differs from the
         file's record is skipped (its boxes would be in another frame). Missing classes are
         created. Returns {"images", "labels", "detections": counts added, "unmatched",
@@ -976,6 +980,8 @@ class Project:
                         continue
                     im.boxes.append(BoxRec(self._new_id(), a.category, box, None, "accepted", "manual"))
                     counts["labels"] += 1
+                if any(a.score is None for a in anns):
+                    self._after_review(i)   # labels are decisions, as a box drawn here is
                 counts["images"] += bool(anns)
         return {**counts, "unmatched": unmatched, "size_mismatch": mismatch,
                 "unreadable": unreadable}

@@ -869,3 +869,30 @@ def test_a_project_file_spoilt_by_another_program_does_not_stop_the_session(proj
     finally:
         sess.work.lock.release()
     assert Project(project.root, project.path).class_names == ["cell", "other"]
+
+
+def test_imported_labels_and_hand_drawn_boxes_mark_the_image_reviewed(project, engine, tmp_path):
+    """An image given accepted labels (Import tab, or drawn by hand) is no longer listed as
+    untouched: it is reviewed unless boxes above the threshold still wait, as after accepting."""
+    from exports import write_coco
+
+    from app.ui import STATUS_ICON, Session, _images_update
+
+    src = tmp_path / "labels.coco.json"
+    write_coco(src, [("a.jpg", W, H), ("b.png", W, H)], ["cell"],
+               [("a.jpg", "cell", (5, 5, 25, 25)),                # a label only
+                ("b.png", "cell", (5, 5, 25, 25)),                # a label and a detection
+                ("b.png", "cell", (40, 30, 60, 50), 0.8)])
+    project.import_coco(src)
+    a, b, c = project.images
+    assert (a.status, b.status, c.status) == ("reviewed", "predicted", "untouched")
+    choices = _images_update(Session(project, tmp_path), force=True)["choices"]
+    assert choices[0][0] == f"{STATUS_ICON['reviewed']} a.jpg"
+    assert project.undo() == "import COCO" and project.images[0].status == "untouched"
+    project.goto(2)
+    project.add_box([10, 10, 40, 30])                    # a label drawn by hand
+    assert project.current.status == "reviewed"
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)                     # pending boxes above the threshold
+    project.add_box([50, 30, 70, 50])
+    assert project.current.status == "predicted"
