@@ -525,22 +525,28 @@ class Project:
                     self.loaded_embeddings[new_name] = self.loaded_embeddings.pop(name)
         return info
 
-    def delete_class(self, name: str) -> int:
-        """Delete a class with its prompts and boxes; returns how many items went with it."""
+    def delete_class(self, name: str) -> dict[str, int]:
+        """Delete a class with its prompts and boxes (one undo step). Returns what went with it:
+        {"boxes", "accepted" (of those boxes), "images" (holding them), "prompts" (external
+        prompts included)}."""
         self.get_class(name)
-        removed = 0
+        gone = {"boxes": 0, "accepted": 0, "images": 0, "prompts": 0}
         with self._edit(f"delete class {name}", scope=None):
             self.classes = [c for c in self.classes if c.name != name]
             for im in self.images:
-                n = len(im.prompts) + len(im.boxes)
+                boxes = [b for b in im.boxes if b.cls == name]
+                gone["boxes"] += len(boxes)
+                gone["accepted"] += sum(b.state == "accepted" for b in boxes)
+                gone["images"] += bool(boxes)
+                gone["prompts"] += sum(p.cls == name for p in im.prompts)
                 im.prompts = [p for p in im.prompts if p.cls != name]
                 im.boxes = [b for b in im.boxes if b.cls != name]
-                removed += n - len(im.prompts) - len(im.boxes)
+            gone["prompts"] += sum(p["cls"] == name for p in self.external_prompts)
             self.external_prompts = [p for p in self.external_prompts if p["cls"] != name]
             self.loaded_embeddings.pop(name, None)
             if self.active_class == name:
                 self.active_class = self.classes[0].name if self.classes else None
-        return removed
+        return gone
 
     def set_active_class(self, name: str | None):
         if name is not None:

@@ -430,8 +430,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if not p.active_class:
             raise ProjectError("no class selected")
         name = p.active_class
-        n = p.delete_class(name)
-        return refresh(sess, "class", f"deleted class {name} and {n} prompts/boxes (Ctrl+Z undoes)")
+        return refresh(sess, "class", _deleted_class_message(name, p.delete_class(name)))
 
     # ------------------------------------------------------------------ files
     def file_guard(fn):
@@ -726,6 +725,16 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                          concurrency_id="model")
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
     return demo
+
+
+def _deleted_class_message(name: str, gone: dict[str, int]) -> str:
+    """What 'Delete class' took with the class (Project.delete_class's counts)."""
+    if not gone["boxes"] and not gone["prompts"]:
+        return f"deleted class {name} (it had no boxes or prompts; Ctrl+Z brings it back)"
+    n_img = gone["images"]
+    return (f"deleted class {name} with its {gone['boxes']} boxes ({gone['accepted']} accepted) "
+            f"on {n_img} image{'s' if n_img != 1 else ''} and its {gone['prompts']} prompts: "
+            f"Ctrl+Z brings them back")
 
 
 def _detect_message(p: Project, n_new: int, ms: float) -> str:

@@ -339,7 +339,8 @@ def test_classes_add_rename_delete(project):
     assert (c.color, c.text) == ("#123456", "a red blood cell")
     assert project.find(p.id)[1].cls == "blood cell"
     assert project.active_class == "blood cell"
-    assert project.delete_class("blood cell") == 1
+    assert project.delete_class("blood cell") == {"boxes": 0, "accepted": 0, "images": 0,
+                                                  "prompts": 1}
     assert project.current.prompts == [] and project.class_names == ["dot"]
     project.undo()
     assert project.class_names == ["blood cell", "dot"]
@@ -896,3 +897,26 @@ def test_imported_labels_and_hand_drawn_boxes_mark_the_image_reviewed(project, e
     detect_in_image(project, engine)                     # pending boxes above the threshold
     project.add_box([50, 30, 70, 50])
     assert project.current.status == "predicted"
+
+
+def test_delete_class_says_what_went_with_it_and_undo_brings_it_back(project, engine, tmp_path):
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    on_delete = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_class_delete")
+    project.add_prompt("box", [10, 10, 30, 20])
+    detect_in_image(project, engine)                     # 3 pending boxes on a.jpg
+    project.accept_all()                                 # 2 above the threshold accepted
+    project.goto(1)
+    project.add_box([5, 5, 20, 20])                      # and a label on b.png
+    project.external_prompts.append({"image": "/elsewhere/x.jpg", "id": 99, "cls": "cell",
+                                     "kind": "point", "coords": [3, 3], "negative": False})
+    project.set_active_class("cell")
+    sess = Session(project, tmp_path)
+    message = on_delete(sess)[1]["message"]
+    assert message == ("deleted class cell with its 4 boxes (3 accepted) on 2 images and its "
+                       "2 prompts: Ctrl+Z brings them back")
+    assert not any(im.boxes or im.prompts for im in project.images)
+    project.undo()
+    assert [len(im.boxes) for im in project.images] == [3, 1, 0]
+    assert len(project.external_prompts) == 1
