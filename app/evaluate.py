@@ -3,6 +3,9 @@
     python app.py eval GT.json PRED.json [--exclude-exemplars PROMPTS.json]
                        [--score-threshold T] [--max-dets 1000] [--json]
 
+PRED is a COCO file (what ``app.py label`` writes) or a pycocotools results list whose image and
+category ids are GT's (``file_name`` / ``category_name`` may stand in for them).
+
 AP / AP50 / AP75 are COCO box AP (pycocotools, IoU .50:.95, all areas) at ``--max-dets``
 detections per image and category (dense scenes need more than COCO's 100). Images are matched
 by ``file_name`` (exact, else PRED path ending in "/GT name", else a basename unique in GT) and
@@ -93,6 +96,48 @@ def load_json(path: str, what: str) -> dict:
                 raise EvalError(f"GT file {path}: annotations[{n}]: 'id' must be an integer of its own, got {i!r}")
             seen.add(i)
     return data
+
+
+def load_pred(path: str, gt: dict) -> dict:
+    """PRED as a COCO dataset: a COCO file (load_json), or a pycocotools results list
+    ``[{"image_id" | "file_name", "category_id" | "category_name", "bbox", "score"}, ...]`` whose
+    ids are GT's (as other detectors write them), turned into a dataset over GT's images and
+    categories. EvalError naming the file and the entry for a bad list."""
+    from exports._io import read_json
+    try:
+        data = read_json(path, "PRED file")
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    if not isinstance(data, list):
+        return load_json(path, "PRED")
+    images = {im["id"]: im for im in gt["images"]}
+    by_name = {im["file_name"]: im["id"] for im in gt["images"]}
+    cats = {c["id"]: c for c in gt["categories"]}
+    cat_by_name = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
+    anns = []
+    for n, r in enumerate(data):
+        where = f"PRED file {path}: results[{n}]"
+        if not isinstance(r, dict):
+            raise EvalError(f"{where}: not a COCO dataset, nor a results list of objects (got {r!r})")
+        img = by_name.get(r["file_name"]) if "file_name" in r else r.get("image_id")
+        cat = cat_by_name.get(_norm_name(r["category_name"])) if "category_name" in r else r.get("category_id")
+        if isinstance(img, bool) or img not in images:
+            raise EvalError(f"{where}: no GT image with image_id/file_name "
+                            f"{r.get('file_name', r.get('image_id'))!r}")
+        if isinstance(cat, bool) or cat not in cats:
+            raise EvalError(f"{where}: no GT category with category_id/category_name "
+                            f"{r.get('category_name', r.get('category_id'))!r}")
+        box, score = r.get("bbox"), r.get("score")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+                or box[2] <= 0 or box[3] <= 0):
+            raise EvalError(f"{where}: 'bbox' must be [x, y, w, h] with w, h > 0, got {box!r}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise EvalError(f"{where}: 'score' must be a number from 0 to 1, got {score!r}")
+        anns.append({"id": n + 1, "image_id": img, "category_id": cat, "bbox": [float(v) for v in box],
+                     "area": float(box[2] * box[3]), "iscrowd": 0, "score": float(score)})
+    return {"images": [dict(im) for im in images.values()], "categories": [dict(c) for c in cats.values()],
+            "annotations": anns}
 
 
 def _iou_xywh(a, b) -> float:
@@ -334,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     a = ap.parse_args(argv)
     try:
-        gt, pred = load_json(a.gt, "GT"), load_json(a.pred, "PRED")
+        gt = load_json(a.gt, "GT")
+        pred = load_pred(a.pred, gt)
         ex = load_json(a.exclude_exemplars, "prompt") if a.exclude_exemplars else None
         try:
             r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets)

@@ -119,13 +119,44 @@ def test_cli_prints_metrics_and_rejects_bad_files(tmp_path, capsys):
     assert r["AP50_per_category"]["cell"] == pytest.approx(34 / 101, abs=1e-6)
     assert main([gt, str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
-    assert main([gt, _write(tmp_path, "notcoco.json", [1, 2])]) == 2
+    assert main([gt, _write(tmp_path, "notcoco.json", {"images": 1})]) == 2
     assert "not a COCO dataset" in capsys.readouterr().err
+    assert main([gt, _write(tmp_path, "notcoco.json", [1, 2])]) == 2
+    assert "not a COCO dataset, nor a results list" in capsys.readouterr().err
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     p = subprocess.run([sys.executable, "app.py", "eval", gt, str(broken)], cwd=REPO, capture_output=True,
                        text=True)
     assert p.returncode == 2 and "broken.json" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_results_list_scores_like_the_dataset_form(tmp_path, capsys):
+    """PRED as a pycocotools results list (GT ids, or file_name / category_name) scores as the same
+    detections in a COCO file; bad entries are clear errors (exit 2) naming the file and entry."""
+    dets = [("images/a.jpg", "cell", A, 0.9), ("images/a.jpg", "cell", [200, 200, 5, 5], 0.8),
+            ("b.jpg", "other", D, 0.7)]
+    gt = _write(tmp_path, "gt.json", _gt())
+    assert main([gt, _write(tmp_path, "pred.json", _pred(dets)), "--json"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    by_ids = [{"image_id": 7, "category_id": 3, "bbox": A, "score": 0.9},
+              {"image_id": 7, "category_id": 3, "bbox": [200, 200, 5, 5], "score": 0.8},
+              {"image_id": 9, "category_id": 5, "bbox": D, "score": 0.7}]
+    by_names = [{"file_name": "a.jpg", "category_name": "cell", "bbox": A, "score": 0.9},
+                {"file_name": "a.jpg", "category_name": "CELL", "bbox": [200, 200, 5, 5], "score": 0.8},
+                {"file_name": "sub/b.jpg", "category_name": "other", "bbox": D, "score": 0.7}]
+    for k, results in enumerate((by_ids, by_names)):
+        assert main([gt, _write(tmp_path, f"r{k}.json", results), "--json", "--score-threshold", "0.5"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        for key in ("AP", "AP50", "AP75", "AP50_per_category", "count_mae", "num_dets"):
+            assert got[key] == want[key], key
+    for bad, message in [({"image_id": 8, "category_id": 3, "bbox": A, "score": 0.9}, "no GT image"),
+                         ({"image_id": 7, "category_id": 4, "bbox": A, "score": 0.9}, "no GT category"),
+                         ({"image_id": 7, "category_id": 3, "bbox": [1, 2, 0, 3], "score": 0.9}, "'bbox'"),
+                         ({"image_id": 7, "category_id": 3, "bbox": A, "score": None}, "'score'"),
+                         (5, "results list")]:
+        assert main([gt, _write(tmp_path, "bad.json", [by_ids[0], bad])]) == 2
+        err = capsys.readouterr().err
+        assert "bad.json" in err and "results[1]" in err and message in err, err
 
 
 def _score_py():
