@@ -281,6 +281,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if op == "select":
             sess.selected = iid
             return (sess,) + (gr.skip(),) * 5
+        if op == "goto":    # → / ← (several presses add up in the page: canvas.js navigate)
+            p.goto(int(data["index"]))
+            sess.selected = None
+            return refresh(sess, "nav")
         made_on = data.get("file")
         if (made_on and p.images and made_on != p.current.file
                 and not (op == "set_class" and iid is None)):
@@ -681,8 +685,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         demo.load(on_load, None, main)
         canvas.op(on_op, [state, auto_cb], main, trigger_mode="multiple",
                   show_progress="hidden", queue=True)
-        prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden")
-        next_btn.click(on_nav, [state, gr.State(1)], main, show_progress="hidden")
+        # "multiple": quick clicks each count (in order: one queue, as they share on_nav)
+        prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden",
+                       trigger_mode="multiple")
+        next_btn.click(on_nav, [state, gr.State(1)], main, show_progress="hidden",
+                       trigger_mode="multiple")
         review_btn.click(on_next_to_review, [state], main, show_progress="hidden")
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
         det_btn.click(on_detect_this, [state], main, show_progress="hidden",

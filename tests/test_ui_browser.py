@@ -12,6 +12,7 @@ already-encoded image.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urljoin, urlparse
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,13 +75,28 @@ def _make_folder(dest: Path) -> dict[str, list[list[float]]]:
     return boxes
 
 
-def _launch(images: Path, project: Path):
+def _launch(images: Path, project: Path, engine=None):
     from app import ui
 
     port = _free_port()
-    demo, url = ui.launch(images, project, "127.0.0.1", port, prevent_thread_lock=True,
-                          quiet=True)
+    demo, url = ui.launch(images, project, "127.0.0.1", port, engine=engine,
+                          prevent_thread_lock=True, quiet=True)
     return demo, url
+
+
+@contextlib.contextmanager
+def _served(images: Path, project: Path, engine=None):
+    """The app running on images (its URL); closed after, GRADIO_TEMP_DIR as it was."""
+    saved_env = os.environ.get("GRADIO_TEMP_DIR")
+    demo, url = _launch(images, project, engine)
+    try:
+        yield url
+    finally:
+        demo.close()
+        if saved_env is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = saved_env
 
 
 def _http_status(url: str) -> int:
@@ -138,16 +155,8 @@ def _click_and_time(page, button_id: str, action: str, timeout: float = 120_000)
 def app_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui_browser")
     boxes = _make_folder(root / "images")
-    saved_env = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = _launch(root / "images", root / "project.json")
-    try:
+    with _served(root / "images", root / "project.json") as url:
         yield url, root, boxes
-    finally:
-        demo.close()
-        if saved_env is None:
-            os.environ.pop("GRADIO_TEMP_DIR", None)
-        else:
-            os.environ["GRADIO_TEMP_DIR"] = saved_env
 
 
 def test_label_folder_in_browser(app_server):
@@ -375,6 +384,93 @@ def test_label_folder_in_browser(app_server):
                for g, w in zip(got, want)), (got, want)
     assert not errors, errors
     assert not foreign, f"the page requested other hosts: {foreign}"
+
+
+class _NoModel:
+    """Predictor stand-in for tests that only page through a folder: never encodes."""
+    score_threshold = 0.3
+
+    def cached(self, key, size=None):
+        return object()
+
+
+@pytest.fixture
+def slow_paging_server(tmp_path):
+    """The app on 8 plain images, each page change held 400 ms on the server (a large image
+    on a slow disk), so that key presses arrive while one is still running."""
+    from PIL import Image
+
+    from app.project import Engine
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(8):
+        Image.fromarray(np.full((48, 64, 3), 30 * k, np.uint8)).save(images / f"p{k}.png")
+    engine = Engine(predictor=_NoModel())
+    preview = engine.preview
+
+    def slow_preview(path):
+        time.sleep(0.4)
+        return preview(path)
+
+    engine.preview = slow_preview
+    with _served(images, tmp_path / "project.json", engine) as url:
+        yield url
+
+
+def _settled_view(page, quiet_s: float = 2.0, timeout_s: float = 30.0) -> dict:
+    """The view once no new one arrived for quiet_s seconds."""
+    end = time.time() + timeout_s
+    last, since = None, time.time()
+    while time.time() < end:
+        seq = _view(page)["seq"]
+        if seq != last:
+            last, since = seq, time.time()
+        elif time.time() - since >= quiet_s:
+            return _view(page)
+        time.sleep(0.1)
+    raise AssertionError(f"the view kept changing for {timeout_s} s")
+
+
+def test_quick_arrow_presses_all_count(slow_paging_server):
+    """→ pressed 5 times while the first page change still runs lands 5 images further (the
+    presses made meanwhile were dropped), ← twice 2 back, wrapping as Next/Prev do; a held key
+    and quick clicks on Next count every press too."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(slow_paging_server)
+        _wait_view(page, "v.image && r.imageReady", 60_000)
+        assert _view(page)["image"]["index"] == 0
+        page.locator("#tx-canvas .tx-wrap").focus()
+        t0 = time.time()
+        for _ in range(5):
+            page.keyboard.press("ArrowRight")
+        v = _settled_view(page)
+        print(f"\n5 x \u2192 (400 ms a page change): image {v['image']['index']} after "
+              f"{time.time() - t0 - 2:.1f} s")
+        assert v["image"]["index"] == 5 and v["image"]["file"] == "p5.png"
+        for _ in range(2):
+            page.keyboard.press(",")
+        assert _settled_view(page)["image"]["index"] == 3
+        for _ in range(6):                               # 3 + 6 wraps to 1, as Next does
+            page.keyboard.press(".")
+        assert _settled_view(page)["image"]["index"] == 1
+        seq = _view(page)["seq"]
+        for _ in range(12):                              # → held down: the key repeats
+            page.keyboard.down("ArrowRight")
+            time.sleep(0.03)
+        page.keyboard.up("ArrowRight")
+        v = _settled_view(page)
+        assert v["image"]["index"] == 5
+        # the presses made during a page change go together: not a page shown per press
+        assert v["seq"] - seq <= 4, v["seq"] - seq
+        for _ in range(3):                               # quick clicks on Next count too
+            page.click("#tx-next")
+        assert _settled_view(page)["image"]["index"] == 0
+        browser.close()
 
 
 def take_screenshot(out: Path) -> None:

@@ -5,7 +5,8 @@
 //   classes: [{name, color}], active_class, threshold, prompts: [{id, cls, kind, coords,
 //   negative}], boxes: [{id, cls, xyxy, score, state, source}], message, action}.
 // JS -> Python: trigger('op', {op, ...}) with op one of add_prompt, add_box, move, delete,
-//   accept, reject, relabel, set_class, negative, select, and file (the image it was made on).
+//   accept, reject, relabel, set_class, negative, select, goto (index: the image to show),
+//   and file (the image it was made on).
 //   Coordinates are pixels of the original (EXIF-corrected) image; the preview may be smaller.
 const root = element.querySelector('.tx-wrap');
 const stage = root.querySelector('.tx-stage');
@@ -293,6 +294,30 @@ function decide(state) {
   selectNextBox(1);
 }
 
+// ---------------------------------------------------------------- navigation
+// → / ← add up to a target image, sent as 'goto' with its index: presses made while a page
+// change is still on its way are kept (Gradio drops a button click while the last one runs)
+// and sent together once it is answered, so holding a key does not queue a page per press.
+const nav = {target: null, waiting: false, sentAt: 0};
+function navigate(delta) {
+  if (!view || !view.image) { clickButton(delta > 0 ? 'tx-next' : 'tx-prev'); return; }
+  const n = view.image.count;
+  const from = nav.target !== null ? nav.target : view.image.index;
+  nav.target = (((from + delta) % n) + n) % n;   // wraps around, as Next / Prev do
+  if (!nav.waiting || performance.now() - nav.sentAt > 10000) sendNav();  // (an answer lost)
+}
+function sendNav() {
+  nav.waiting = true;
+  nav.sentAt = performance.now();
+  send('goto', {index: nav.target});
+}
+function navAnswered(v) {  // a view arrived: the page change's answer, or another's
+  if (!nav.waiting || !['nav', 'error', 'busy'].includes(v.action)) return;
+  nav.waiting = false;
+  if (v.action === 'nav' && v.image && nav.target !== null && v.image.index !== nav.target) sendNav();
+  else nav.target = null;
+}
+
 // ---------------------------------------------------------------- mouse
 canvas.addEventListener('contextmenu', e => e.preventDefault());
 canvas.addEventListener('pointerdown', e => {
@@ -438,9 +463,9 @@ function onKey(e) {
   }
   else if (k === 'd' && !shift) clickButton('tx-detect-this');
   else if (k === 'd') clickButton('tx-detect-all');
-  else if (k === 'ArrowRight' || k === '.') clickButton('tx-next');
+  else if (k === 'ArrowRight' || k === '.') navigate(1);
   else if (k === 'u') clickButton('tx-next-review');
-  else if (k === 'ArrowLeft' || k === ',') clickButton('tx-prev');
+  else if (k === 'ArrowLeft' || k === ',') navigate(-1);
   else if (k === 'Tab' && document.activeElement === root) selectNextBox(e.shiftKey ? -1 : 1);
   else if (k === 'Escape') { selected = null; local = null; drag = null; send('select', {id: null}); render(); }
   else if (k === '0') { fit(); render(); }
@@ -483,6 +508,7 @@ function onView() {
   const sameFile = view && view.image && v.image && view.image.file === v.image.file;
   view = v;
   local = null;
+  navAnswered(v);
   if (!sameFile) { selected = null; xf.fitted = true; }
   if (selected && !findSelected()) selected = null;
   if (v.image && newImage) {
