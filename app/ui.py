@@ -59,6 +59,8 @@ SHORTCUTS = [
     ("Esc", "clear the selection"),
     ("mouse wheel / right-drag / 0", "zoom / pan / fit the image"),
 ]
+#: How often a tab checks whether another tab or process saved its project (see on_sync_tick).
+SYNC_SECONDS = 3.0
 STATUS_ICON = {"untouched": "\u25cb", "predicted": "\u25d0", "reviewed": "\u25cf"}
 
 
@@ -321,6 +323,24 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             ms = (time.perf_counter() - t) * 1000
             return refresh(sess, "detect", _detect_message(p, n, ms))
         return refresh(sess, op)
+
+    def on_sync_tick(sess):
+        """Every few seconds: show what another tab or process saved to this project since this
+        tab last read or wrote it (Project.sync: a stat call when nothing changed). Skipped while
+        a handler or long run holds the project; the page keeps a view arriving mid-drag for
+        the drag's end."""
+        skip = (gr.skip(),) * 6
+        if sess is None or not sess.work.lock.acquire(blocking=False):
+            return skip
+        try:
+            if not sess.project.sync():
+                return skip
+            return refresh(sess, "sync", "this folder's project was changed in another tab or "
+                                         "window: reloaded it here (undo history cleared)", force=True)
+        except ProjectError:
+            return skip     # (the next action says so, and saves this tab's labels over it)
+        finally:
+            sess.work.lock.release()
 
     @guarded
     def on_nav(sess, delta):
@@ -683,6 +703,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
         main = [state, canvas, stats, class_dd, image_dd, threshold]
         demo.load(on_load, None, main)
+        gr.Timer(SYNC_SECONDS).tick(on_sync_tick, [state], main, show_progress="hidden")
         canvas.op(on_op, [state, auto_cb], main, trigger_mode="multiple",
                   show_progress="hidden", queue=True)
         # "multiple": quick clicks each count (in order: one queue, as they share on_nav)

@@ -473,6 +473,40 @@ def test_quick_arrow_presses_all_count(slow_paging_server):
         browser.close()
 
 
+def test_a_tab_shows_another_tabs_labels_without_an_action(slow_paging_server):
+    """A box saved by a second tab shows in the first within a few seconds, with no action
+    there; while the first tab's user is drawing, it waits for the mouse button's release."""
+    from playwright.sync_api import sync_playwright
+
+    from app.ui import SYNC_SECONDS
+
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(slow_paging_server)
+        _wait_view(page, "v.image && r.imageReady", 60_000)
+        other = browser.new_context().new_page()
+        other.goto(slow_paging_server)
+        _wait_view(other, "v.image && r.imageReady", 60_000)
+        other.evaluate("window.trexCanvas.send('add_box', {coords: [5, 5, 30, 30]})")
+        _wait_view(other, "v.action === 'add_box'")
+        t0 = time.time()
+        _wait_view(page, "v.action === 'sync' && v.boxes.length === 1", (SYNC_SECONDS + 10) * 1000)
+        print(f"\nanother tab's box shown here after {time.time() - t0:.1f} s")
+        x, y = _to_page(page, 35, 20)
+        page.mouse.move(x, y)
+        page.mouse.down()                                # drawing a box prompt here...
+        page.mouse.move(x + 20, y + 15, steps=3)
+        other.evaluate("window.trexCanvas.send('add_box', {coords: [40, 5, 60, 25]})")
+        _wait_view(other, "v.action === 'add_box' && v.boxes.length === 2")
+        time.sleep(SYNC_SECONDS + 2)
+        assert len(_view(page)["boxes"]) == 1            # ...is not disturbed by it
+        page.mouse.move(x + 25, y + 20, steps=2)
+        page.mouse.up()
+        _wait_view(page, "v.boxes.length === 2 && v.prompts.length === 1")
+        browser.close()
+
+
 def take_screenshot(out: Path) -> None:
     """Screenshot of the app on the demo folder with the demo prompts loaded and detected."""
     import tempfile

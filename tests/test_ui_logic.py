@@ -920,3 +920,28 @@ def test_delete_class_says_what_went_with_it_and_undo_brings_it_back(project, en
     project.undo()
     assert [len(im.boxes) for im in project.images] == [3, 1, 0]
     assert len(project.external_prompts) == 1
+
+
+def test_a_tab_shows_another_tabs_saves_on_its_own(project, engine, tmp_path, monkeypatch):
+    """The periodic sync: another tab's save shows without an action here; when nothing
+    changed it costs a stat call (no read), and it never waits for a busy project."""
+    import gradio as gr
+
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    tick = next(f for f in demo.fns.values() if f.fn.__name__ == "on_sync_tick")
+    assert [(type(demo.blocks[i]), e) for i, e in tick.targets] == [(gr.Timer, "tick")]
+    project.save()
+    sess = Session(project, tmp_path)
+    other = Project(project.root, project.path)
+    other.add_box([5, 5, 30, 30])                        # saved by the other tab
+    out = tick.fn(sess)
+    assert out[1]["action"] == "sync" and [b["xyxy"] for b in out[1]["boxes"]] == [[5, 5, 30, 30]]
+    reads = []
+    monkeypatch.setattr(Project, "_read_saved", lambda self: reads.append(1))
+    assert all(o == gr.skip() for o in tick.fn(sess))   # nothing new
+    assert reads == []
+    other.add_box([40, 30, 60, 50])
+    with sess.work.lock:                                 # a handler holds the project
+        assert all(o == gr.skip() for o in tick.fn(sess))

@@ -384,6 +384,7 @@ canvas.addEventListener('pointerup', e => {
   if (!drag) return;
   const d = drag;
   drag = null;
+  if (deferred) queueMicrotask(onView);  // after this gesture's own op is sent
   if (d.mode === 'draw') {
     const box = local && local.kind === 'box' ? local.xyxy : null;
     const big = box && (box[2] - box[0]) * xf.s >= 4 && (box[3] - box[1]) * xf.s >= 4;
@@ -416,7 +417,7 @@ canvas.addEventListener('pointerup', e => {
 });
 stage.addEventListener('pointerenter', () => { overStage = true; });
 stage.addEventListener('pointerleave', () => { overStage = false; });
-canvas.addEventListener('pointercancel', () => { drag = null; local = null; render(); });
+canvas.addEventListener('pointercancel', () => { drag = null; local = null; if (deferred) onView(); render(); });
 stage.addEventListener('wheel', e => {
   if (!view || !view.image) return;
   e.preventDefault();
@@ -501,9 +502,12 @@ document.addEventListener('keydown', onKey);
 document.addEventListener('keyup', onKeyUp);
 
 // ---------------------------------------------------------------- Python -> JS
+let deferred = false;         // a view from another tab's save, kept for the drag's end
 function onView() {
   const v = props.value;
   if (!v || typeof v !== 'object') return;
+  if (drag && v.action === 'sync') { deferred = true; return; }
+  deferred = false;
   const newImage = !view || !view.image || !v.image || view.image.url !== v.image.url;
   const sameFile = view && view.image && v.image && view.image.file === v.image.file;
   view = v;
