@@ -74,14 +74,16 @@ class MSDeformAttn(nn.Module):
         B, Q, H, L, P, _ = grids.shape
         d, dh = self.d, self.d // self.H
         value = value.expand(B, -1, -1)
-        acc = value.new_zeros(B, d, Q, H)
+        acc = 0
         start = 0
         for lvl, (h, w) in enumerate(shapes):
+            # a (B, d, h, w) view of channels-last tokens: grid_sample reads each point's d values at once
             v_l = value[:, start:start + h * w].transpose(1, 2).reshape(B, d, h, w)
             start += h * w
             s = F.grid_sample(v_l, grids[:, :, :, lvl].reshape(B, Q, H * P, 2), mode="bilinear",
                               padding_mode="zeros", align_corners=False)            # (B, d, Q, H*P)
-            acc = acc + (s.view(B, d, Q, H, P) * weights[:, None, :, :, lvl]).sum(-1)
+            # weighted sum over the points as a batched (d, P) @ (P, 1) product per query and head
+            acc = acc + (s.view(B, d, Q * H, P).transpose(1, 2) @ weights[:, :, :, lvl].reshape(B, Q * H, P, 1))
         W = self.value_proj.weight.view(H, dh, d)
-        out = torch.einsum("bdqh,hed->bqhe", acc, W) + self.value_proj.bias.view(H, dh)
+        out = torch.einsum("bqhd,hed->bqhe", acc.view(B, Q, H, d), W) + self.value_proj.bias.view(H, dh)
         return out.reshape(B, Q, d)
