@@ -75,10 +75,18 @@ def load_json(path: str, what: str) -> dict:
     file names of other tools allowed) or, for ``what`` "prompt", a prompt file
     (exports.read_prompts); EvalError naming the file if missing or malformed."""
     from exports._io import read_json
+    try:
+        data = read_json(path, f"{what} file")
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
+    return _checked(data, path, what)
+
+
+def _checked(data, path: str, what: str) -> dict:
+    """load_json's checks on the loaded JSON ``data`` of file ``path``."""
     from exports.coco import parse_coco
     from exports.prompts import read_prompts
     try:
-        data = read_json(path, f"{what} file")
         if not isinstance(data, dict) or not all(isinstance(data.get(k), list)
                                                  for k in ("images", "categories", "annotations")):
             raise EvalError(f"{what} file {path} is not a COCO dataset (needs images, categories, annotations lists)")
@@ -109,7 +117,7 @@ def load_pred(path: str, gt: dict) -> dict:
     except (OSError, ValueError) as e:
         raise EvalError(str(e)) from None
     if not isinstance(data, list):
-        return load_json(path, "PRED")
+        return _checked(data, path, "PRED")
     images = {im["id"]: im for im in gt["images"]}
     by_name = {im["file_name"]: im["id"] for im in gt["images"]}
     cats = {c["id"]: c for c in gt["categories"]}
