@@ -2,6 +2,7 @@
 inside the network boxes are (cx, cy, w, h) normalised to [0, 1] of the padded input canvas."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -61,3 +62,31 @@ def greedy_match(iou: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
             match[i] = j
             free[j] = False
     return match
+
+
+def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
+    """Greedy non-maximum suppression -> kept indices, best first."""
+    order = torch.argsort(scores, descending=True)
+    if len(order) == 0:
+        return order
+    overlap = (box_iou(boxes_xyxy[order], boxes_xyxy[order])[0] > iou).numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlap[i]
+    return order[torch.as_tensor(keep, dtype=torch.long)]
+
+
+def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor: float,
+                neg_logits: torch.Tensor | None = None):
+    """Queries of one class -> (kept indices, scores, boxes cx, cy, w, h). A negative prompt scales
+    each score by sigmoid(logit - negative logit): queries closer to a "not this" example than to the
+    class lose most of their score."""
+    scores = logits.sigmoid()
+    if neg_logits is not None:
+        scores = scores * torch.sigmoid(logits - neg_logits)
+    idx = torch.nonzero(scores >= floor).flatten()
+    keep = idx[nms(cxcywh_to_xyxy(boxes[idx]), scores[idx], nms_iou)]
+    return keep, scores[keep], boxes[keep]

@@ -14,13 +14,17 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import supervision as sv
 import torch
 
-from .box_ops import box_area, box_iou, cxcywh_to_xyxy, xyxy_to_cxcywh
+from .box_ops import box_area, box_iou, cxcywh_to_xyxy, nms, postprocess, xyxy_to_cxcywh
 from .class_embedding import ClassEmbedding
 from .model import TRex2
+
+if TYPE_CHECKING:   # imported where detections are built: training (trex2.train) runs without supervision
+    import supervision as sv
 
 SCORE_FLOOR = 0.05  # detections below this are never returned
 MIN_OBJECT_PX = 44  # small-object mode: exemplars are enlarged to at least this side in the canvas
@@ -188,34 +192,6 @@ def merge_tiles(xyxy: np.ndarray, scores: np.ndarray, class_id: np.ndarray, tile
             smaller = torch.minimum(area[i], area).clamp(min=1e-9)
             suppressed |= (overlap[0] > iou) | ((t != t[i]) & (inter / smaller > cover))
     return np.array(sorted(keep), dtype=int)
-
-
-def nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, iou: float) -> torch.Tensor:
-    """Greedy non-maximum suppression -> kept indices, best first."""
-    order = torch.argsort(scores, descending=True)
-    if len(order) == 0:
-        return order
-    overlap = (box_iou(boxes_xyxy[order], boxes_xyxy[order])[0] > iou).numpy()
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if not suppressed[i]:
-            keep.append(i)
-            suppressed |= overlap[i]
-    return order[torch.as_tensor(keep, dtype=torch.long)]
-
-
-def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor: float,
-                neg_logits: torch.Tensor | None = None):
-    """Queries of one class -> (kept indices, scores, boxes cx, cy, w, h). A negative prompt scales
-    each score by sigmoid(logit - negative logit): queries closer to a "not this" example than to the
-    class lose most of their score."""
-    scores = logits.sigmoid()
-    if neg_logits is not None:
-        scores = scores * torch.sigmoid(logits - neg_logits)
-    idx = torch.nonzero(scores >= floor).flatten()
-    keep = idx[nms(cxcywh_to_xyxy(boxes[idx]), scores[idx], nms_iou)]
-    return keep, scores[keep], boxes[keep]
 
 
 def score_floor(score_threshold: float | None) -> float:
@@ -394,6 +370,7 @@ class Predictor:
         """Find every instance of each class -> sv.Detections (xyxy image pixels, confidence,
         class_id = index in `classes`, data["class_name"]). compete: classes compete for each
         object (compete_classes); False leaves that to a caller merging several detect() calls."""
+        import supervision as sv
         floor = score_floor(score_threshold)
         names = list(classes)
         if not names:
@@ -442,6 +419,7 @@ class Predictor:
 
 def _detections(xyxy: np.ndarray, confidence: np.ndarray, class_id: np.ndarray, names: list[str]) -> sv.Detections:
     """sv.Detections with data["class_name"] from class ids into names."""
+    import supervision as sv
     class_id = np.asarray(class_id, dtype=int)
     return sv.Detections(xyxy=np.asarray(xyxy, np.float32).reshape(-1, 4),
                          confidence=np.asarray(confidence, np.float32), class_id=class_id,

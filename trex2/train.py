@@ -1,4 +1,4 @@
-"""Train T-Rex2 on cached frozen-backbone features: `python app.py train` (or python -m trex2.train).
+"""Train T-Rex2 on cached backbone features: `python app.py train` (or python -m trex2.train).
 
 Seeded and reproducible. Data: synthetic repeated-object scenes (synthetic.py) and the labelled train
 sets (never the dev sets). Loss: per decoder layer, Hungarian-matched focal classification + L1 +
@@ -16,11 +16,12 @@ import time
 import numpy as np
 import torch
 
-from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match
+from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match, postprocess
 from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop,
                    read_coco_set)
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
+from .backbone import TUNABLE_BLOCKS
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 from .synthetic import DEFAULT_TRAIN_ROOT
 
@@ -106,6 +107,14 @@ def load_cache(path: str, device: str = "cpu") -> tuple[list[CachedImage], list[
     return train, held
 
 
+def feature_levels(model, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Cached backbone maps [(B, C_l, h_l, w_l)] -> the maps the model sees: with a fine-tuned backbone
+    the stride-16 and stride-32 maps are recomputed from the stride-8 one (with gradients)."""
+    if not model.cfg.tune_backbone:
+        return feats
+    return [feats[0]] + model.backbone.upper(feats[0])
+
+
 def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips: list[bool],
                    num_queries: int = 300, class_names: list[str | None] | None = None):
     """Forward a batch of episodes and return the summed loss dict. With a text encoder attached
@@ -122,7 +131,7 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
             flip_img[e["target"]] = flip_img[e["source"]] = True
     flip_rows = torch.tensor([flip_img[i] for i in needed], device=dev)
     feats = [torch.where(flip_rows[:, None, None, None], f.flip(-1), f) for f in feats]
-    memory, shapes = model.encode_features(feats)
+    memory, shapes = model.encode_features(feature_levels(model, feats))
 
     B = len(episodes)
     K = max(len(e["prompts"]) for e in episodes)
@@ -181,12 +190,11 @@ def calibrate_threshold(model, images: list[CachedImage], seed: int = 1, episode
     for _ in range(episodes):
         e = sampler.sample()
         im = images[e["target"]]
-        memory, shapes = model.encode_features([f[None].float() for f in im.features])
+        memory, shapes = model.encode_features(feature_levels(model, [f[None].float() for f in im.features]))
         K = len(e["prompts"])
         cls = model.encode_prompts(memory, shapes, e["prompts"][None], torch.zeros(1, K, dtype=torch.bool),
                                    torch.ones(1, K, dtype=torch.bool))
         outputs, _, _ = model.decode(memory, shapes, cls, torch.tensor([im.valid_wh]))
-        from .predictor import postprocess
         keep, s, bx = postprocess(outputs[-1][0][0], outputs[-1][1][0], model.cfg.nms_iou, 0.01)
         gt = cxcywh_to_xyxy(e["targets"])
         n_gt += len(gt)
@@ -215,6 +223,12 @@ def main(argv=None) -> int:
     ap.add_argument("--zoom-in", type=int, default=1, help="random crops of each real training image")
     ap.add_argument("--absent", type=float, default=0.0,
                     help="share of episodes prompting a category the target image lacks (no targets)")
+    ap.add_argument("--exclude-sets", default="",
+                    help="comma-separated train sets to leave out (leave-one-domain-out experiments)")
+    ap.add_argument("--tune-backbone", action="store_true",
+                    help="also fine-tune the backbone blocks after stride 8 (saved with the weights)")
+    ap.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                    help="learning rate of the fine-tuned backbone blocks, as a fraction of --lr")
     ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
     ap.add_argument("--holdout", type=int, default=4, help="images per real set kept for calibration")
     ap.add_argument("--max-images", type=int, default=None, help="read only this many images per real set (smoke tests)")
@@ -249,6 +263,10 @@ def main(argv=None) -> int:
         model = TRex2(ModelConfig(d_model=args.d_model, enc_layers=args.enc_layers,
                                   dec_layers=args.dec_layers, image_size=args.size))
     model.cfg.num_queries = args.queries
+    if args.tune_backbone:
+        model.cfg.tune_backbone = True
+        for i in TUNABLE_BLOCKS:
+            model.backbone._blocks[i].requires_grad_(True)
     model.to(args.device)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -263,6 +281,11 @@ def main(argv=None) -> int:
             save_cache(train, held, args.cache)
     if args.cache_only:
         return 0
+    exclude = {n for n in args.exclude_sets.split(",") if n}
+    if exclude:
+        train = [im for im in train if im.group not in exclude]
+        held = [im for im in held if im.group not in exclude]
+        log(f"left out the train sets {sorted(exclude)}")
     log(f"{len(train)} training images, {len(held)} held out for calibration")
 
     names_of: dict[str, list[str]] = {}
@@ -274,7 +297,12 @@ def main(argv=None) -> int:
                 names_of[name] = read_coco(os.path.join(args.train_root, name, "gt.json")).categories
     sampler = EpisodeSampler(train, seed=args.seed, absent_prob=args.absent)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4, foreach=True)
+    tuned = [p for p in model.backbone.parameters() if p.requires_grad]
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+    groups = [{"params": heads, "scale": 1.0}]
+    if tuned:
+        groups.append({"params": tuned, "scale": args.backbone_lr_scale})
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=1e-4, foreach=True)
     model.train()
     t0, step, avg = time.time(), 0, {}
     budget = args.minutes * 60
@@ -285,7 +313,7 @@ def main(argv=None) -> int:
         frac = min(1.0, max((time.time() - t0) / budget, step / args.steps))  # cosine over the run
         lr = args.lr * (min(1.0, (step + 1) / args.warmup)) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["scale"]
         episodes = [sampler.sample() for _ in range(args.batch)]
         flips = [bool(rng.random() < 0.5) and train[e["target"]].valid_wh == (1.0, 1.0)
                  and train[e["source"]].valid_wh == (1.0, 1.0) for e in episodes]
@@ -318,7 +346,9 @@ def main(argv=None) -> int:
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
                           "synthetic_scenes": sum(im.group.startswith(SYNTHETIC_GROUP) for im in train),
                           "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
-                          "train_images": len(train)})
+                          "train_images": len(train), "tune_backbone": args.tune_backbone,
+                          "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
+                          "exclude_sets": sorted(exclude)})
     log(f"saved {args.out} after {step} steps")
     return 0
 
