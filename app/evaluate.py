@@ -1,7 +1,7 @@
 """Score a COCO prediction file against a COCO ground truth (DESIGN.md section 5).
 
     python app.py eval GT.json PRED.json [--exclude-exemplars PROMPTS.json]
-                       [--score-threshold T] [--max-dets 1000] [--json]
+                       [--score-threshold T] [--max-dets 1000] [--errors] [--json]
 
 PRED is a COCO file (what ``app.py label`` writes) or a pycocotools results list whose image and
 category ids are GT's (``file_name`` / ``category_name`` may stand in for them).
@@ -148,12 +148,17 @@ def load_pred(path: str, gt: dict) -> dict:
             "annotations": anns}
 
 
-def _iou_xywh(a, b) -> float:
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+def _iou_many(box, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one xywh box with (N, 4) xywh boxes -> (N,)."""
+    iw = np.clip(np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
+    ih = np.clip(np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
     inter = iw * ih
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return inter / union if union > 0 else 0.0
+    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def _iou_xywh(a, b) -> float:
+    return float(_iou_many(a, np.asarray([b], float))[0])
 
 
 def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float], float]], dict]:
@@ -278,6 +283,31 @@ def coco_ap(gt: dict, dets: list, max_dets: int, ignore_ids: set[int]) -> dict:
     return result
 
 
+def error_breakdown(gt: dict, dets: list, max_dets: int, ignore_ids: set[int], near: float = 0.1) -> dict:
+    """What the AP50 misses are made of (oracles in the spirit of TIDE): AP50 once every detection at
+    IoU `near`..0.5 with a GT object of its class is moved onto that object ("localisation"), AP50
+    once every detection at IoU < `near` with all GT objects of its class is removed ("background"),
+    and the scored GT objects that no detection reaches at IoU >= `near` at any score ("missed")."""
+    gt_boxes: dict[tuple, list] = {}
+    for a in gt["annotations"]:
+        gt_boxes.setdefault((a["image_id"], a["category_id"]), []).append(a)
+    arrays = {k: np.array([a["bbox"] for a in v], float) for k, v in gt_boxes.items()}
+    moved, kept, reached = [], [], set()
+    for g, c, b, s in dets:
+        boxes = arrays.get((g, c))
+        iou = _iou_many(b, boxes) if boxes is not None else np.zeros(1)
+        j = int(np.argmax(iou))
+        if iou[j] >= near:
+            reached.update(a["id"] for a, o in zip(gt_boxes[(g, c)], iou) if o >= near)
+        moved.append((g, c, [float(v) for v in boxes[j]], s) if near <= iou[j] < 0.5 else (g, c, b, s))
+        if iou[j] >= near:
+            kept.append((g, c, b, s))
+    scored = [a["id"] for a in gt["annotations"] if a["id"] not in ignore_ids and not a.get("iscrowd")]
+    return {"AP50_localisation_fixed": coco_ap(gt, moved, max_dets, ignore_ids)["AP50"],
+            "AP50_background_removed": coco_ap(gt, kept, max_dets, ignore_ids)["AP50"],
+            "missed": sum(i not in reached for i in scored), "scored_objects": len(scored)}
+
+
 def counting(gt: dict, dets: list, threshold: float) -> dict:
     """Counting error over (image, category) pairs with a non-zero GT or predicted count."""
     gt_n: dict[tuple, int] = {}
@@ -299,8 +329,9 @@ def counting(gt: dict, dets: list, threshold: float) -> dict:
 
 
 def evaluate(gt: dict, pred: dict, *, exemplars: dict | None = None, score_threshold: float | None = None,
-             max_dets: int = 1000) -> dict:
+             max_dets: int = 1000, errors: bool = False) -> dict:
     """All metrics for loaded COCO dicts. ``exemplars``: a loaded prompt file for --exclude-exemplars.
+    ``errors``: add :func:`error_breakdown` under "errors".
     EvalError when PRED has images but none matches a GT image, or categories but none is a GT one
     (nothing could be scored: a renamed folder or class, not an AP of 0)."""
     dets, stats = predictions(gt, pred)
@@ -320,6 +351,8 @@ def evaluate(gt: dict, pred: dict, *, exemplars: dict | None = None, score_thres
         out["exemplars_excluded"] = len(ignore)
     out.update(coco_ap(gt, dets, max_dets, ignore))
     out.update(counting(gt, dets, threshold))
+    if errors:
+        out["errors"] = error_breakdown(gt, dets, max_dets, ignore)
     return out
 
 
@@ -354,6 +387,13 @@ def format_table(r: dict) -> str:
              f"count error @ score >= {r['count_threshold']:g}: MAE {f(r['count_mae'])}  RMSE {f(r['count_rmse'])}"
              f"  NAE {f(r['count_nae'])}  (predicted {r['count_pred_total']}, true {r['count_gt_total']})"]
     lines += [f"  AP50 {name}: {f(v)}" for name, v in r["AP50_per_category"].items()]
+    if "errors" in r:
+        e = r["errors"]
+        lines += [f"AP50 if boxes at IoU 0.1-0.5 with an object of their class were moved onto it: "
+                  f"{f(e['AP50_localisation_fixed'])}",
+                  f"AP50 if boxes at IoU < 0.1 with every object of their class were removed: "
+                  f"{f(e['AP50_background_removed'])}",
+                  f"objects no box reaches at IoU >= 0.1: {e['missed']} of {e['scored_objects']}"]
     return "\n".join(lines)
 
 
@@ -384,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--score-threshold", type=score_arg, default=None,
                     help="counting threshold (default: PRED info.score_threshold, else 0.5)")
     ap.add_argument("--max-dets", type=_positive_int_arg, default=1000, help="detections per image and category (default 1000)")
+    ap.add_argument("--errors", action="store_true",
+                    help="also break the AP50 misses down: localisation, background boxes, missed objects")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")
     a = ap.parse_args(argv)
     try:
@@ -391,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         pred = load_pred(a.pred, gt)
         ex = load_json(a.exclude_exemplars, "prompt") if a.exclude_exemplars else None
         try:
-            r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets)
+            r = evaluate(gt, pred, exemplars=ex, score_threshold=a.score_threshold, max_dets=a.max_dets,
+                         errors=a.errors)
         except EvalError as e:
             raise EvalError(f"{a.pred} against {a.gt}: {e}") from None
     except EvalError as e:

@@ -188,3 +188,25 @@ def test_agrees_with_shared_score_py():
         for k in ("AP", "AP50", "AP75", "count_mae", "count_rmse", "count_nae"):
             assert mine[k] == pytest.approx(ref[k], abs=1e-9), k
         assert mine["AP50_per_category"] == pytest.approx(ref["AP50_per_category"])
+
+
+def test_error_breakdown_oracles(tmp_path, capsys):
+    """--errors: a background box, a loose box on A (IoU 0.24), an exact box on B; C is never reached.
+    Hand-computed 101-point AP50 of "cell" (the exact box on D makes "Other" 1.0): as is, FP FP TP
+    -> 1/3 precision up to recall 1/3; with the loose box moved onto A, FP TP TP -> 2/3 up to 2/3;
+    without the background box, FP TP -> 1/2 up to 1/3."""
+    dets = [("images/a.jpg", "cell", [160, 160, 20, 20], 0.9), ("images/a.jpg", "cell", [25, 25, 40, 40], 0.8),
+            ("images/a.jpg", "cell", B, 0.7), ("b.jpg", "other", D, 0.9)]
+    r = evaluate(_gt(), _pred(dets), errors=True)
+    e = r["errors"]
+    assert r["AP50"] == pytest.approx((34 / 101 / 3 + 1) / 2, abs=1e-6)
+    assert e["AP50_localisation_fixed"] == pytest.approx((67 / 101 * 2 / 3 + 1) / 2, abs=1e-6)
+    assert e["AP50_background_removed"] == pytest.approx((34 / 101 / 2 + 1) / 2, abs=1e-6)
+    assert (e["missed"], e["scored_objects"]) == (1, 4)
+    # exemplar objects are not scored, so not counted as missed
+    assert evaluate(_gt(), _pred(dets), exemplars=_prompts(), errors=True)["errors"]["scored_objects"] == 3
+    assert "errors" not in evaluate(_gt(), _pred(dets))
+    gt, pred = _write(tmp_path, "gt.json", _gt()), _write(tmp_path, "pred.json", _pred(dets))
+    assert main([gt, pred, "--errors"]) == 0
+    out = capsys.readouterr().out
+    assert "moved onto it: 0.7211" in out and "were removed: 0.5842" in out and "1 of 4" in out
