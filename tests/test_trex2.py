@@ -1031,6 +1031,25 @@ def test_absent_episodes_from_another_set(scene_cache):
     assert {e["target"] for e in eps} == {0, 1, 2}
 
 
+def test_balance_sets_draws_each_real_set_equally(scene_cache):
+    """balance_sets: a set of 1 image is drawn as often as a set of 9; synthetic scenes keep their
+    share of the images. By default images are drawn uniformly (the large set dominates)."""
+    a, b = scene_cache
+    lab = lambda im: torch.zeros(len(im.boxes), dtype=torch.long)   # noqa: E731
+    ims = ([CachedImage(a.features, a.boxes, lab(a), "large", a.valid_wh)] * 9
+           + [CachedImage(b.features, b.boxes, lab(b), "small", b.valid_wh)]
+           + [CachedImage(b.features, b.boxes, lab(b), f"synthetic{k}", b.valid_wh) for k in range(10)])
+
+    def shares(**kw):
+        sampler = EpisodeSampler(ims, seed=0, cross_image_prob=0.0, **kw)
+        groups = [ims[sampler.sample()["target"]].group for _ in range(3000)]
+        return {g: sum(x.startswith(g) for x in groups) / len(groups) for g in ("large", "small", "synthetic")}
+    plain, balanced = shares(), shares(balance_sets=True)
+    assert plain["large"] == pytest.approx(0.45, abs=0.04) and plain["small"] == pytest.approx(0.05, abs=0.02)
+    assert balanced["large"] == pytest.approx(0.25, abs=0.04) and balanced["small"] == pytest.approx(0.25, abs=0.04)
+    assert balanced["synthetic"] == pytest.approx(0.5, abs=0.04)
+
+
 def test_compete_classes_halves_the_runner_up_only():
     from trex2.predictor import _detections, compete_classes
     xyxy = np.array([[0, 0, 10, 10], [0, 0, 10, 10.5], [20, 20, 30, 30], [0, 0, 10, 10.2],

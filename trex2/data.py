@@ -95,8 +95,18 @@ class EpisodeSampler:
     """Draws training episodes from cached images."""
 
     def __init__(self, images: list[CachedImage], seed: int = 0, max_prompts: int = 3,
-                 cross_image_prob: float = 0.3, point_prob: float = 0.2, absent_prob: float = 0.0):
+                 cross_image_prob: float = 0.3, point_prob: float = 0.2, absent_prob: float = 0.0,
+                 balance_sets: bool = False):
+        """balance_sets: target images are drawn set by set - a synthetic scene as often as before
+        (its share of the images), otherwise a real set uniformly, then one of its images - so that
+        a small set is seen as often as a large one. Default: images uniformly."""
         self.images = images
+        self.balance_sets = balance_sets
+        self.synthetic_images = [i for i, im in enumerate(images) if im.group.startswith(SYNTHETIC_GROUP)]
+        self.set_images: dict[str, list[int]] = {}
+        for i, im in enumerate(images):
+            if not im.group.startswith(SYNTHETIC_GROUP):
+                self.set_images.setdefault(im.group, []).append(i)
         self.rng = np.random.default_rng(seed)
         self.max_prompts, self.cross_p, self.point_p = max_prompts, cross_image_prob, point_prob
         self.absent_p = absent_prob
@@ -111,6 +121,15 @@ class EpisodeSampler:
         # category may well be present in one)
         self.real_keys = [k for k in self.by_group_label if not k[0].startswith(SYNTHETIC_GROUP)]
 
+    def _target_index(self) -> int:
+        rng = self.rng
+        if not self.balance_sets or not self.set_images:
+            return int(rng.integers(len(self.images)))
+        if self.synthetic_images and rng.random() < len(self.synthetic_images) / len(self.images):
+            return self.synthetic_images[int(rng.integers(len(self.synthetic_images)))]
+        views = list(self.set_images.values())[int(rng.integers(len(self.set_images)))]
+        return views[int(rng.integers(len(views)))]
+
     def sample(self):
         """-> dict with target image index, prompt image index, label, prompt boxes (K, 4) canvas
         cx, cy, w, h, is_point (K,), target boxes (G, 4). With absent_prob, that share of the
@@ -119,7 +138,7 @@ class EpisodeSampler:
         image's own set (a look-alike) or, half the time or when its set has none, a category of
         another real set (something else entirely); "group" is the set the label belongs to."""
         rng = self.rng
-        i = int(rng.integers(len(self.images)))
+        i = self._target_index()
         im = self.images[i]
         labels = im.labels.numpy()
         group = im.group

@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zoom-in", type=int, default=1, help="random crops of each real training image")
     ap.add_argument("--absent", type=float, default=0.0,
                     help="share of episodes prompting a category the target image lacks (no targets)")
+    ap.add_argument("--balance-sets", action="store_true",
+                    help="draw every real train set equally often (synthetic scenes keep their share)")
     ap.add_argument("--exclude-sets", default="",
                     help="comma-separated train sets to leave out (leave-one-domain-out experiments)")
     ap.add_argument("--tune-backbone", action="store_true",
@@ -295,7 +297,7 @@ def main(argv=None) -> int:
         for name in sorted(os.listdir(args.train_root)):
             if os.path.isfile(os.path.join(args.train_root, name, "gt.json")):
                 names_of[name] = read_coco(os.path.join(args.train_root, name, "gt.json")).categories
-    sampler = EpisodeSampler(train, seed=args.seed, absent_prob=args.absent)
+    sampler = EpisodeSampler(train, seed=args.seed, absent_prob=args.absent, balance_sets=args.balance_sets)
     params = [p for p in model.parameters() if p.requires_grad]
     tuned = [p for p in model.backbone.parameters() if p.requires_grad]
     heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
@@ -348,7 +350,8 @@ def main(argv=None) -> int:
                           "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
                           "train_images": len(train), "tune_backbone": args.tune_backbone,
                           "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
-                          "exclude_sets": sorted(exclude)})
+                          "exclude_sets": sorted(exclude),
+                          "balance_sets": args.balance_sets})
     log(f"saved {args.out} after {step} steps")
     return 0
 
