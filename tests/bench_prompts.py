@@ -35,7 +35,7 @@ from exports import read_coco, read_prompts, write_prompts  # noqa: E402
 from exports.prompts import Prompt, PromptSet  # noqa: E402
 from trex2.box_ops import box_iou, greedy_match  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
-from trex2.predictor import nms  # noqa: E402
+from trex2.box_ops import nms  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dev")
 

@@ -843,7 +843,7 @@ def test_calibrated_threshold_is_a_best_f1_point(scene_cache):
 
 
 def test_nms():
-    from trex2.predictor import nms
+    from trex2.box_ops import nms
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         xy = torch.rand(60, 2, generator=g) * 100

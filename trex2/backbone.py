@@ -61,8 +61,9 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 trunk (frozen; training may fine-tune TUNABLE_BLOCKS). Input (B, 3, H, W) RGB float in [0, 255], H and W multiples
-    of 32; output three maps (B, 40, H/8, W/8), (B, 112, H/16, W/16), (B, 320, H/32, W/32)."""
+    """EfficientNet-Lite0 trunk, frozen (training may fine-tune TUNABLE_BLOCKS). Input (B, 3, H, W)
+    RGB float in [0, 255], H and W multiples of 32; output three maps (B, 40, H/8, W/8),
+    (B, 112, H/16, W/16), (B, 320, H/32, W/32)."""
 
     def __init__(self, pretrained: bool = True):
         super().__init__()

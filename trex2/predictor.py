@@ -13,13 +13,12 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .box_ops import box_area, box_iou, cxcywh_to_xyxy, nms, postprocess, xyxy_to_cxcywh
+from .box_ops import box_area, box_iou, cxcywh_to_xyxy, postprocess, xyxy_to_cxcywh
 from .class_embedding import ClassEmbedding
 from .model import TRex2
 
