@@ -229,28 +229,38 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 _classes_update(sess, force), _images_update(sess, force),
                 gr.skip() if not force else gr.update(value=sess.project.threshold))
 
-    def guarded(fn):
-        """Run a handler; ProjectError / bad input -> a warning toast and an unchanged view."""
-        @functools.wraps(fn)  # keeps the signature: Gradio injects EventData / Progress by it
-        def wrapper(sess, *args, **kwargs):
-            if sess is None:
-                raise gr.Error("the session is not ready yet; reload the page")
-            if not _acquire(sess):
-                gr.Warning(f"busy: {sess.work.long_job} (press Cancel to stop it)")
-                return refresh(sess, "busy", f"busy: {sess.work.long_job}")
-            try:
-                return fn(sess, *args, **kwargs)
-            except (ProjectError, ValueError, OSError) as e:
-                gr.Warning(str(e))
-                return refresh(sess, "error", str(e))
-            except Exception as e:  # noqa: BLE001 - a model/bug error: tell the user, log it
-                traceback.print_exc()
-                msg = f"{type(e).__name__}: {e}"
-                gr.Warning(msg)
-                return refresh(sess, "error", msg)
-            finally:
-                sess.work.lock.release()
-        return wrapper
+    def locked(fail):
+        """Decorator: run a handler under the project lock (see _acquire). A busy project, bad input
+        (ProjectError / ValueError / OSError) or a bug (logged) is answered by fail(sess, status,
+        message): `guarded` shows a warning toast and an unchanged view, `file_guard` an error
+        dialog (file handlers' outputs are files, not the view)."""
+        def decorate(fn):
+            @functools.wraps(fn)  # keeps the signature: Gradio injects EventData / Progress by it
+            def wrapper(sess, *args, **kwargs):
+                if sess is None:
+                    raise gr.Error("the session is not ready yet; reload the page")
+                if not _acquire(sess):
+                    return fail(sess, "busy", f"busy: {sess.work.long_job} (press Cancel to stop it)")
+                try:
+                    return fn(sess, *args, **kwargs)
+                except (ProjectError, ValueError, OSError) as e:
+                    return fail(sess, "error", str(e))
+                except Exception as e:  # noqa: BLE001 - a model/bug error: tell the user, log it
+                    traceback.print_exc()
+                    return fail(sess, "error", f"{type(e).__name__}: {e}")
+                finally:
+                    sess.work.lock.release()
+            return wrapper
+        return decorate
+
+    def _warn(sess, status, message):
+        gr.Warning(message)
+        return refresh(sess, status, message)
+
+    def _error_dialog(sess, status, message):
+        raise gr.Error(message)
+
+    guarded, file_guard = locked(_warn), locked(_error_dialog)
 
     def on_load(request: gr.Request):
         tmp = Path(tempfile.mkdtemp(prefix="session-", dir=cfg.tmp_dir))
@@ -457,21 +467,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         return refresh(sess, "class", _deleted_class_message(name, p.delete_class(name)))
 
     # ------------------------------------------------------------------ files
-    def file_guard(fn):
-        @functools.wraps(fn)
-        def wrapper(sess, *args):
-            if sess is None:
-                raise gr.Error("the session is not ready yet; reload the page")
-            if not _acquire(sess):
-                raise gr.Error(f"busy: {sess.work.long_job} (press Cancel to stop it)")
-            try:
-                return fn(sess, *args)
-            except (ProjectError, ValueError, OSError) as e:
-                raise gr.Error(str(e))
-            finally:
-                sess.work.lock.release()
-        return wrapper
-
     def _out_dir(sess, what):
         d = sess.tmp_dir / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}-{sess.seq}"
         d.mkdir(parents=True, exist_ok=True)
