@@ -297,11 +297,12 @@ def error_breakdown(gt: dict, dets: list, max_dets: int, ignore_ids: set[int], n
         boxes = arrays.get((g, c))
         iou = _iou_many(b, boxes) if boxes is not None else np.zeros(1)
         j = int(np.argmax(iou))
-        if iou[j] >= near:
-            reached.update(a["id"] for a, o in zip(gt_boxes[(g, c)], iou) if o >= near)
-        moved.append((g, c, [float(v) for v in boxes[j]], s) if near <= iou[j] < 0.5 else (g, c, b, s))
-        if iou[j] >= near:
-            kept.append((g, c, b, s))
+        if iou[j] < near:   # background: dropped from `kept`, unchanged in `moved`
+            moved.append((g, c, b, s))
+            continue
+        reached.update(a["id"] for a, o in zip(gt_boxes[(g, c)], iou) if o >= near)
+        kept.append((g, c, b, s))
+        moved.append((g, c, [float(v) for v in boxes[j]], s) if iou[j] < 0.5 else (g, c, b, s))
     scored = [a["id"] for a in gt["annotations"] if a["id"] not in ignore_ids and not a.get("iscrowd")]
     return {"AP50_localisation_fixed": coco_ap(gt, moved, max_dets, ignore_ids)["AP50"],
             "AP50_background_removed": coco_ap(gt, kept, max_dets, ignore_ids)["AP50"],

@@ -102,10 +102,12 @@ class EpisodeSampler:
         a small set is seen as often as a large one. Default: images uniformly."""
         self.images = images
         self.balance_sets = balance_sets
-        self.synthetic_images = [i for i, im in enumerate(images) if im.group.startswith(SYNTHETIC_GROUP)]
-        self.set_images: dict[str, list[int]] = {}
+        self.synthetic_images: list[int] = []
+        self.set_images: dict[str, list[int]] = {}   # real set -> its images
         for i, im in enumerate(images):
-            if not im.group.startswith(SYNTHETIC_GROUP):
+            if im.group.startswith(SYNTHETIC_GROUP):
+                self.synthetic_images.append(i)
+            else:
                 self.set_images.setdefault(im.group, []).append(i)
         self.rng = np.random.default_rng(seed)
         self.max_prompts, self.cross_p, self.point_p = max_prompts, cross_image_prob, point_prob

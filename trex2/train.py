@@ -16,12 +16,12 @@ import time
 import numpy as np
 import torch
 
+from .backbone import TUNABLE_BLOCKS
 from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match, postprocess
 from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop,
                    read_coco_set)
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
-from .backbone import TUNABLE_BLOCKS
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 from .synthetic import DEFAULT_TRAIN_ROOT
 
@@ -109,7 +109,8 @@ def load_cache(path: str, device: str = "cpu") -> tuple[list[CachedImage], list[
 
 def feature_levels(model, feats: list[torch.Tensor]) -> list[torch.Tensor]:
     """Cached backbone maps [(B, C_l, h_l, w_l)] -> the maps the model sees: with a fine-tuned backbone
-    the stride-16 and stride-32 maps are recomputed from the stride-8 one (with gradients)."""
+    the stride-16 and stride-32 maps are recomputed from the stride-8 one, feats[0] (with gradients;
+    the other cached maps are ignored)."""
     if not model.cfg.tune_backbone:
         return feats
     return [feats[0]] + model.backbone.upper(feats[0])
@@ -124,7 +125,9 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     dev = next(model.parameters()).device
     needed = sorted({e["target"] for e in episodes} | {e["source"] for e in episodes})
     slot = {i: n for n, i in enumerate(needed)}
-    feats = [torch.stack([images[i].features[lvl].float() for i in needed]) for lvl in range(3)]
+    # a fine-tuned backbone recomputes the stride-16/32 maps from the stride-8 one (feature_levels)
+    levels = 1 if model.cfg.tune_backbone else 3
+    feats = [torch.stack([images[i].features[lvl].float() for i in needed]) for lvl in range(levels)]
     flip_img = {i: False for i in needed}
     for e, f in zip(episodes, flips):
         if f:
