@@ -14,6 +14,7 @@ in ``exports/``.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -171,6 +172,29 @@ def _relative_name(file_name: str) -> str:
     if parts and len(parts[0]) == 2 and parts[0][1] == ":":   # a Windows drive
         parts = parts[1:]
     return "/".join(parts) or file_name
+
+
+def _check_decodes(path: Path) -> None:
+    """OSError if the file is gone, ImageLoadError if trex2.image_io.load_image cannot read it."""
+    from app.batch import file_key
+    from trex2.image_io import ImageLoadError
+
+    error = _decode_error(file_key(str(path)))
+    if error is not None:
+        raise ImageLoadError(error)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _decode_error(key: tuple) -> str | None:
+    """Why the file of app.batch.file_key ``key`` cannot be read (None: it can); decoded once per
+    file version (path, mtime, size), so an export decodes only new or changed images."""
+    from trex2.image_io import ImageLoadError, load_image
+
+    try:
+        load_image(key[1])
+    except ImageLoadError as e:
+        return str(e)
+    return None
 
 
 def default_project_path(images_dir: str | os.PathLike) -> Path:
@@ -805,15 +829,15 @@ class Project:
     def export_images(self, only_reviewed: bool = False) -> tuple[list[tuple[str, int, int]],
                                                                   list[str]]:
         """(file, W, H) of the images an export lists (every image, or only reviewed ones), and
-        the files left out because they are gone or unreadable (no size): one bad file must not
-        block the export of the rest."""
+        the files left out because they are gone or unreadable (trex2.image_io.load_image fails,
+        as for a JPEG cut short whose header still reads: the app cannot show or detect on it
+        either): one bad file must not block the export of the rest."""
         images, skipped = [], []
         for i, im in enumerate(self.images):
             if only_reviewed and not im.reviewed:
                 continue
             try:
-                if not self.image_path(i).is_file():
-                    raise FileNotFoundError(im.file)
+                _check_decodes(self.image_path(i))
                 images.append((im.file, *self.image_size(i)))
             except (OSError, ValueError):   # ImageLoadError is a ValueError
                 skipped.append(im.file)

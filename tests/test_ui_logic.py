@@ -749,6 +749,27 @@ def test_an_unreadable_image_does_not_block_export_or_import(project, folder, tm
     assert read_coco(tmp_path / "out.json").images
 
 
+def test_a_truncated_jpeg_is_left_out_of_exports(project, folder, tmp_path):
+    """A JPEG cut short keeps a readable header (its size reads) but cannot be decoded, so the app
+    can neither show nor detect on it: exports leave it out and name it, until it is mended."""
+    from trex2.image_io import image_size
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(folder / "t.jpg")
+    whole = (folder / "t.jpg").read_bytes()
+    (folder / "t.jpg").write_bytes(whole[: len(whole) // 2])
+    assert image_size(folder / "t.jpg") == (W, H)
+    p = Project(folder, project.path)
+    expected = [("a.jpg", W, H), ("b.png", W, H), ("sub/c.jpg", W, H)]
+    assert p.export_images() == (expected, ["t.jpg"])
+    assert [im["file_name"] for im in p.export_coco(tmp_path / "out.json")["images"]] == \
+        ["a.jpg", "b.png", "sub/c.jpg"]
+    p.export_yolo(tmp_path / "yolo")
+    assert not list((tmp_path / "yolo").rglob("t.*"))
+    (folder / "t.jpg").write_bytes(whole)                # mended: listed again
+    assert p.export_images() == (sorted(expected + [("t.jpg", W, H)]), [])
+
+
 def test_yolo_export_can_leave_out_images_not_reviewed(project, tmp_path):
     project.add_box([10, 10, 40, 30])                    # a.jpg: accepted box, reviewed
     project.accept_all()
