@@ -843,26 +843,34 @@ class Project:
                 skipped.append(im.file)
         return images, skipped
 
-    def export_coco(self, out_path: str | os.PathLike, only_reviewed: bool = False) -> dict:
+    def _exported(self, only_reviewed: bool, images: list | None) -> tuple[list, list]:
+        """(images, accepted annotations on them) of an export; ``images``: export_images' list,
+        when the caller has it already."""
+        if images is None:
+            images, _ = self.export_images(only_reviewed)
+        listed = {f for f, _, _ in images}
+        return images, [a for a in self.accepted_annotations() if a[0] in listed]
+
+    def export_coco(self, out_path: str | os.PathLike, only_reviewed: bool = False,
+                    images: list[tuple[str, int, int]] | None = None) -> dict:
         """Write a COCO file (exports.coco) of the accepted boxes. Every image of the folder
-        is listed (or only reviewed ones; see export_images); file_name relative to the folder."""
+        is listed (or only reviewed ones; see export_images, whose list ``images`` may be given);
+        file_name relative to the folder."""
         from exports.coco import write_coco
 
-        images, _ = self.export_images(only_reviewed)
-        listed = {f for f, _, _ in images}
-        anns = [(f, c, b) for f, c, b in self.accepted_annotations() if f in listed]
+        images, anns = self._exported(only_reviewed, images)
         return write_coco(out_path, images, self.class_names, anns,
                           info={"description": f"labelled with trex2 app from {self.root}"})
 
-    def export_yolo(self, out_dir: str | os.PathLike, only_reviewed: bool = False) -> Path:
+    def export_yolo(self, out_dir: str | os.PathLike, only_reviewed: bool = False,
+                    images: list[tuple[str, int, int]] | None = None) -> Path:
         """Write a YOLO dataset (exports.write_yolo: data.yaml, images/, labels/) of the
-        accepted boxes into out_dir (must not exist or be empty). Returns data.yaml's path."""
+        accepted boxes into out_dir (must not exist or be empty); images as for export_coco.
+        Returns data.yaml's path."""
         from exports import write_yolo
 
-        images, _ = self.export_images(only_reviewed)
-        listed = {f for f, _, _ in images}
-        return write_yolo(out_dir, self.root, images, self.class_names,
-                          [a for a in self.accepted_annotations() if a[0] in listed])
+        images, anns = self._exported(only_reviewed, images)
+        return write_yolo(out_dir, self.root, images, self.class_names, anns)
 
     def prompt_set(self):
         """All prompts (folder and external) as an exports.prompts.PromptSet."""

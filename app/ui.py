@@ -492,12 +492,12 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                       f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
         if fmt == "COCO":
             out = _out_dir(sess, "coco") / "annotations.coco.json"
-            data = p.export_coco(out, only_reviewed=only_reviewed)
+            data = p.export_coco(out, images=listed)
             msg = (f"COCO: {len(data['images'])} images, {len(data['annotations'])} accepted "
                    f"boxes, {len(data['categories'])} classes -> {out}")
             return str(out), msg + notes
         folder = _out_dir(sess, "yolo")
-        p.export_yolo(folder / "yolo", only_reviewed=only_reviewed)
+        p.export_yolo(folder / "yolo", images=listed)
         zpath = folder / "yolo.zip"
         with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as z:
             for f in sorted((folder / "yolo").rglob("*")):

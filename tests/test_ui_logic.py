@@ -863,6 +863,22 @@ def test_accept_all_uses_the_threshold_the_slider_shows(project, engine, tmp_pat
     assert project.threshold == 0.6
 
 
+def test_export_lists_the_images_once(project, engine, tmp_path, monkeypatch):
+    """The Export button's message and file come from one listing of the folder."""
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    on_export = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_export")
+    project.add_box([10, 10, 40, 30])
+    calls = []
+    listing = Project.export_images
+    monkeypatch.setattr(Project, "export_images", lambda self, *a: calls.append(a) or listing(self, *a))
+    for fmt in ("COCO", "YOLO"):
+        calls.clear()
+        _, msg = on_export(Session(project, tmp_path), fmt, False)
+        assert "3 images, 1 accepted boxes" in msg and len(calls) == 1
+
+
 def test_search_gallery_opens_the_image_shown_after_images_were_added(project, engine, tmp_path):
     from app.ui import AppConfig, Session, build_app
 
