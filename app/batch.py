@@ -134,6 +134,17 @@ def merge_detections(parts: list, names: list[str]):
                          data={"class_name": cls_name})
 
 
+def exemplar_sides(boxes) -> dict[str, float | None]:
+    """(class, xyxy box or (K, 4) boxes) pairs of positive exemplars -> {class:
+    trex2.predictor.object_side of all its boxes, None if it has none}, classes in first-seen order."""
+    from trex2.predictor import object_side
+
+    pooled: dict[str, list] = {}
+    for cls, b in boxes:
+        pooled.setdefault(cls, []).append(np.asarray(b, np.float64).reshape(-1, 4))
+    return {cls: object_side(np.concatenate(b)) for cls, b in pooled.items()}
+
+
 def result_record(res: ImageResult, cat_index: dict[str, int]) -> dict:
     """Sidecar line for one image: boxes clipped to the image, rounded (2 decimals px, 5 for scores).
 
@@ -248,20 +259,17 @@ class PromptSource:
         return predictor.encode_image(pixels[image], key=file_key(str(image)), size=size)
 
     def class_sides(self) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
-        """Typical exemplar size of each category in px (trex2.predictor.object_side of its positive
-        boxes; None without boxes, and for a class-embedding file) -> ({category: side} over the
-        whole file, {real path of an image: {category: side} of the categories prompted there})."""
-        from trex2.predictor import object_side
+        """Typical exemplar size of each category in px (exemplar_sides; None without boxes, and for
+        a class-embedding file) -> ({category: side} over the whole file, {real path of an image:
+        {category: side} of the categories prompted there})."""
         if self.kind != "prompts":
             return {name: None for name in self.categories}, {}
-        boxes: dict[str | None, dict[str, list]] = {None: {name: [] for name in self.categories}}
-        for p in self.prompt_set.prompts:        # image (None: all) -> category -> boxes
+        boxes: dict[str | None, list] = {None: [(name, ()) for name in self.categories]}
+        for p in self.prompt_set.prompts:        # image (None: all) -> [(category, box)]
             if not p.negative:
                 for image in (None, str(p.image)):
-                    got = boxes.setdefault(image, {}).setdefault(p.category, [])
-                    if p.box is not None:
-                        got.append(p.box)
-        sides = {image: {name: object_side(b) for name, b in by_cat.items()} for image, by_cat in boxes.items()}
+                    boxes.setdefault(image, []).append((p.category, () if p.box is None else p.box))
+        sides = {image: exemplar_sides(pairs) for image, pairs in boxes.items()}
         return sides.pop(None), sides
 
     def _embed(self, predictor, name: str, pos: list, neg: list):

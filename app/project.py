@@ -814,11 +814,11 @@ class Project:
         """{class: typical positive exemplar box size in px} (trex2.predictor.object_side) over the
         prompts of prompts_by_class(images), for the classes with a positive box there. Decides
         the canvas each class is detected at (small objects: larger and tiled, Engine.canvas)."""
-        from trex2.predictor import object_side
+        from app.batch import exemplar_sides
 
-        sides = {c: object_side(np.concatenate([b for _, b, _ in g["pos"]] or [np.zeros((0, 4))]))
-                 for c, g in self.prompts_by_class(images).items() if classes is None or c in classes}
-        return {c: s for c, s in sides.items() if s is not None}   # negatives or points only: no size
+        sides = exemplar_sides((c, b) for c, g in self.prompts_by_class(images).items()
+                               if classes is None or c in classes for _, b, _ in g["pos"])
+        return {c: s for c, s in sides.items() if s is not None}   # points only: no size
 
     # ----------------------------------------------------------------- export
     def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:
