@@ -121,17 +121,13 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
 
 def merge_detections(parts: list, names: list[str]):
     """supervision.Detections of disjoint sets of classes (one per canvas) -> one, class_id the
-    index of data["class_name"] in ``names``."""
+    index of data["class_name"] in ``names`` (each part's class_id indexes its own classes)."""
     import supervision as sv
 
-    parts = [d for d in parts if len(d)]
-    if not parts:
-        return sv.Detections.empty()
-    cls_name = np.concatenate([d.data["class_name"] for d in parts])
-    return sv.Detections(xyxy=np.concatenate([d.xyxy for d in parts]),
-                         confidence=np.concatenate([d.confidence for d in parts]),
-                         class_id=np.array([names.index(n) for n in cls_name], dtype=int),
-                         data={"class_name": cls_name})
+    merged = sv.Detections.merge(parts)
+    if len(merged):
+        merged.class_id = np.array([names.index(n) for n in merged.data["class_name"]], dtype=int)
+    return merged
 
 
 def exemplar_sides(boxes) -> dict[str, float | None]:
