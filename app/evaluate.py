@@ -51,10 +51,13 @@ def _norm_name(n: Any) -> str:
 
 
 class ImageMatcher:
-    """Maps a file_name of another file onto a GT image id (exact, path suffix, unique basename)."""
+    """Maps a file_name of another file onto the id of one of ``images`` (GT images, or a project's
+    files in Project.import_coco): the same path, else the one path that ends the name after a "/"
+    ("/data/x/sub/a.jpg" -> "sub/a.jpg"), else the one of the same basename; None if none or
+    several fit."""
 
-    def __init__(self, gt_images: list[dict]):
-        self.exact = {_norm_path(im["file_name"]): im["id"] for im in gt_images}
+    def __init__(self, images: list[dict]):
+        self.exact = {_norm_path(im["file_name"]): im["id"] for im in images}
         self.by_base: dict[str, list[int]] = {}
         for p, i in self.exact.items():
             self.by_base.setdefault(posixpath.basename(p), []).append(i)
@@ -63,7 +66,7 @@ class ImageMatcher:
         p = _norm_path(file_name)
         if p in self.exact:
             return self.exact[p]
-        hits = [i for g, i in self.exact.items() if p.endswith("/" + g)]
+        hits = [self.exact[p[k + 1:]] for k, c in enumerate(p) if c == "/" and p[k + 1:] in self.exact]
         if len(hits) == 1:
             return hits[0]
         base = self.by_base.get(posixpath.basename(p), [])

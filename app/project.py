@@ -956,11 +956,13 @@ class Project:
         apply_detections merges a detection run; boxes without one (existing labels) become
         accepted boxes unless an accepted or hand-drawn box of the class already covers them
         (IoU > DUPLICATE_IOU); an image given labels is reviewed unless boxes above the threshold
-        are still pending on it (the rule of a box drawn or accepted here). An image is matched by its file_name relative to the folder, else
-        by a file name that occurs once in the folder; an image whose size differs from the
-        file's record is skipped (its boxes would be in another frame). Missing classes are
-        created. Returns {"images", "labels", "detections": counts added, "unmatched",
+        are still pending on it (the rule of a box drawn or accepted here). An image is matched as
+        `app.py eval` matches (app.evaluate.ImageMatcher): by its file_name relative to the folder,
+        else by the one path of the folder its file_name ends with, else by a file name that occurs
+        once in the folder; an image whose size differs from the file's record is skipped (its
+        boxes would be in another frame). Missing classes are created. Returns {"images", "labels", "detections": counts added, "unmatched",
         "size_mismatch", "unreadable": file_names skipped}."""
+        from app.evaluate import ImageMatcher
         from exports._io import read_json
         from exports.coco import parse_coco
 
@@ -972,15 +974,10 @@ class Project:
             data = parse_coco(raw, source=str(path))
         except (OSError, ValueError) as e:
             raise ProjectError(f"cannot import {path}: {e}") from e
-        index = {im.file: i for i, im in enumerate(self.images)}
-        names: dict[str, list[int]] = {}
-        for i, im in enumerate(self.images):
-            names.setdefault(Path(im.file).name, []).append(i)
+        match = ImageMatcher([{"file_name": im.file, "id": i} for i, im in enumerate(self.images)])
         where, unmatched, mismatch, unreadable = {}, [], [], []
         for rec in data.images:
-            i = index.get(rec.file_name)
-            if i is None and len(names.get(Path(rec.file_name).name, [])) == 1:
-                i = names[Path(rec.file_name).name][0]
+            i = match(rec.file_name)
             if i is None:
                 unmatched.append(rec.file_name)
                 continue

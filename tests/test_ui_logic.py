@@ -847,6 +847,26 @@ def test_import_coco_with_absolute_or_windows_paths_matches_by_file_name(project
     assert [len(im.boxes) for im in project.images] == [1, 0, 1]
 
 
+def test_import_coco_matches_a_path_ending_but_never_an_ambiguous_file_name(project, folder, tmp_path):
+    """Two images share the name c.jpg: a path that ends with one of their paths picks it (as
+    `app.py eval` does); a path that fits neither matches nothing."""
+    from exports import write_coco
+
+    (folder / "other").mkdir()
+    Image.fromarray(np.full((H, W, 3), 99, np.uint8)).save(folder / "other" / "c.jpg")
+    p = Project(folder, project.path)
+    src = tmp_path / "other-tool.json"
+    write_coco(src, [("sub/c.jpg", W, H), ("elsewhere/c.jpg", W, H)], ["cell"],
+               [("sub/c.jpg", "cell", (1, 1, 20, 20)), ("elsewhere/c.jpg", "cell", (2, 2, 30, 30))])
+    data = json.loads(src.read_text())
+    data["images"][0]["file_name"] = "/mnt/export/imgs/sub/c.jpg"
+    src.write_text(json.dumps(data))
+    r = p.import_coco(src)
+    assert r["unmatched"] == ["elsewhere/c.jpg"] and r["labels"] == 1
+    assert {im.file: len(im.boxes) for im in p.images} == {"a.jpg": 0, "b.png": 0, "other/c.jpg": 0,
+                                                           "sub/c.jpg": 1}
+
+
 def test_accept_all_uses_the_threshold_the_slider_shows(project, engine, tmp_path):
     """'Accept all' gets the slider's value with the click: the slider's own change event may
     be handled after it, and the boxes shown are those at the slider's value."""
