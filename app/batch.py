@@ -47,7 +47,8 @@ kill), run the same command with --resume to continue (same prompts, mode, canva
 images that could not be read, or changed since, are done again). Unreadable images, and files whose names a COCO
 file cannot hold (a backslash, bytes that are not UTF-8), are skipped with a warning. The prompt
 file's width/height must be each prompt image's size as displayed (EXIF orientation applied).
-Exit code 0 if any image was labeled, 1 if none could be read, 2 on bad input."""
+Exit code 0 if any image was labeled, 1 if none could be read (OUT.json is then not written), 2 on
+bad input."""
 
 
 class LabelError(Exception):
@@ -511,7 +512,8 @@ def _check_out(out: str, prompts_path: str) -> None:
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
         weights: str | None = None, progress: bool = True, warn=None, canvas="auto") -> dict:
-    """The ``label`` command as a function. Returns a summary dict; raises LabelError on bad input.
+    """The ``label`` command as a function. Returns a summary dict ("out" None when no image could
+    be read: OUT.json is then not written); raises LabelError on bad input.
     ``canvas``: "auto", a canvas long side in px, or a callable (abs_path, (H, W)) -> px used for
     every image, prompt images included (benchmarks)."""
     if warn is None:
@@ -591,17 +593,19 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
                 "prompts": os.path.abspath(prompts_path), "image_dir": os.path.abspath(image_dir),
                 "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold,
                 "canvas": canvas}
+        bad = [r for r in file_names if "error" in records.get(r, {})]
+        n_img = n_ann = 0
         try:
-            n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
+            if len(bad) < len(file_names):   # nothing read: no empty file over an older OUT.json
+                n_img, n_ann = _write_output(out, file_names, records, prompts.categories, info)
         except (OSError, ValueError) as e:
             raise LabelError(f"cannot write {out}: {e}\n  the detections are kept in {sidecar_path(out)}; "
                              f"fix the problem and run again with --resume") from None
     finally:
         side_f.close()
     os.unlink(sidecar_path(out))
-    bad = [r["file_name"] for r in (records[f] for f in file_names if f in records) if "error" in r]
-    return {"out": out, "images": n_img, "annotations": n_ann, "skipped": bad, "score_threshold": threshold,
-            "above_threshold": sum(d[5] >= threshold for f in file_names for d in records.get(f, {}).get("dets", ()))}
+    return {"out": out if n_img else None, "images": n_img, "annotations": n_ann, "skipped": bad,
+            "score_threshold": threshold, "above_threshold": sum(d[5] >= threshold for f in file_names for d in records.get(f, {}).get("dets", ()))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,10 +654,10 @@ def main(argv: list[str] | None = None) -> int:
     if s["skipped"]:
         print(f"app.py label: skipped {len(s['skipped'])} unreadable file(s): " + ", ".join(s["skipped"]),
               file=sys.stderr)
+    if s["out"] is None:
+        print(f"app.py label: error: no image could be read; {a.out} not written", file=sys.stderr)
+        return 1
     print(f"wrote {s['out']}: {s['images']} images, {s['annotations']} detections "
           f"({s['above_threshold']} with score >= info.score_threshold {s['score_threshold']:g})",
           file=sys.stderr)
-    if s["images"] == 0:
-        print("app.py label: error: no image could be read", file=sys.stderr)
-        return 1
     return 0

@@ -207,14 +207,19 @@ def test_cli_end_to_end_with_bad_files(dataset, tmp_path):
     assert not Path(str(out) + batch.SIDECAR_SUFFIX).exists()
     assert list(out.parent.iterdir()) == [out]  # no temp files left behind
 
-    # a folder with nothing readable: non-zero exit, clear message
+    # a folder with nothing readable: non-zero exit, clear message, no empty COCO file over an older one
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()
     (only_bad / "empty.jpg").write_bytes(b"")
+    older = tmp_path / "x.json"
+    older.write_text("labels of an earlier run")
     p = subprocess.run([sys.executable, "app.py", "label", str(only_bad), "--prompts", dataset["cross"],
-                        "--out", str(tmp_path / "x.json"), "--threads", "1"], cwd=REPO, capture_output=True,
+                        "--out", str(older), "--threads", "1"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 1 and "no image could be read" in p.stderr and "Traceback" not in p.stderr
+    assert "not written" in p.stderr and "wrote" not in p.stderr
+    assert older.read_text() == "labels of an earlier run"
+    assert not Path(str(older) + batch.SIDECAR_SUFFIX).exists()
 
 
 def test_bad_arguments_give_clear_errors(dataset, tmp_path, capsys):
