@@ -175,7 +175,8 @@ def _relative_name(file_name: str) -> str:
 
 
 def _check_decodes(path: Path) -> None:
-    """OSError if the file is gone, ImageLoadError if trex2.image_io.load_image cannot read it."""
+    """OSError if the file is gone, ImageLoadError if its pixel data cannot be decoded
+    (trex2.image_io.check_decodes)."""
     from app.batch import file_key
     from trex2.image_io import ImageLoadError
 
@@ -188,10 +189,10 @@ def _check_decodes(path: Path) -> None:
 def _decode_error(key: tuple) -> str | None:
     """Why the file of app.batch.file_key ``key`` cannot be read (None: it can); decoded once per
     file version (path, mtime, size), so an export decodes only new or changed images."""
-    from trex2.image_io import ImageLoadError, load_image
+    from trex2.image_io import ImageLoadError, check_decodes
 
     try:
-        load_image(key[1])
+        check_decodes(key[1])
     except ImageLoadError as e:
         return str(e)
     return None

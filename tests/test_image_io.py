@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from trex2 import image_io
-from trex2.image_io import (IMAGE_EXTENSIONS, ImageLoadError, image_size, is_image_file,
-                            list_images, load_image)
+from trex2.image_io import (IMAGE_EXTENSIONS, ImageLoadError, check_decodes, image_size,
+                            is_image_file, list_images, load_image)
 
 
 def _check_rgb(arr, h, w):
@@ -225,6 +225,21 @@ def test_truncated_png(tmp_path):
     with pytest.raises(ImageLoadError) as ei:
         load_image(p)
     _assert_names_file(ei, p)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_check_decodes_agrees_with_load_image_on_a_file_cut_short(tmp_path, ext):
+    rng = np.random.default_rng(2)
+    good = tmp_path / f"good{ext}"
+    Image.fromarray(rng.integers(0, 256, (256, 320, 3), dtype=np.uint8)).save(good)
+    check_decodes(good)                        # intact: no error (the JPEG at 1/8 scale)
+    cut = tmp_path / f"cut{ext}"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])   # header intact
+    assert image_size(cut) == (320, 256)
+    for read in (load_image, check_decodes):
+        with pytest.raises(ImageLoadError) as ei:
+            read(cut)
+        _assert_names_file(ei, cut)
 
 
 def test_zero_byte(tmp_path):

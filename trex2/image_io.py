@@ -196,6 +196,22 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
+def check_decodes(path: str | os.PathLike) -> None:
+    """Raise :class:`ImageLoadError` if the file's pixel data cannot be decoded (a JPEG cut short
+    whose header still reads), as :func:`load_image` would. JPEGs are decoded at 1/8 scale (DCT
+    scaling, every byte still parsed): about 5x faster than a full decode."""
+    path = Path(path)
+    im = _open(path)
+    try:
+        if im.format == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt data surfaces here
+        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    finally:
+        im.close()
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(W, H)`` of the image as the user sees it (EXIF orientation applied).
 
