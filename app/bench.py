@@ -7,11 +7,14 @@
 Default data: the dev set ../shared/data/dev/tomato-val (relative to the repo root) if present,
 else demo/images/tomato with demo/prompts-tomato.json. Figures are medians over --repeat runs
 on this machine:
-  encode ms        image -> embedding, at 640 px (long side) and at the image's native size
+  encode ms        image -> embedding, at 640 px (long side) and at the image's native size;
+                   at 640 px with its mirror too (flip TTA, `label`'s default)
   prompt ms        prompts -> detections on an already encoded image, with 1 and 5 classes
-                   (baseline: template matching of the same exemplars, 1 and 5 classes)
+                   (baseline: template matching of the same exemplars, 1 and 5 classes); 1 class
+                   with flip
   images/s         `label` over --n-images images, cross-image prompts; "steady" excludes
-                   start-up (in process), "cli" is the whole command run as a subprocess
+                   start-up (in process), without and with flip; "cli" is the whole command
+                   (flip) run as a subprocess
   peak RSS MiB     of that subprocess (its own ru_maxrss, measured from a small launcher)
 --memory labels a generated folder of --memory-images small images with the real CLI and prints
 its RSS after 200, 1000, ... images: flat if labeling streams.
@@ -102,6 +105,7 @@ def bench_speed(a) -> dict:
         raise SystemExit(f"app.py bench: no images under {images_dir}")
     base = load_baseline(Path(a.baseline))
     predictor = trex2.Predictor(trex2.load_model(a.weights))
+    flipped = trex2.Predictor(predictor.model, flip=True)   # label's default: flip TTA
     image = load_image(images_dir / files[0])
     r: dict = {"load_avg_1min_at_start": round(os.getloadavg()[0], 2), "data": str(images_dir), "prompts": str(prompts_path), "n_images": len(files),
                "repeat": a.repeat, "native_size": list(image.shape[:2]), "torch_threads": _threads()}
@@ -111,6 +115,8 @@ def bench_speed(a) -> dict:
     for label, img in (("640", resize_long(image, 640)), ("native", image)):
         r[f"encode_ms_{label}"] = median_ms(lambda: predictor.encode_image(img, key=("bench", next(counter))), a.repeat)
     r["encode_size_640"] = list(resize_long(image, 640).shape[:2])
+    img640 = resize_long(image, 640)
+    r["encode_ms_640_flip"] = median_ms(lambda: flipped.encode_image(img640, key=("bench", next(counter))), a.repeat)
 
     # prompt -> detections on a cached image: exemplar boxes of the prompt file, drawn on image 0
     prompts = PromptSource.load(str(prompts_path))
@@ -122,6 +128,9 @@ def bench_speed(a) -> dict:
             classes = {f"c{i}": predictor.embed_prompts([(emb, boxes[i % len(boxes)][None])]) for i in range(k)}
             return predictor.detect(emb, classes)
         r[f"prompt_ms_{k}class"] = median_ms(prompt_to_dets, a.repeat)
+    emb_flip = flipped.encode_image(image, key="bench-cached")
+    r["prompt_ms_1class_flip"] = median_ms(
+        lambda: flipped.detect(emb_flip, {"c0": flipped.embed_prompts([(emb_flip, boxes[:1])])}), a.repeat)
 
     # baseline: same exemplar boxes as crops of image 0, template matching with its defaults
     bgr = np.ascontiguousarray(image[:, :, ::-1])
@@ -139,14 +148,15 @@ def bench_speed(a) -> dict:
             (folder / f).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(images_dir / f, folder / f)
         classes = prompts.cross_image_classes(predictor)
-        steady = []
-        for _ in range(max(1, a.repeat // 2)):
-            fresh = trex2.Predictor(predictor.model)  # empty cache: every image is new, as in a real run
-            t0 = time.perf_counter()
-            for _res in label_folder(fresh, str(folder), files, classes):
-                pass
-            steady.append(len(files) / (time.perf_counter() - t0))
-        r["images_per_s_steady"] = statistics.median(steady)
+        for flip, key in ((False, "images_per_s_steady"), (True, "images_per_s_steady_flip")):
+            steady = []
+            for _ in range(max(1, a.repeat // 2)):
+                fresh = trex2.Predictor(predictor.model, flip=flip)  # empty cache: every image is new
+                t0 = time.perf_counter()
+                for _res in label_folder(fresh, str(folder), files, classes):
+                    pass
+                steady.append(len(files) / (time.perf_counter() - t0))
+            r[key] = statistics.median(steady)
         t0 = time.perf_counter()
         base.run(str(folder), str(prompts_path), str(Path(tmp) / "b.json"), quiet=True)
         r["baseline_images_per_s_steady"] = len(files) / (time.perf_counter() - t0)
@@ -174,14 +184,18 @@ def format_speed(r: dict) -> str:
     n = "x".join(str(v) for v in r["native_size"][::-1])
     s640 = "x".join(str(v) for v in r["encode_size_640"][::-1])
     rows = [("image encode, 640 px (%s)" % s640, f"{r['encode_ms_640']:.0f} ms", "n/a (no encoder)"),
+            ("image encode, 640 px, with its mirror (flip)", f"{r['encode_ms_640_flip']:.0f} ms", "n/a"),
             (f"image encode, native ({n})", f"{r['encode_ms_native']:.0f} ms", "n/a (no encoder)"),
             ("prompt -> detections, cached image, 1 class", f"{r['prompt_ms_1class']:.0f} ms",
              f"{r['baseline_prompt_ms_1class']:.0f} ms"),
             ("prompt -> detections, cached image, 5 classes", f"{r['prompt_ms_5class']:.0f} ms",
              f"{r['baseline_prompt_ms_5class']:.0f} ms"),
-            (f"label, {r['n_images']} images, steady (in process)", f"{r['images_per_s_steady']:.2f} img/s",
+            ("prompt -> detections, 1 class, with flip", f"{r['prompt_ms_1class_flip']:.0f} ms", "n/a"),
+            (f"label, {r['n_images']} images, steady (in process), --no-flip", f"{r['images_per_s_steady']:.2f} img/s",
              f"{r['baseline_images_per_s_steady']:.2f} img/s"),
-            (f"label, {r['n_images']} images, whole CLI run", f"{r['images_per_s_cli']:.2f} img/s",
+            (f"label, {r['n_images']} images, steady, flip (default)", f"{r['images_per_s_steady_flip']:.2f} img/s",
+             "n/a"),
+            (f"label, {r['n_images']} images, whole CLI run (flip)", f"{r['images_per_s_cli']:.2f} img/s",
              f"{r['baseline_images_per_s_cli']:.2f} img/s"),
             ("peak RSS of the CLI run", f"{r['peak_rss_mib']:.0f} MiB", f"{r['baseline_peak_rss_mib']:.0f} MiB")]
     w = max(len(x[0]) for x in rows)

@@ -13,6 +13,7 @@ in ``exports/``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -1120,6 +1121,18 @@ class Engine:
         """Re-entrant lock serialising every use of the shared predictor."""
         return self._lock
 
+    @contextlib.contextmanager
+    def flipped(self, on: bool):
+        """Hold the lock with the predictor's flip test-time augmentation (trex2.Predictor.flip:
+        each image also searched mirrored) set to ``on``; restored on exit. Yields the predictor."""
+        with self._lock:
+            p = self.predictor
+            before, p.flip = p.flip, bool(on)
+            try:
+                yield p
+            finally:
+                p.flip = before
+
     def preview(self, path: str | os.PathLike) -> tuple[Path, int, int]:
         """JPEG of the image for display (EXIF-corrected, long side <= preview_max_side),
         written once into preview_dir. Returns (jpeg path, original W, original H)."""
@@ -1309,11 +1322,12 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> i
 
 def detect_in_folder(project: Project, engine: Engine,
                      should_stop: Callable[[], bool] = lambda: False,
-                     classes: list[str] | None = None
+                     classes: list[str] | None = None, flip: bool = False
                      ) -> Iterator[tuple[int, int, str, str | None]]:
     """"Detect in all images": each class's prompts from every image (and loaded class
     embeddings / text phrases) averaged into one class embedding, applied to every image
-    (through app.batch.label_folder, the same loop as the headless ``label`` command).
+    (through app.batch.label_folder, the same loop as the headless ``label`` command);
+    ``flip``: each image also searched mirrored (Engine.flipped), as ``label`` does by default.
 
     A generator yielding (done, total, file, error) after each image, error being the
     message for an unreadable image (skipped) or None; stops early when ``should_stop()``
@@ -1329,8 +1343,8 @@ def detect_in_folder(project: Project, engine: Engine,
                            "draw a box or point on an image first")
     files = [im.file for im in project.images]
     n = len(files)
-    with project._edit("detect in all images", scope=None, keep_partial=True), engine.lock:
-        results = label_folder(engine.predictor, str(project.root), files, embs,
+    with project._edit("detect in all images", scope=None, keep_partial=True), engine.flipped(flip) as pred:
+        results = label_folder(pred, str(project.root), files, embs,
                                canvas=lambda path, hw: engine.canvas(hw, sides, list(embs)),
                                should_cancel=should_stop)
         for i, res in enumerate(results):

@@ -380,21 +380,21 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         return refresh(sess, "detect", _detect_message(sess.project, n, ms))
 
     @guarded
-    def on_detect_all(sess, progress=gr.Progress()):
+    def on_detect_all(sess, flip, progress=gr.Progress()):
         sess.work.cancel = False
         sess.work.long_job = "detecting in all images"
         try:
-            return _detect_all(sess, progress)
+            return _detect_all(sess, bool(flip), progress)
         finally:
             sess.work.long_job = ""
 
-    def _detect_all(sess, progress):
+    def _detect_all(sess, flip, progress):
         p = sess.project
         t = time.perf_counter()
         progress((0, len(p.images)), desc="detecting in all images")
         done = total = 0
         failed = []
-        for done, total, file, error in detect_in_folder(p, engine,
+        for done, total, file, error in detect_in_folder(p, engine, flip=flip,
                                                          should_stop=lambda: sess.work.cancel):
             progress((done, total), desc=f"detecting: {file}")
             if error:
@@ -631,6 +631,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 with gr.Row():
                     auto_cb = gr.Checkbox(label="Detect in this image after each prompt change",
                                           value=False, elem_id="tx-auto", scale=2)
+                    flip_cb = gr.Checkbox(label="Detect in all images: also look at each image "
+                                                "mirrored (better boxes, twice the time)",
+                                          value=True, elem_id="tx-flip", scale=2)
                     progress_box = gr.HTML("", elem_id="tx-progress", min_height=24, scale=3)
                 threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
                                       elem_id="tx-threshold")
@@ -710,7 +713,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
         det_btn.click(on_detect_this, [state], main, show_progress="hidden",
                       concurrency_id="model")
-        det_all_btn.click(on_detect_all, [state], main, show_progress="full",
+        det_all_btn.click(on_detect_all, [state, flip_cb], main, show_progress="full",
                           show_progress_on=[progress_box], concurrency_id="model")
         cancel_btn.click(on_cancel, [state], None, queue=False)
         accept_btn.click(on_accept_all, [state, threshold], main, show_progress="hidden")

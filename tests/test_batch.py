@@ -277,7 +277,7 @@ def test_resume_after_sigkill_matches_clean_run(dataset, clean_cross, predictor,
     out = tmp_path / "resumed.json"
     sidecar = Path(str(out) + batch.SIDECAR_SUFFIX)
     cmd = [sys.executable, "app.py", "label", dataset["images"], "--prompts", dataset["cross"], "--out", str(out),
-           "--threads", "1"]
+           "--threads", "1", "--no-flip"]
     _kill_after(cmd, sidecar, n_done=3)
     assert not out.exists() and sidecar.exists()
     header, records, _ = batch.read_sidecar(str(sidecar))
@@ -293,6 +293,9 @@ def test_resume_after_sigkill_matches_clean_run(dataset, clean_cross, predictor,
                         categories=("disc",))
     with pytest.raises(batch.LabelError, match="different prompts_sha256"):
         batch.run(dataset["images"], other, str(out), resume=True, predictor=predictor, progress=False)
+    with pytest.raises(batch.LabelError, match="different flip"):   # nor a run with flip TTA
+        batch.run(dataset["images"], dataset["cross"], str(out), resume=True, progress=False,
+                  predictor=trex2.Predictor(predictor.model, flip=True))
 
     fresh = trex2.Predictor(predictor.model)  # empty cache: counts what the resumed run encodes
     batch.run(dataset["images"], dataset["cross"], str(out), resume=True, predictor=fresh, progress=False)
@@ -356,8 +359,14 @@ def test_points_and_class_embedding_file(dataset, clean_cross, predictor, tmp_pa
     emb_file = tmp_path / "classes.safetensors"
     trex2.save_class_embeddings(str(emb_file), src.cross_image_classes(predictor))
     out = tmp_path / "from_embeddings.json"
-    assert batch.main([dataset["images"], "--prompts", str(emb_file), "--out", str(out), "--quiet"]) == 0
+    assert batch.main([dataset["images"], "--prompts", str(emb_file), "--out", str(out), "--quiet", "--no-flip"]) == 0
     assert _content(json.loads(out.read_text()))["annotations"] == clean_cross[0]["annotations"]
+    assert json.loads(out.read_text())["info"]["flip"] is False
+    # by default the CLI also looks at each image mirrored (flip TTA): other, fused boxes
+    flipped = tmp_path / "flipped.json"
+    assert batch.main([dataset["images"], "--prompts", str(emb_file), "--out", str(flipped), "--quiet"]) == 0
+    got = json.loads(flipped.read_text())
+    assert got["info"]["flip"] is True and got["annotations"] != clean_cross[0]["annotations"]
     plain = tmp_path / "classes.bin"  # detected by content, not only by extension
     plain.write_bytes(emb_file.read_bytes())
     assert batch.PromptSource.load(str(plain)).kind == "embeddings"

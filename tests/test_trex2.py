@@ -821,6 +821,58 @@ def test_box_ops():
     assert iou.item() == pytest.approx(1 / 7) and union.item() == pytest.approx(7)
 
 
+def test_fuse_mirrored():
+    from trex2.box_ops import fuse_mirrored, mirror_boxes
+    b = torch.tensor([[0.30, 0.5, 0.2, 0.2], [0.7, 0.2, 0.1, 0.1]])
+    assert torch.allclose(mirror_boxes(mirror_boxes(b, 0.8), 0.8), b)
+    assert torch.allclose(mirror_boxes(b, 0.8)[0], torch.tensor([0.5, 0.5, 0.2, 0.2]))
+    sa, ba = torch.tensor([0.8, 0.3]), b
+    # set b: the first box slightly moved (a pair), a box of its own, nothing near a's second box
+    sb, bb = torch.tensor([0.4, 0.6]), torch.tensor([[0.32, 0.5, 0.2, 0.2], [0.2, 0.8, 0.1, 0.1]])
+    s, fused = fuse_mirrored(sa, ba, sb, bb, floor=0.1)
+    assert torch.allclose(s, torch.tensor([0.6, 0.3, 0.15]))               # best first
+    assert torch.allclose(fused[0], (0.8 * ba[0] + 0.4 * bb[0]) / 1.2)    # score-weighted mean
+    assert torch.equal(fused[1], bb[1]) and torch.equal(fused[2], ba[1])  # unpaired: as they were
+    s, _ = fuse_mirrored(sa, ba, sb, bb, floor=0.2)                       # 0.3 / 2 is under the floor
+    assert torch.allclose(s, torch.tensor([0.6, 0.3]))
+    # boxes of one set never pair with each other; empty sets
+    s, _ = fuse_mirrored(sa, torch.stack([ba[0], ba[0]]), sb[:0], bb[:0], floor=0.0)
+    assert torch.allclose(s, torch.tensor([0.4, 0.15]))
+    s, fused = fuse_mirrored(sa[:0], ba[:0], sb[:0], bb[:0], floor=0.0)
+    assert s.shape == (0,) and fused.shape == (0, 4)
+
+
+def test_flip_detects_on_the_image_and_its_mirror():
+    """Predictor(flip=True) = detections on the image and on its mirror (one class embedding, from
+    the prompts as given), fused; one encode per image as counted by encode_count."""
+    from trex2.box_ops import fuse_mirrored, mirror_boxes
+    model = small_model(dense_queries=0)   # no second, denser pass: one decode to compare with
+    perturb(model)
+    confident(model, bias=2.0)
+    img, boxes = squares_image(SIZE, 192)
+    plain, flipped = Predictor(model), Predictor(model, flip=True)
+    emb, femb = plain.encode_image(img), flipped.encode_image(img)
+    assert flipped.encode_count == 1 and femb.mirror is not None and emb.mirror is None
+    cls = plain.embed_prompts([(emb, boxes[:2])])
+    assert torch.equal(flipped.embed_prompts([(femb, boxes[:2])]).embedding, cls.embedding)
+    got = flipped.detect(femb, {"square": cls})
+    mirror = plain.encode_image(np.ascontiguousarray(img[:, ::-1]))
+    floor = 0.05
+    with torch.no_grad():
+        a = plain._decode(emb, ["square"], {"square": cls}, cls.embedding[None], model.cfg.num_queries, floor)[0]
+        m = plain._decode(mirror, ["square"], {"square": cls}, cls.embedding[None], model.cfg.num_queries, floor)[0]
+    s, b = fuse_mirrored(a[0], a[1], m[0], mirror_boxes(m[1], emb.valid_wh[0]), floor)
+    assert len(got) > 0 and len(s) >= len(a[0]) // 2
+    assert np.allclose(got.confidence, s.numpy(), atol=1e-5)
+    assert np.allclose(got.xyxy, emb.to_pixels(b), atol=1e-3)
+    # flip may be switched between calls: each setting has its own cached embedding
+    plain.flip = True
+    again = plain.encode_image(img)
+    assert again is not emb and again.mirror is not None
+    plain.flip = False
+    assert plain.encode_image(img) is emb
+
+
 def test_greedy_match():
     from trex2.box_ops import greedy_match
     # rows in score order: the first takes its best column, the second loses it (and its next
@@ -954,13 +1006,16 @@ def test_canvas_size_for_small_objects():
     assert len(dets) and (dets.xyxy[:, [0, 2]] <= 300).all() and (dets.xyxy[:, [1, 3]] <= 200).all()
     with pytest.raises(ValueError, match="multiple of 32"):
         predictor.encode_image(img, size=500)
-    # the embedding cache counts a tiled image once per tile
+    # the embedding cache counts an image once per encode it holds: each tile (and each mirror)
     small = Predictor(predictor.model, cache_size=8)
     small.encode_image(img, key="a", size=512)                       # 6 tiles
     small.encode_image(img, key="b")                                 # 7 in all
     assert len(small.cache) == 2
     small.encode_image(img, key="c", size=512)                       # 13 > 8: "a" goes
-    assert [k for k, _ in small.cache] == ["b", "c"]
+    assert [k for k, *_ in small.cache] == ["b", "c"]
+    small.flip = True
+    small.encode_image(img, key="d")                                 # 6 + 1 + 2 > 8: "b" goes
+    assert [k for k, *_ in small.cache] == ["c", "d"]
 
 
 def test_merge_tiles_keeps_whole_boxes():

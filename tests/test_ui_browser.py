@@ -389,6 +389,7 @@ def test_label_folder_in_browser(app_server):
 class _NoModel:
     """Predictor stand-in for tests that only page through a folder: never encodes."""
     score_threshold = 0.3
+    flip = False
 
     def cached(self, key, size=None):
         return object()

@@ -35,6 +35,8 @@ class FakePredictor:
         self.encode_count = 0
         self.embed_calls = []
         self.detect_calls = 0
+        self.flip = False        # trex2.Predictor.flip: recorded by detect() in flips_seen
+        self.flips_seen = []
 
     def encode_image(self, image, key=None, size=None):
         assert image.dtype == np.uint8 and image.ndim == 3
@@ -61,6 +63,7 @@ class FakePredictor:
 
     def detect(self, emb, classes, score_threshold=None, compete=True):
         self.detect_calls += 1
+        self.flips_seen.append(self.flip)
         xyxy, conf, ids = [], [], []
         for c, (name, ce) in enumerate(classes.items()):
             w, h = ce.embedding.tolist()
@@ -189,6 +192,16 @@ def test_detect_in_all_images_averages_prompts_per_class(project, engine, fake):
     b = project.images[2].boxes[0]
     assert b.cls == "cell" and b.xyxy == [5.0, 5.0, 25.0, 15.0]
     assert fake.encode_count == 3
+
+
+def test_detect_in_all_images_with_flip_sets_it_for_the_run_only(project, engine, fake):
+    project.add_prompt("box", [0, 0, 10, 10], cls="cell", image=0)
+    list(detect_in_folder(project, engine))
+    assert fake.flips_seen == [False] * 3
+    list(detect_in_folder(project, engine, flip=True))
+    assert fake.flips_seen[3:] == [True] * 3 and fake.flip is False
+    stop = detect_in_folder(project, engine, flip=True, should_stop=lambda: True)
+    assert list(stop) == [] and fake.flip is False       # restored however the run ends
 
 
 def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project, engine):

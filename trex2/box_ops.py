@@ -90,3 +90,44 @@ def postprocess(logits: torch.Tensor, boxes: torch.Tensor, nms_iou: float, floor
     idx = torch.nonzero(scores >= floor).flatten()
     keep = idx[nms(cxcywh_to_xyxy(boxes[idx]), scores[idx], nms_iou)]
     return keep, scores[keep], boxes[keep]
+
+
+def mirror_boxes(b: torch.Tensor, valid_w: float) -> torch.Tensor:
+    """(..., 4) cx, cy, w, h in a canvas holding an image of width valid_w (fraction, left-aligned)
+    -> the same boxes in the canvas of the image flipped left-right (and back: its own inverse)."""
+    return torch.cat([valid_w - b[..., :1], b[..., 1:]], -1)
+
+
+def fuse_mirrored(sa: torch.Tensor, ba: torch.Tensor, sb: torch.Tensor, bb: torch.Tensor,
+                  floor: float, iou: float = 0.55) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted box fusion of two detection sets of one class on one image (scores (Ka,), (Kb,);
+    boxes (Ka, 4), (Kb, 4) cx, cy, w, h in one frame), e.g. the image and its mirror. In descending
+    score order each box takes the best-overlapping free box of the other set (IoU > iou): the pair
+    becomes one box, their score-weighted mean, scored by the mean score; an unpaired box keeps half
+    its score (the other set scored it 0). Results under floor are dropped -> scores (K,), boxes (K, 4)."""
+    s, b = torch.cat([sa, sb]), torch.cat([ba, bb])
+    n = len(s)
+    if n == 0:
+        return s, b
+    overlap = box_iou(cxcywh_to_xyxy(b), cxcywh_to_xyxy(b))[0].numpy()
+    other = (np.arange(n) >= len(sa))
+    overlap[other[:, None] == other[None, :]] = 0.0      # pairs only across the two sets
+    sn, free = s.numpy(), np.ones(n, dtype=bool)
+    out_s, out_b = [], []
+    for i in np.argsort(-sn, kind="stable"):
+        if not free[i]:
+            continue
+        free[i] = False
+        cand = np.where(free, overlap[i], 0.0)
+        j = int(cand.argmax())
+        if cand[j] > iou:
+            free[j] = False
+            out_b.append((b[i] * s[i] + b[j] * s[j]) / (s[i] + s[j]))
+            out_s.append((s[i] + s[j]) / 2)
+        else:
+            out_b.append(b[i])
+            out_s.append(s[i] / 2)
+    scores, boxes = torch.stack(out_s), torch.stack(out_b)
+    keep = torch.nonzero(scores >= floor).flatten()
+    keep = keep[torch.argsort(scores[keep], descending=True)]
+    return scores[keep], boxes[keep]

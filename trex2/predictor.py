@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .box_ops import box_area, box_iou, cxcywh_to_xyxy, postprocess, xyxy_to_cxcywh
+from .box_ops import (box_area, box_iou, cxcywh_to_xyxy, fuse_mirrored, mirror_boxes, postprocess,
+                      xyxy_to_cxcywh)
 from .class_embedding import ClassEmbedding
 from .model import TRex2
 
@@ -108,6 +109,7 @@ class ImageEmbedding:
     valid_wh: tuple[float, float]     # image extent in the canvas, fractions
     image_size: tuple[int, int]       # (H, W) of the original image
     decoder_pre: dict                 # BoxDecoder.precompute(memory): class-independent decoder work
+    mirror: ImageEmbedding | None = None  # the image flipped left-right (Predictor(flip=True))
 
     def _clip(self, b: torch.Tensor) -> torch.Tensor:
         """Clip (K, 4) xyxy pixel boxes to the image."""
@@ -228,8 +230,13 @@ def compete_classes(dets: sv.Detections, score_threshold: float | None = None, i
 
 
 class Predictor:
-    def __init__(self, model: TRex2, cache_size: int = 32):
+    def __init__(self, model: TRex2, cache_size: int = 32, flip: bool = False):
+        """flip: test-time augmentation: every image is also encoded flipped left-right, each class
+        (one embedding, from the prompts as given) is detected on both, and the two sets of boxes
+        are fused (box_ops.fuse_mirrored). Twice the encode and decode time. It may be changed
+        between calls: embeddings are cached per setting."""
         self.model = model.eval()
+        self.flip = flip
         self.cache: OrderedDict = OrderedDict()
         self.cache_size = cache_size
         self.encode_count = 0  # number of real (uncached) encodes, for tests and benchmarks
@@ -251,7 +258,7 @@ class Predictor:
         size = check_canvas_size(size or base)
         if key is None:
             key = hashlib.sha1(np.ascontiguousarray(image).data).hexdigest() + str(image.shape)
-        key = (key, size)
+        key = (key, size, self.flip)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
@@ -270,25 +277,31 @@ class Predictor:
                     tiles.append(((x0, y0, x1, y1), self._encode(crop, tile_size)))
             emb = TiledEmbedding(tiles, (H, W))
         self.cache[key] = emb
-        # a tiled image counts as many entries as it has tiles (memory), the newest always stays
-        weight = lambda e: len(e.tiles) if isinstance(e, TiledEmbedding) else 1  # noqa: E731
-        while len(self.cache) > 1 and sum(weight(e) for e in self.cache.values()) > self.cache_size:
+        # an entry weighs its encodes (memory): one per tile, twice with the mirror; the newest stays
+        while len(self.cache) > 1 and sum(_encodes(e) for e in self.cache.values()) > self.cache_size:
             self.cache.popitem(last=False)
         return emb
 
     def cached(self, key, size: int | None = None):
         """The embedding encode_image(..., key=key, size=size) would return from the cache, or None
         (lets a caller skip decoding an image file that is already encoded)."""
-        key = (key, check_canvas_size(size or int(self.model.cfg.image_size)))
+        key = (key, check_canvas_size(size or int(self.model.cfg.image_size)), self.flip)
         if key not in self.cache:
             return None
         self.cache.move_to_end(key)
         return self.cache[key]
 
     def _encode(self, image: np.ndarray, size: int) -> ImageEmbedding:
+        """One image at canvas long side `size` (and its mirror with flip) -> ImageEmbedding."""
+        emb = self._encode_pass(image, size)
+        if self.flip:
+            emb.mirror = self._encode_pass(image[:, ::-1], size)
+        self.encode_count += 1
+        return emb
+
+    def _encode_pass(self, image: np.ndarray, size: int) -> ImageEmbedding:
         x, scale, valid = self.model.preprocess(image, size)
         memory, shapes = self.model.encode_features(self.model.backbone(x))
-        self.encode_count += 1
         return ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image.shape[:2],
                               self.model.decoder.precompute(memory, shapes))
 
@@ -361,6 +374,10 @@ class Predictor:
                 neg_logits = torch.stack([head(queries[c:c + 1], n[None])[0] for n in neg]).max(0).values
             _, s, b = postprocess(logits[c], boxes[c], self.model.cfg.nms_iou, floor, neg_logits)
             out.append((s, b))
+        if emb.mirror is not None:
+            flipped = self._decode(emb.mirror, names, classes, cls, num_queries, floor)
+            out = [fuse_mirrored(s, b, ms, mirror_boxes(mb, emb.valid_wh[0]), floor)
+                   for (s, b), (ms, mb) in zip(out, flipped)]
         return out
 
     @torch.no_grad()
@@ -414,6 +431,13 @@ class Predictor:
         xyxy, conf, ids, cut, where = (np.concatenate(v) for v in (xyxy, conf, ids, cut, where))
         keep = merge_tiles(xyxy, conf, ids, where, cut, self.model.cfg.nms_iou)
         return _detections(xyxy[keep], conf[keep], ids[keep].astype(int), list(classes))
+
+
+def _encodes(emb) -> int:
+    """Number of encoder passes an ImageEmbedding or TiledEmbedding holds (tiles, mirrors)."""
+    if isinstance(emb, TiledEmbedding):
+        return sum(_encodes(tile) for _, tile in emb.tiles)
+    return 1 if emb.mirror is None else 2
 
 
 def _detections(xyxy: np.ndarray, confidence: np.ndarray, class_id: np.ndarray, names: list[str]) -> sv.Detections:
