@@ -9,6 +9,12 @@ the targets are the next --targets images. Those were trained on, by both arms a
 compare the two modes, they are not a held-out score. Each set is labelled with `app.batch.run`
 twice (flip off, on) and scored with `app.evaluate` (pycocotools AP; categories without an
 exemplar are left out). Prints AP / AP50 / AP75 and counting MAE per set and mode.
+
+Then per-image runs on the held-out images themselves (never trained on): for each of them and
+each category on it, up to 3 of its labelled boxes (seed 0) prompt, and all its boxes are the
+targets (the exemplars included, as when the recommended threshold is calibrated). Prints, per
+mode, AP50 (all-point interpolation, IoU 0.5 greedy matching) and the best F1 with its threshold,
+and F1 at the recommended threshold.
 """
 from __future__ import annotations
 
@@ -23,9 +29,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import numpy as np  # noqa: E402
+
 import trex2  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
+from trex2.box_ops import box_iou, greedy_match  # noqa: E402
+from trex2.image_io import load_image  # noqa: E402
 
 TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
 HELD = 4  # the first labelled images of each set: trex2.train holds these out
@@ -62,12 +72,52 @@ def make_set(set_dir: str, out: str, n_targets: int) -> tuple[str, str, dict]:
     return os.path.join(out, "images"), os.path.join(out, "prompts.json"), truth
 
 
+def held_out_per_image(model, root: str, sets: list[str]) -> None:
+    """Per-image prompts on the held-out images, plain and flip: AP50 and F1 (see the docstring)."""
+    preds = {"no-flip": trex2.Predictor(model), "flip": trex2.Predictor(model, flip=True)}
+    found = {m: ([], []) for m in preds}
+    n_gt, rng = 0, random.Random(0)
+    for name in sets:
+        gt = json.load(open(os.path.join(root, name, "gt.json")))
+        boxes: dict[int, dict[int, list]] = {}
+        for a in gt["annotations"]:
+            x, y, w, h = a["bbox"]
+            if w > 1 and h > 1:
+                boxes.setdefault(a["image_id"], {}).setdefault(a["category_id"], []).append([x, y, x + w, y + h])
+        for im in [im for im in gt["images"] if im["id"] in boxes][:HELD]:
+            image = load_image(os.path.join(root, name, "images", im["file_name"]))
+            for _, b in sorted(boxes[im["id"]].items()):
+                b = np.array(b, np.float32)
+                prompt = b[rng.sample(range(len(b)), min(3, len(b)))]
+                n_gt += len(b)
+                for mode, p in preds.items():
+                    emb = p.encode_image(image)
+                    d = p.detect(emb, {"c": p.embed_prompts([(emb, prompt)])}, score_threshold=0.0)
+                    order = np.argsort(-d.confidence)
+                    hit = greedy_match(box_iou(torch.tensor(d.xyxy[order]), torch.tensor(b))[0]) >= 0
+                    found[mode][0].extend(d.confidence[order].tolist())
+                    found[mode][1].extend(hit.tolist())
+    thr = preds["flip"].score_threshold
+    print(f"\nheld-out images, per-image prompts ({n_gt} objects); recommended threshold {thr:.3f}")
+    for mode, (scores, hits) in found.items():
+        order = np.argsort(-np.array(scores), kind="stable")
+        s, h = np.array(scores)[order], np.array(hits, bool)[order]
+        tp, fp = np.cumsum(h), np.cumsum(~h)
+        f1 = 2 * tp / (tp + fp + n_gt)
+        precision = np.maximum.accumulate((tp / (tp + fp))[::-1])[::-1]
+        ap50 = float(np.sum(np.diff(np.concatenate([[0.0], tp / n_gt])) * precision))
+        best, at = int(np.argmax(f1)), int((s >= thr).sum()) - 1
+        print(f"{mode:8s} AP50 {ap50:.3f}  best F1 {f1[best]:.3f} at {s[best]:.3f}  "
+              f"F1 at the threshold {f1[at] if at >= 0 else 0.0:.3f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-root", default=TRAIN)
     ap.add_argument("--targets", type=int, default=40, help="target images per set")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--held-out-only", action="store_true", help="only the per-image runs on the held-out images")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,7 +125,7 @@ def main(argv=None) -> int:
     sets = sorted(d for d in os.listdir(args.train_root) if os.path.isfile(os.path.join(args.train_root, d, "gt.json")))
     print(f"{'set':14s} {'mode':8s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MAE':>6s}")
     with tempfile.TemporaryDirectory(prefix="bench-flip-") as tmp:
-        for name in sets:
+        for name in [] if args.held_out_only else sets:
             images, prompts, truth = make_set(os.path.join(args.train_root, name), os.path.join(tmp, name),
                                               args.targets)
             for flip in (False, True):
@@ -85,6 +135,7 @@ def main(argv=None) -> int:
                 r = evaluate(truth, json.load(open(out)))
                 print(f"{name:14s} {'flip' if flip else 'no-flip':8s} {r['AP']:6.3f} {r['AP50']:6.3f} "
                       f"{r['AP75']:6.3f} {r['count_mae']:6.2f}", flush=True)
+    held_out_per_image(model, args.train_root, sets)
     return 0
 
 
