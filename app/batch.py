@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="CPU threads for the model (default: torch's; 1 is much faster on a busy machine)")
     ap.add_argument("--canvas", default="auto", metavar="auto|PX",
                     help="long side the images are resized to for the model. auto (default): 640, or, "
-                         "when the exemplars would be smaller than 44 px there, larger (up to 2560) with "
+                         "when the exemplars would be smaller than 44 px there, larger (up to 3200) with "
                          "the image cut into overlapping 640 px tiles (about one encode per tile); a "
                          "multiple of 32 fixes it")
     ap.add_argument("--no-flip", action="store_true",

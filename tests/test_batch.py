@@ -505,7 +505,7 @@ def test_tiled_detection_finds_each_small_object_once(predictor):
             cv2.circle(img, (x + s // 2, y + s // 2), s // 2, SHAPES["disc"], -1)
             boxes.append([x, y, x + s, y + s])
     size = canvas_size(img.shape[:2], object_side(boxes[:3]), predictor.model.cfg.image_size)
-    assert size == 2560                                    # 44 * 960 / (15 or 16 px), capped
+    assert size == 2816                                    # 44 * 960 / 15 px, a multiple of 32
     emb = predictor.encode_image(img, size=size)
     assert isinstance(emb, TiledEmbedding) and len(emb.tiles) >= 9
     dets = predictor.detect(emb, {"disc": predictor.embed_prompts([(emb, np.asarray(boxes[:3], float))])},
@@ -541,8 +541,11 @@ def test_each_class_is_detected_at_its_own_canvas(predictor, tmp_path):
                           + [(tmp_path / "imgs" / "mixed.png", "square", squares[0], None, False)], size=S)
     sizes = []
     out = tmp_path / "o.json"
-    batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(predictor, sizes), progress=False)
-    assert sorted(sizes) == [640, 2560]   # the prompt image is the folder's: each canvas encoded once
+    roomy = trex2.Predictor(predictor.model, cache_size=64)   # holds the 36 tiles and the 640 px encode
+    batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(roomy, sizes), progress=False)
+    from trex2.predictor import canvas_size, object_side
+    tiny = canvas_size((S, S), object_side(discs[:3]), 640)   # 44 px discs: 2,656 px
+    assert sorted(sizes) == [640, tiny]   # the prompt image is the folder's: each canvas encoded once
     data = json.loads(out.read_text())
     thr = data["info"]["score_threshold"]
     by_score = lambda c: sorted((a for a in data["annotations"] if a["category_id"] == c),  # noqa: E731

@@ -952,7 +952,7 @@ def test_canvas_groups_put_each_class_at_its_own_canvas():
     assert canvas_of(groups, "other") is None
     assert canvas_groups(hw, {"tiny": 15.0}, 640) == {small: ["tiny"]}
     assert canvas_groups(hw, {}, 640) == {}
-    assert tile_overlap(hw, small, 640) == 60 and tile_overlap(hw, 640, 640) == float("inf")
+    assert tile_overlap(hw, small, 640) == 70 and tile_overlap(hw, 640, 640) == float("inf")
     # a larger class joins the tiles when its objects fit whole in their overlap and stay within
     # MAX_SHARED_OBJECT_PX there; otherwise it keeps its own canvas
     hw = (480, 640)
