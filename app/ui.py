@@ -631,8 +631,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 with gr.Row():
                     auto_cb = gr.Checkbox(label="Detect in this image after each prompt change",
                                           value=False, elem_id="tx-auto", scale=2)
-                    flip_cb = gr.Checkbox(label="Detect in all images: also look at each image "
-                                                "mirrored (better boxes, twice the time)",
+                    flip_cb = gr.Checkbox(label="Mirror pass in 'Detect in all images' (better boxes, "
+                                                "twice the time)",
                                           value=True, elem_id="tx-flip", scale=2)
                     progress_box = gr.HTML("", elem_id="tx-progress", min_height=24, scale=3)
                 threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
