@@ -842,6 +842,17 @@ def test_fuse_mirrored():
     assert s.shape == (0,) and fused.shape == (0, 4)
 
 
+@pytest.mark.parametrize("hw", [(200, 300), (300, 200), (700, 900)])
+def test_mirror_canvas_is_the_canvas_of_the_mirrored_image(hw):
+    from trex2.predictor import mirror_canvas
+    model = small_model(pretrained=False)
+    img = np.random.default_rng(0).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    x, _, valid = model.preprocess(img)
+    want, _, _ = model.preprocess(np.ascontiguousarray(img[:, ::-1]))
+    assert torch.allclose(mirror_canvas(x, valid), want, atol=0.01)          # grey levels 0..255
+    assert not torch.allclose(x, want, atol=1.0)
+
+
 def test_flip_detects_on_the_image_and_its_mirror():
     """Predictor(flip=True) = detections on the image and on its mirror (one class embedding, from
     the prompts as given), fused; one encode per image as counted by encode_count."""

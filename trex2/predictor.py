@@ -294,16 +294,16 @@ class Predictor:
 
     def _encode(self, image: np.ndarray, size: int) -> ImageEmbedding:
         """One image at canvas long side `size` (and its mirror with flip) -> ImageEmbedding."""
-        emb = self._encode_pass(image, size)
-        if self.flip:
-            emb.mirror = self._encode_pass(image[:, ::-1], size)
+        x, scale, valid = self.model.preprocess(image, size)
+        emb = self._encode_canvas(x, scale, valid, image.shape[:2])
+        if self.flip:   # the resized image mirrored: the same as resizing the mirrored image
+            emb.mirror = self._encode_canvas(mirror_canvas(x, valid), scale, valid, image.shape[:2])
         self.encode_count += 1
         return emb
 
-    def _encode_pass(self, image: np.ndarray, size: int) -> ImageEmbedding:
-        x, scale, valid = self.model.preprocess(image, size)
+    def _encode_canvas(self, x: torch.Tensor, scale: float, valid, image_hw) -> ImageEmbedding:
         memory, shapes = self.model.encode_features(self.model.backbone(x))
-        return ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image.shape[:2],
+        return ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image_hw,
                               self.model.decoder.precompute(memory, shapes))
 
     @torch.no_grad()
@@ -432,6 +432,15 @@ class Predictor:
         xyxy, conf, ids, cut, where = (np.concatenate(v) for v in (xyxy, conf, ids, cut, where))
         keep = merge_tiles(xyxy, conf, ids, where, cut, self.model.cfg.nms_iou)
         return _detections(xyxy[keep], conf[keep], ids[keep].astype(int), list(classes))
+
+
+def mirror_canvas(x: torch.Tensor, valid_wh: tuple[float, float]) -> torch.Tensor:
+    """Canvas (1, 3, S, S) of TRex2.preprocess -> the canvas of the image flipped left-right: the
+    image region (top left, valid_wh of the canvas) mirrored, the padding left where it is."""
+    h, w = round(valid_wh[1] * x.shape[2]), round(valid_wh[0] * x.shape[3])
+    out = x.clone()
+    out[..., :h, :w] = x[..., :h, :w].flip(-1)
+    return out
 
 
 def _encodes(emb) -> int:
