@@ -1101,7 +1101,7 @@ class Engine:
         with self._lock:
             if self._predictor is None:
                 import trex2
-                self._predictor = trex2.Predictor(trex2.load_model(),
+                self._predictor = trex2.Predictor(trex2.load_model(), flip=True,
                                                   cache_size=EMBEDDING_CACHE_IMAGES)
             return self._predictor
 
@@ -1122,12 +1122,14 @@ class Engine:
         return self._lock
 
     @contextlib.contextmanager
-    def flipped(self, on: bool):
+    def flipped(self, on: bool | None):
         """Hold the lock with the predictor's flip test-time augmentation (trex2.Predictor.flip:
-        each image also searched mirrored) set to ``on``; restored on exit. Yields the predictor."""
+        each image also searched mirrored) set to ``on`` (None: as it is; the app's own predictor
+        has it on, as `label`); restored on exit. Yields the predictor."""
         with self._lock:
             p = self.predictor
-            before, p.flip = p.flip, bool(on)
+            before = p.flip
+            p.flip = before if on is None else bool(on)
             try:
                 yield p
             finally:
@@ -1276,17 +1278,17 @@ class Engine:
                                        f"but: {e}") from e
         return out
 
-    def detect(self, project: Project, i: int, class_embs: dict,
-               sides: dict | None = None) -> list[tuple[str, list, float]]:
+    def detect(self, project: Project, i: int, class_embs: dict, sides: dict | None = None,
+               flip: bool | None = None) -> list[tuple[str, list, float]]:
         """Run the model on image i with the class embeddings, each class at its canvas (exemplar
-        sizes ``sides``, see ``canvas``) -> [(class, xyxy, score)]."""
+        sizes ``sides``, see ``canvas``; ``flip``: see ``flipped``) -> [(class, xyxy, score)]."""
         from app.batch import label_folder
         from trex2.image_io import ImageLoadError
 
         if not class_embs:
             return []
-        with self._lock:    # the same per-canvas loop as "detect in all images" and `label`
-            res = next(label_folder(self.predictor, str(project.root), [project.images[i].file], class_embs,
+        with self.flipped(flip) as pred:   # the same per-canvas loop as "detect in all images" and `label`
+            res = next(label_folder(pred, str(project.root), [project.images[i].file], class_embs,
                                     canvas=lambda path, hw: self.canvas(hw, sides, list(class_embs))))
         if res.error is not None:
             raise ImageLoadError(res.error)
@@ -1304,9 +1306,9 @@ def detections_to_list(dets, names: list[str]) -> list[tuple[str, list, float]]:
 
 
 # --------------------------------------------------------------------------- workflows
-def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> int:
-    """"Detect in this image": each class from the prompts drawn on this image only.
-    One undo step. Returns the number of new boxes."""
+def detect_in_image(project: Project, engine: Engine, i: int | None = None, flip: bool | None = None) -> int:
+    """"Detect in this image": each class from the prompts drawn on this image only (``flip``:
+    see Engine.flipped). One undo step. Returns the number of new boxes."""
     i = project._at(i)
     if not project.images[i].prompts:
         raise ProjectError("draw a box or point on this image first (or use "
@@ -1315,19 +1317,20 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None) -> i
     embs = engine.class_embeddings(project, [i], sides=sides)
     if not embs:
         raise ProjectError("no class has a positive prompt on this image")
-    dets = engine.detect(project, i, embs, sides)
+    dets = engine.detect(project, i, embs, sides, flip)
     with project._edit("detect in this image", scope=[i]):
         return project.apply_detections(i, dets)
 
 
 def detect_in_folder(project: Project, engine: Engine,
                      should_stop: Callable[[], bool] = lambda: False,
-                     classes: list[str] | None = None, flip: bool = False
+                     classes: list[str] | None = None, flip: bool | None = None
                      ) -> Iterator[tuple[int, int, str, str | None]]:
     """"Detect in all images": each class's prompts from every image (and loaded class
     embeddings / text phrases) averaged into one class embedding, applied to every image
     (through app.batch.label_folder, the same loop as the headless ``label`` command);
-    ``flip``: each image also searched mirrored (Engine.flipped), as ``label`` does by default.
+    ``flip``: each image also searched mirrored or not (Engine.flipped; None: the predictor's own
+    setting, on in the app as in ``label``).
 
     A generator yielding (done, total, file, error) after each image, error being the
     message for an unreadable image (skipped) or None; stops early when ``should_stop()``

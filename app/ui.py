@@ -282,7 +282,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     # ------------------------------------------------------------------ canvas ops
     @guarded
-    def on_op(sess, auto_detect, evt: gr.EventData):
+    def on_op(sess, auto_detect, flip, evt: gr.EventData):
         data = dict(evt._data or {})
         p = sess.project
         op = data.get("op")
@@ -329,7 +329,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             raise ProjectError(f"unknown canvas operation {op!r}")
         if auto_detect and prompt_op and p.current.prompts:
             t = time.perf_counter()
-            n = detect_in_image(p, engine)
+            n = detect_in_image(p, engine, flip=bool(flip))
             ms = (time.perf_counter() - t) * 1000
             return refresh(sess, "detect", _detect_message(p, n, ms))
         return refresh(sess, op)
@@ -373,9 +373,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         return refresh(sess, "nav")
 
     @guarded
-    def on_detect_this(sess):
+    def on_detect_this(sess, flip):
         t = time.perf_counter()
-        n = detect_in_image(sess.project, engine)
+        n = detect_in_image(sess.project, engine, flip=bool(flip))
         ms = (time.perf_counter() - t) * 1000
         return refresh(sess, "detect", _detect_message(sess.project, n, ms))
 
@@ -631,8 +631,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 with gr.Row():
                     auto_cb = gr.Checkbox(label="Detect in this image after each prompt change",
                                           value=False, elem_id="tx-auto", scale=2)
-                    flip_cb = gr.Checkbox(label="Mirror pass in 'Detect in all images' (better boxes, "
-                                                "twice the time)",
+                    flip_cb = gr.Checkbox(label="Mirror pass: also search each image mirrored "
+                                                "(better boxes, detection takes twice as long)",
                                           value=True, elem_id="tx-flip", scale=2)
                     progress_box = gr.HTML("", elem_id="tx-progress", min_height=24, scale=3)
                 threshold = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="Score threshold",
@@ -702,7 +702,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         main = [state, canvas, stats, class_dd, image_dd, threshold]
         demo.load(on_load, None, main)
         gr.Timer(SYNC_SECONDS).tick(on_sync_tick, [state], main, show_progress="hidden")
-        canvas.op(on_op, [state, auto_cb], main, trigger_mode="multiple",
+        canvas.op(on_op, [state, auto_cb, flip_cb], main, trigger_mode="multiple",
                   show_progress="hidden", queue=True)
         # "multiple": quick clicks each count (in order: one queue, as they share on_nav)
         prev_btn.click(on_nav, [state, gr.State(-1)], main, show_progress="hidden",
@@ -711,7 +711,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        trigger_mode="multiple")
         review_btn.click(on_next_to_review, [state], main, show_progress="hidden")
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
-        det_btn.click(on_detect_this, [state], main, show_progress="hidden",
+        det_btn.click(on_detect_this, [state, flip_cb], main, show_progress="hidden",
                       concurrency_id="model")
         det_all_btn.click(on_detect_all, [state, flip_cb], main, show_progress="full",
                           show_progress_on=[progress_box], concurrency_id="model")

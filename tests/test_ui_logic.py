@@ -202,6 +202,9 @@ def test_detect_in_all_images_with_flip_sets_it_for_the_run_only(project, engine
     assert fake.flips_seen[3:] == [True] * 3 and fake.flip is False
     stop = detect_in_folder(project, engine, flip=True, should_stop=lambda: True)
     assert list(stop) == [] and fake.flip is False       # restored however the run ends
+    detect_in_image(project, engine, 0, flip=True)
+    detect_in_image(project, engine, 0)                  # None: the predictor's own setting
+    assert fake.flips_seen[6:] == [True, False] and fake.flip is False
 
 
 def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project, engine):
