@@ -39,8 +39,9 @@ HELP = """Label every image under IMAGE_DIR (recursively) with the prompts in PR
 Default (cross-image): all exemplars of a category, on any image of the prompt file, are pooled
 into one class that is detected on every image. --per-image: each image uses only the exemplars
 drawn on that same image (others get no detections). Negative exemplars, point prompts and
-category text prompts are honoured. All detections above a low floor are written with their
-score; info.score_threshold is the recommended acceptance threshold.
+category text prompts are honoured. Each image is also searched mirrored left-right and the two
+sets of boxes fused (--no-flip: half the time, slightly worse boxes). All detections above a low
+floor are written with their score; info.score_threshold is the recommended acceptance threshold.
 
 Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
 kill), run the same command with --resume to continue (same prompts, mode, canvas and weights;

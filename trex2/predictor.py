@@ -7,6 +7,8 @@
 
 Boxes and points are in pixels of the image as given (xyxy / xy); inside, everything is in the
 normalised frame of the padded canvas the image is resized into (see TRex2.preprocess).
+Predictor(model, flip=True) also searches each image mirrored and fuses the two (test-time
+augmentation, as `app.py label` does by default).
 """
 from __future__ import annotations
 
