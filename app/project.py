@@ -1095,6 +1095,8 @@ class Engine:
         self._queued = None   # the latest image prefetch (Future)
         self._hw: dict[tuple, tuple[int, int]] = {}  # image (H, W) by file key
         self._decoded: tuple | None = None  # (file key, pixels) of the last image_hw decode
+        self._last_flip: bool | None = None  # flip of the last detection call: embedding() (and
+                                             # with it the prefetch) encodes for it
 
     @property
     def predictor(self):
@@ -1129,7 +1131,8 @@ class Engine:
         with self._lock:
             p = self.predictor
             before = p.flip
-            p.flip = before if on is None else bool(on)
+            if on is not None:
+                p.flip = self._last_flip = bool(on)
             try:
                 yield p
             finally:
@@ -1237,11 +1240,11 @@ class Engine:
 
     def embedding(self, path: str | os.PathLike, size: int | None = None):
         """Cached trex2.ImageEmbedding of an image file (key: path, mtime, size) at canvas long
-        side ``size`` px (None: the model's); decodes the file only on a cache miss."""
+        side ``size`` px (None: the model's), with or without its mirror as the last detection
+        asked (Engine.flipped); decodes the file only on a cache miss."""
         path = Path(path)
         key = self._key(path)
-        with self._lock:
-            pred = self.predictor
+        with self.flipped(self._last_flip) as pred:
             hit = pred.cached(key, size)
             if hit is not None:
                 return hit

@@ -205,6 +205,13 @@ def test_detect_in_all_images_with_flip_sets_it_for_the_run_only(project, engine
     detect_in_image(project, engine, 0, flip=True)
     detect_in_image(project, engine, 0)                  # None: the predictor's own setting
     assert fake.flips_seen[6:] == [True, False] and fake.flip is False
+    # the prefetch encodes for the setting of the last detection call, so that call's next
+    # detection finds the image encoded
+    seen = []
+    fake.cached = lambda key, size=None: None
+    fake.encode_image = lambda image, key=None, size=None: seen.append(fake.flip)
+    engine.embedding(project.image_path(1))
+    assert seen == [True]
 
 
 def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project, engine):
