@@ -831,9 +831,9 @@ class Project:
     def export_images(self, only_reviewed: bool = False) -> tuple[list[tuple[str, int, int]],
                                                                   list[str]]:
         """(file, W, H) of the images an export lists (every image, or only reviewed ones), and
-        the files left out because they are gone or unreadable (trex2.image_io.load_image fails,
-        as for a JPEG cut short whose header still reads: the app cannot show or detect on it
-        either): one bad file must not block the export of the rest."""
+        the files left out because they are gone or unreadable (trex2.image_io.check_decodes
+        fails, as for a JPEG cut short whose header still reads: the app cannot show or detect on
+        it either): one bad file must not block the export of the rest."""
         images, skipped = [], []
         for i, im in enumerate(self.images):
             if only_reviewed and not im.reviewed:
@@ -1317,7 +1317,8 @@ def detect_in_image(project: Project, engine: Engine, i: int | None = None, flip
         raise ProjectError("draw a box or point on this image first (or use "
                            "'Detect in all images' to apply prompts from other images)")
     sides = project.exemplar_sides([i])
-    embs = engine.class_embeddings(project, [i], sides=sides)
+    with engine.flipped(flip):   # the prompt image is encoded as the detection will need it
+        embs = engine.class_embeddings(project, [i], sides=sides)
     if not embs:
         raise ProjectError("no class has a positive prompt on this image")
     dets = engine.detect(project, i, embs, sides, flip)
@@ -1343,7 +1344,8 @@ def detect_in_folder(project: Project, engine: Engine,
     from app.batch import label_folder
 
     sides = project.exemplar_sides(None, classes)
-    embs = engine.class_embeddings(project, None, classes, sides)
+    with engine.flipped(flip):   # prompt images encoded as the detection will need them
+        embs = engine.class_embeddings(project, None, classes, sides)
     if not embs:
         raise ProjectError("no class has any prompt, text phrase or loaded embedding yet: "
                            "draw a box or point on an image first")

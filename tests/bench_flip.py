@@ -36,9 +36,9 @@ from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.box_ops import box_iou, greedy_match  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
+from trex2.train import HOLDOUT as HELD  # noqa: E402  (the first labelled images of each set)
 
 TRAIN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "train")
-HELD = 4  # the first labelled images of each set: trex2.train holds these out
 
 
 def make_set(set_dir: str, out: str, n_targets: int) -> tuple[str, str, dict]:

@@ -25,6 +25,7 @@ from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
 from .synthetic import DEFAULT_TRAIN_ROOT
 
+HOLDOUT = 4       # first labelled images of each real set kept out of training (calibration)
 _SOURCES = None   # object sources shared with forked synthetic-scene workers
 
 
@@ -36,7 +37,7 @@ def _scene(args):
     return scene.image, scene.boxes, scene.labels
 
 
-def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log, holdout: int = 4,
+def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log, holdout: int = HOLDOUT,
                 zoom_out: int = 0, zoom_in: int = 0, workers: int = 1, max_images: int | None = None):
     """Backbone features of every training image -> (train, held). The first `holdout` images of each
     real set are kept apart (no augmentation) to calibrate the score threshold. Each other real image
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backbone-lr-scale", type=float, default=0.1,
                     help="learning rate of the fine-tuned backbone blocks, as a fraction of --lr")
     ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
-    ap.add_argument("--holdout", type=int, default=4, help="images per real set kept for calibration")
+    ap.add_argument("--holdout", type=int, default=HOLDOUT, help="images per real set kept for calibration")
     ap.add_argument("--max-images", type=int, default=None, help="read only this many images per real set (smoke tests)")
     ap.add_argument("--steps", type=int, default=100000)
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
