@@ -28,7 +28,7 @@ import numpy as np
 
 from exports import atomic_write_text, clip_xyxy
 from trex2.image_io import ImageLoadError, image_size, is_image_file, list_images, load_image
-from trex2.predictor import compete_classes
+from trex2.predictor import compete_classes, respect_exemplars
 
 SIDECAR_SUFFIX = ".partial.jsonl"
 SIDECAR_FORMAT = "trex2-label-partial/1"
@@ -78,7 +78,8 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                  score_threshold: float | None = None,
                  canvas: Callable[[str, tuple[int, int]], int] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> Iterator[ImageResult]:
+                 should_cancel: Callable[[], bool] | None = None,
+                 exemplars: Callable[[str], dict] | None = None) -> Iterator[ImageResult]:
     """Detect ``classes`` on each image ``image_dir/file_name``, one at a time, in order.
 
     ``classes``: dict name -> trex2.ClassEmbedding applied to every image, or a callable
@@ -89,6 +90,8 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     gives the canvas long side to encode an image at (None or no ``canvas``: the model's), or
     {canvas: [class names]} (trex2.predictor.canvas_groups: each class at its own canvas, one
     encode per canvas); a callable ``classes`` then gets the names as a third argument.
+    ``exemplars(abs_path)``: {class name: (E, 4) xyxy exemplar boxes drawn on that image}; its
+    detections then respect them (trex2.predictor.respect_exemplars).
     """
     total = len(file_names)
     for i, rel in enumerate(file_names):
@@ -116,7 +119,10 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     cls = classes if names is None else {n: classes[n] for n in names if n in classes}
                 if cls:   # classes compete once all canvases are merged
                     parts.append(predictor.detect(emb, cls, score_threshold=score_threshold, compete=False))
-            yield ImageResult(rel, path, hw, compete_classes(merge_detections(parts, order), score_threshold))
+            dets = compete_classes(merge_detections(parts, order), score_threshold)
+            if exemplars is not None:
+                dets = respect_exemplars(dets, exemplars(os.path.abspath(path)))
+            yield ImageResult(rel, path, hw, dets)
         if on_progress is not None:
             on_progress(i + 1, total)
 
@@ -322,6 +328,17 @@ class PromptSource:
                     out[c.name] = self._embed(predictor, c.name, pos, self._prompts_on(ps, path, emb, c.name, True))
             return out
         return classes
+
+    def exemplar_boxes(self) -> Callable[[str], dict]:
+        """Callable abs_path -> {category: (E, 4) xyxy positive exemplar boxes drawn on that file}
+        (label_folder's ``exemplars``, in either mode); {} for other files and class-embedding files."""
+        drawn: dict[str, dict] = {}
+        if self.kind != "embeddings":
+            ps = self.prompt_set
+            for image in ps.images():
+                boxes = {c.name: ps.boxes(image, c.name) for c in ps.categories}
+                drawn[str(image)] = {name: b for name, b in boxes.items() if len(b)}
+        return lambda path: drawn.get(os.path.realpath(path), {})
 
     def check_per_image(self, image_dir: str, file_names: list[str], warn) -> None:
         """LabelError if no prompt image is one of the folder's images; warnings for the rest."""
@@ -584,7 +601,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             bar = tqdm(total=len(file_names), initial=len(file_names) - len(todo), unit="img",
                        file=sys.stderr, dynamic_ncols=True, desc="label")
         try:
-            for res in label_folder(predictor, image_dir, todo, classes, canvas=sizes):
+            for res in label_folder(predictor, image_dir, todo, classes, canvas=sizes,
+                                    exemplars=prompts.exemplar_boxes()):
                 if res.error is not None:
                     warn(f"skipped {res.error}")
                 rec = {**result_record(res, cat_index), "file": _file_state(res.path)}

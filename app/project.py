@@ -811,6 +811,20 @@ class Project:
                  np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
         return out
 
+    def exemplar_boxes(self) -> Callable[[str], dict]:
+        """app.batch.label_folder's ``exemplars``: absolute path of a folder image -> {class:
+        (E, 4) xyxy positive box prompts drawn on it} ({} for an image without any)."""
+        drawn = {}
+        for im in self.images:
+            boxes: dict[str, list] = {}
+            for p in im.prompts:
+                if p.kind == "box" and not p.negative:
+                    boxes.setdefault(p.cls, []).append(p.coords)
+            if boxes:
+                drawn[os.path.abspath(self.root / im.file)] = {
+                    c: np.asarray(b, np.float32).reshape(-1, 4) for c, b in boxes.items()}
+        return lambda path: drawn.get(os.path.abspath(path), {})
+
     def exemplar_sides(self, images: list[int] | None = None,
                        classes: list[str] | None = None) -> dict[str, float]:
         """{class: typical positive exemplar box size in px} (trex2.predictor.object_side) over the
@@ -1292,7 +1306,8 @@ class Engine:
             return []
         with self.flipped(flip) as pred:   # the same per-canvas loop as "detect in all images" and `label`
             res = next(label_folder(pred, str(project.root), [project.images[i].file], class_embs,
-                                    canvas=lambda path, hw: self.canvas(hw, sides, list(class_embs))))
+                                    canvas=lambda path, hw: self.canvas(hw, sides, list(class_embs)),
+                                    exemplars=project.exemplar_boxes()))
         if res.error is not None:
             raise ImageLoadError(res.error)
         return detections_to_list(res.detections, list(class_embs))
@@ -1354,7 +1369,7 @@ def detect_in_folder(project: Project, engine: Engine,
     with project._edit("detect in all images", scope=None, keep_partial=True), engine.flipped(flip) as pred:
         results = label_folder(pred, str(project.root), files, embs,
                                canvas=lambda path, hw: engine.canvas(hw, sides, list(embs)),
-                               should_cancel=should_stop)
+                               should_cancel=should_stop, exemplars=project.exemplar_boxes())
         for i, res in enumerate(results):
             assert res.file_name == files[i]
             if res.error is None:
@@ -1366,22 +1381,23 @@ def detect_in_folder(project: Project, engine: Engine,
 
 def search_images(project: Project, engine: Engine, cls: str,
                   should_stop: Callable[[], bool] = lambda: False,
-                  on_progress: Callable[[int, int], None] | None = None
-                  ) -> list[tuple[int, float]]:
+                  on_progress: Callable[[int, int], None] | None = None,
+                  flip: bool | None = None) -> list[tuple[int, float]]:
     """Rank the folder's images by how strongly class ``cls`` appears: the max detection
     score of that class per image (0 if none or unreadable), highest first ->
-    [(image index, score)]. Does not change the project."""
+    [(image index, score)]; ``flip``: as detect_in_folder. Does not change the project."""
     from app.batch import label_folder
 
     project.get_class(cls)
     sides = project.exemplar_sides(None, [cls])
-    embs = engine.class_embeddings(project, None, [cls], sides)
+    with engine.flipped(flip):   # prompt images encoded as the search will need them
+        embs = engine.class_embeddings(project, None, [cls], sides)
     if not embs:
         raise ProjectError(f"class {cls!r} has no prompt, text phrase or loaded embedding yet")
     scores = []
     files = [im.file for im in project.images]
-    with engine.lock:
-        for i, res in enumerate(label_folder(engine.predictor, str(project.root), files, embs,
+    with engine.flipped(flip) as pred:
+        for i, res in enumerate(label_folder(pred, str(project.root), files, embs,
                                              canvas=lambda path, hw: engine.canvas(hw, sides, list(embs)),
                                              should_cancel=should_stop,
                                              on_progress=on_progress)):

@@ -574,7 +574,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        force=True)
 
     @file_guard
-    def on_search(sess, cls, progress=gr.Progress()):
+    def on_search(sess, cls, flip, progress=gr.Progress()):
         p = sess.project
         if not cls:
             raise ProjectError("pick a class to search for")
@@ -583,7 +583,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         sess.work.long_job = f"ranking images by {cls}"
         try:
             ranked = search_images(p, engine, cls, should_stop=lambda: sess.work.cancel,
-                                   on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"))
+                                   on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"),
+                                   flip=bool(flip))
         finally:
             sess.work.long_job = ""
         items = []
@@ -747,7 +748,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             return gr.update(choices=names, value=names[0] if names else None)
 
         search_tab.select(search_classes, [state], [search_cls], show_progress="hidden")
-        search_btn.click(on_search, [state, search_cls], [gallery, search_msg],
+        search_btn.click(on_search, [state, search_cls, flip_cb], [gallery, search_msg],
                          concurrency_id="model")
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
     return demo

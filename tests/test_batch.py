@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import trex2
 from app import batch
@@ -325,6 +326,19 @@ def test_per_image_uses_only_each_images_exemplars(dataset, clean_cross, predict
     # cross-image: both categories on every image, including those without exemplars
     cross = dets_by_image(clean_cross[0])
     assert sum(set(cross[f]) == {"disc", "square"} for f in cross) >= N_IMAGES - 1
+
+
+def test_exemplar_objects_get_the_drawn_box_once(dataset, predictor, tmp_path):
+    """On a prompted image the exemplar's own detection takes the drawn box, and no other box of
+    its class overlaps an exemplar by IoU > 0.35 (trex2.predictor.respect_exemplars)."""
+    from trex2.box_ops import box_iou
+    out = tmp_path / "per.json"
+    batch.run(dataset["images"], dataset["per"], str(out), per_image=True, predictor=predictor, progress=False)
+    discs = dets_by_image(load_coco_checked(out))["img00.png"]["disc"][:, :4]
+    drawn = np.asarray(dataset["truth"]["img00.png"]["disc"][:2], np.float32)
+    overlap = box_iou(torch.as_tensor(discs, dtype=torch.float32), torch.as_tensor(drawn))[0].numpy()
+    assert (overlap.max(0) > 0.999).all()                 # each drawn box is in the output as drawn
+    assert ((overlap > 0.35).sum(0) == 1).all()           # and nothing else of its class on it
 
 
 def test_negative_exemplar_suppresses_look_alikes(predictor, tmp_path):

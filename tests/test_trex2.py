@@ -1133,6 +1133,27 @@ def test_compete_classes_halves_the_runner_up_only():
     assert compete_classes(one).confidence.tolist() == pytest.approx([0.8, 0.6])
 
 
+def test_respect_exemplars_snaps_the_exemplars_own_box_and_drops_its_fragments():
+    from trex2.predictor import _detections, respect_exemplars
+    xyxy = np.array([[0, 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [0, 0, 10, 10], [0, 0, 11, 14]],
+                    np.float32)
+    conf = np.array([0.9, 0.95, 0.8, 0.5, 0.4], np.float32)
+    dets = _detections(xyxy, conf, np.array([0, 0, 0, 1, 0]), ["a", "b"])
+    out = respect_exemplars(dets, {"a": np.array([[1, 1, 11, 11]]), "c": np.array([[0, 0, 5, 5]])})
+    # a: the best overlap (IoU 0.68) takes the drawn box; the half box (IoU 0.39, scored higher)
+    # and the taller box (IoU 0.65, not the best) are fragments or merges; the far box stays;
+    # b's box on the same object belongs to another class: left to compete_classes
+    assert out.xyxy.tolist() == [[1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]]
+    assert out.confidence.tolist() == pytest.approx([0.9, 0.8, 0.5])
+    assert list(out.data["class_name"]) == ["a", "a", "b"]
+    assert dets.xyxy[0].tolist() == [0, 0, 10, 10]                         # input untouched
+    assert respect_exemplars(dets, {}) is dets and respect_exemplars(dets, None) is dets
+    # two exemplars on one detection: the better-matched (IoU 1 against 0.9) takes it; the other
+    # gets none (no box is added)
+    two = respect_exemplars(dets[:1], {"a": np.array([[0, 0, 10, 9], [0, 0, 10, 10]])})
+    assert two.xyxy.tolist() == [[0, 0, 10, 10]]
+
+
 def test_detect_makes_classes_compete_for_an_object():
     model = confident(small_model())
     predictor = Predictor(model)

@@ -135,6 +135,17 @@ def test_prompt_detect_accept_export_coco(project, engine, fake, tmp_path):
     assert fake.encode_count == 1
 
 
+def test_the_exemplar_object_gets_the_drawn_box(project, engine):
+    """A detection on an object the user boxed as an exemplar takes the drawn box (IoU 0.75 here),
+    on that image only (trex2.predictor.respect_exemplars, through app.batch.label_folder)."""
+    project.add_prompt("box", [6, 6, 26, 16])              # the fake's first box is [5, 5, 25, 15]
+    detect_in_image(project, engine)
+    assert [b.xyxy for b in project.images[0].boxes][0] == [6.0, 6.0, 26.0, 16.0]
+    list(detect_in_folder(project, engine))
+    assert [b.xyxy for b in project.images[0].boxes][0] == [6.0, 6.0, 26.0, 16.0]
+    assert [b.xyxy for b in project.images[1].boxes][0] == [5.0, 5.0, 25.0, 15.0]
+
+
 def test_rejected_and_pending_boxes_are_not_exported(project, engine, tmp_path):
     project.add_prompt("box", [10, 10, 30, 20])
     detect_in_image(project, engine)
@@ -436,6 +447,8 @@ def test_search_ranks_images_by_class_strength(project, engine):
     assert [i for i, _ in ranked] == [0, 1, 2]            # brightness 255 > 200 > 150
     assert ranked[0][1] == pytest.approx(0.9, abs=1e-3)
     assert all(not im.boxes for im in project.images)     # search does not label
+    search_images(project, engine, "cell", flip=True)     # the Mirror pass checkbox, for this run
+    assert engine.predictor.flips_seen[-3:] == [True] * 3 and engine.predictor.flip is False
 
 
 def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
@@ -929,7 +942,7 @@ def test_search_gallery_opens_the_image_shown_after_images_were_added(project, e
     fns = {f.fn.__name__: f.fn for f in demo.fns.values()}
     sess = Session(project, tmp_path)
     project.add_prompt("box", [10, 10, 30, 20])
-    items, _ = fns["on_search"](sess, "cell")
+    items, _ = fns["on_search"](sess, "cell", True)
     first = items[0][1].split()[-1]                      # caption "score  file"
     src = tmp_path / "0_new.jpg"                         # sorts first: every index shifts
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(src)

@@ -43,6 +43,8 @@ MAX_SHARED_OBJECT_PX = 184  # a larger class shares a small class's tiles while 
 TILE_OVERLAP = 0.25  # fraction of a tile shared with its neighbour
 CLASS_OVERLAP_IOU = 0.7      # a box this close to a better-scored box of another class ...
 CLASS_OVERLAP_FACTOR = 0.5   # ... keeps this share of its score (see compete_classes)
+EXEMPLAR_MATCH_IOU = 0.5     # the detection of an exemplar's own object (see respect_exemplars) ...
+EXEMPLAR_DUP_IOU = 0.35      # ... and other boxes of its class overlapping the exemplar this much
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
@@ -229,6 +231,39 @@ def compete_classes(dets: sv.Detections, score_threshold: float | None = None, i
     keep = conf >= floor
     out = dets[keep]            # a copy: the caller's detections are left as they were
     out.confidence = conf[keep]
+    return out
+
+
+def respect_exemplars(dets: sv.Detections, exemplars: dict[str, np.ndarray] | None,
+                      match_iou: float = EXEMPLAR_MATCH_IOU, dup_iou: float = EXEMPLAR_DUP_IOU) -> sv.Detections:
+    """Detections on an image that has exemplar boxes drawn on it: exemplars {class name: (E, 4)
+    xyxy pixels}. The user boxed those objects: the best-overlapping detection of each exemplar
+    (IoU > match_iou, same class) takes the exemplar's box (its score kept), and the class's other
+    detections overlapping an exemplar by IoU > dup_iou (fragments or merges of the boxed object)
+    are dropped (on the dev sets' per-image runs: 807 false and 6 true positives on tomato, 210
+    and 12 on bccd). Returns a copy."""
+    if not exemplars or not len(dets):
+        return dets
+    xyxy = dets.xyxy.copy()
+    keep = np.ones(len(dets), dtype=bool)
+    names = dets.data["class_name"]
+    for name, boxes in exemplars.items():
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        rows = np.flatnonzero(names == name)
+        if not len(boxes) or not len(rows):
+            continue
+        overlap = box_iou(torch.as_tensor(xyxy[rows]), torch.as_tensor(boxes))[0].numpy()   # (D, E)
+        own = set()
+        for e in np.argsort(-overlap.max(0)):       # best-matched exemplars pick first
+            free = [j for j in np.argsort(-overlap[:, e]) if j not in own and overlap[j, e] > match_iou]
+            if free:
+                own.add(free[0])
+                xyxy[rows[free[0]]] = boxes[e]
+        for j in range(len(rows)):
+            if j not in own and overlap[j].max() > dup_iou:
+                keep[rows[j]] = False
+    out = dets[keep]
+    out.xyxy = xyxy[keep]
     return out
 
 
