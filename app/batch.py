@@ -90,8 +90,9 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     gives the canvas long side to encode an image at (None or no ``canvas``: the model's), or
     {canvas: [class names]} (trex2.predictor.canvas_groups: each class at its own canvas, one
     encode per canvas); a callable ``classes`` then gets the names as a third argument.
-    ``exemplars(abs_path)``: {class name: (E, 4) xyxy exemplar boxes drawn on that image}; its
-    detections then respect them (trex2.predictor.respect_exemplars).
+    ``exemplars(abs_path)``: ({class name: (E, 4) xyxy exemplar boxes drawn on that image},
+    {class name: (K, 4) xyxy negative boxes drawn on it}); its detections then respect them
+    (trex2.predictor.respect_exemplars).
     """
     total = len(file_names)
     for i, rel in enumerate(file_names):
@@ -121,7 +122,7 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     parts.append(predictor.detect(emb, cls, score_threshold=score_threshold, compete=False))
             dets = compete_classes(merge_detections(parts, order), score_threshold)
             if exemplars is not None:
-                dets = respect_exemplars(dets, exemplars(os.path.abspath(path)))
+                dets = respect_exemplars(dets, *exemplars(os.path.abspath(path)))
             yield ImageResult(rel, path, hw, dets)
         if on_progress is not None:
             on_progress(i + 1, total)
@@ -329,16 +330,18 @@ class PromptSource:
             return out
         return classes
 
-    def exemplar_boxes(self) -> Callable[[str], dict]:
-        """Callable abs_path -> {category: (E, 4) xyxy positive exemplar boxes drawn on that file}
-        (label_folder's ``exemplars``, in either mode); {} for other files and class-embedding files."""
-        drawn: dict[str, dict] = {}
+    def exemplar_boxes(self) -> Callable[[str], tuple[dict, dict]]:
+        """Callable abs_path -> ({category: (E, 4) xyxy exemplar boxes drawn on that file},
+        {category: (K, 4) xyxy negative boxes}), label_folder's ``exemplars`` in either mode;
+        empty for other files and for class-embedding files."""
+        drawn: dict[str, tuple[dict, dict]] = {}
         if self.kind != "embeddings":
             ps = self.prompt_set
             for image in ps.images():
-                boxes = {c.name: ps.boxes(image, c.name) for c in ps.categories}
-                drawn[str(image)] = {name: b for name, b in boxes.items() if len(b)}
-        return lambda path: drawn.get(os.path.realpath(path), {})
+                drawn[str(image)] = tuple(
+                    {c.name: b for c in ps.categories if len(b := ps.boxes(image, c.name, negative))}
+                    for negative in (False, True))
+        return lambda path: drawn.get(os.path.realpath(path), ({}, {}))
 
     def check_per_image(self, image_dir: str, file_names: list[str], warn) -> None:
         """LabelError if no prompt image is one of the folder's images; warnings for the rest."""

@@ -811,19 +811,19 @@ class Project:
                  np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
         return out
 
-    def exemplar_boxes(self) -> Callable[[str], dict]:
-        """app.batch.label_folder's ``exemplars``: absolute path of a folder image -> {class:
-        (E, 4) xyxy positive box prompts drawn on it} ({} for an image without any)."""
+    def exemplar_boxes(self) -> Callable[[str], tuple[dict, dict]]:
+        """app.batch.label_folder's ``exemplars``: absolute path of a folder image -> ({class:
+        (E, 4) xyxy box prompts drawn on it}, {class: (K, 4) xyxy negative box prompts})."""
         drawn = {}
         for im in self.images:
-            boxes: dict[str, list] = {}
+            boxes: tuple[dict, dict] = ({}, {})
             for p in im.prompts:
-                if p.kind == "box" and not p.negative:
-                    boxes.setdefault(p.cls, []).append(p.coords)
-            if boxes:
-                drawn[os.path.abspath(self.root / im.file)] = {
-                    c: np.asarray(b, np.float32).reshape(-1, 4) for c, b in boxes.items()}
-        return lambda path: drawn.get(os.path.abspath(path), {})
+                if p.kind == "box":
+                    boxes[int(p.negative)].setdefault(p.cls, []).append(p.coords)
+            if any(boxes):
+                drawn[os.path.abspath(self.root / im.file)] = tuple(
+                    {c: np.asarray(b, np.float32).reshape(-1, 4) for c, b in d.items()} for d in boxes)
+        return lambda path: drawn.get(os.path.abspath(path), ({}, {}))
 
     def exemplar_sides(self, images: list[int] | None = None,
                        classes: list[str] | None = None) -> dict[str, float]:

@@ -341,6 +341,22 @@ def test_exemplar_objects_get_the_drawn_box_once(dataset, predictor, tmp_path):
     assert ((overlap > 0.35).sum(0) == 1).all()           # and nothing else of its class on it
 
 
+def test_prompt_file_exemplar_boxes_by_image(dataset, tmp_path):
+    """PromptSource.exemplar_boxes: the positive and negative boxes drawn on each file, by class
+    (points are not boxes), looked up by any path to the file."""
+    im0, im1 = Path(dataset["images"]) / "img00.png", Path(dataset["images"]) / "img01.png"
+    path = prompt_file(tmp_path / "p.json", [(im0, "disc", (1, 2, 11, 12), None, False),
+                                             (im0, "square", (5, 5, 9, 9), None, True),
+                                             (im0, "disc", None, (3, 3), False),
+                                             (im1, "square", (0, 0, 4, 4), None, False)])
+    lookup = batch.PromptSource.load(path).exemplar_boxes()
+    pos, neg = lookup(str(im0.parent / "." / im0.name))
+    assert {k: v.tolist() for k, v in pos.items()} == {"disc": [[1, 2, 11, 12]]}
+    assert {k: v.tolist() for k, v in neg.items()} == {"square": [[5, 5, 9, 9]]}
+    assert {k: v.tolist() for k, v in lookup(str(im1))[0].items()} == {"square": [[0, 0, 4, 4]]}
+    assert lookup(str(Path(dataset["images"]) / "img02.png")) == ({}, {})
+
+
 def test_negative_exemplar_suppresses_look_alikes(predictor, tmp_path):
     rng = np.random.default_rng(5)
     img, truth = draw_scene(rng, {"disc": 5, "redsquare": 5})

@@ -1152,6 +1152,14 @@ def test_respect_exemplars_snaps_the_exemplars_own_box_and_drops_its_fragments()
     # gets none (no box is added)
     two = respect_exemplars(dets[:1], {"a": np.array([[0, 0, 10, 9], [0, 0, 10, 10]])})
     assert two.xyxy.tolist() == [[0, 0, 10, 10]]
+    # a box drawn as "not a" removes a's detections on it (IoU > 0.5), not b's; the exemplar then
+    # takes the next-best box
+    pair = _detections(np.array([[0, 0, 10, 10], [3, 0, 13, 10], [0, 0, 10, 10]], np.float32),
+                       np.array([0.9, 0.7, 0.6], np.float32), np.array([0, 0, 1]), ["a", "b"])
+    neg = respect_exemplars(pair, {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[-3, 0, 7, 10]])})
+    assert neg.xyxy.tolist() == [[1, 0, 11, 10], [0, 0, 10, 10]]          # IoU 0.54 and 0.25 with "not a"
+    assert neg.confidence.tolist() == pytest.approx([0.7, 0.6])           # the 0.7 box took the exemplar
+    assert list(neg.data["class_name"]) == ["a", "b"]
 
 
 def test_detect_makes_classes_compete_for_an_object():

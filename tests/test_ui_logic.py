@@ -137,13 +137,19 @@ def test_prompt_detect_accept_export_coco(project, engine, fake, tmp_path):
 
 def test_the_exemplar_object_gets_the_drawn_box(project, engine):
     """A detection on an object the user boxed as an exemplar takes the drawn box (IoU 0.75 here),
-    on that image only (trex2.predictor.respect_exemplars, through app.batch.label_folder)."""
+    on that image only, and one on a negative box goes (trex2.predictor.respect_exemplars,
+    through app.batch.label_folder)."""
     project.add_prompt("box", [6, 6, 26, 16])              # the fake's first box is [5, 5, 25, 15]
     detect_in_image(project, engine)
     assert [b.xyxy for b in project.images[0].boxes][0] == [6.0, 6.0, 26.0, 16.0]
     list(detect_in_folder(project, engine))
     assert [b.xyxy for b in project.images[0].boxes][0] == [6.0, 6.0, 26.0, 16.0]
     assert [b.xyxy for b in project.images[1].boxes][0] == [5.0, 5.0, 25.0, 15.0]
+    # a box drawn as "not a cell" on an object: the cell detection on it goes, on that image
+    project.add_prompt("box", [25, 15, 45, 25], negative=True, image=0)
+    detect_in_image(project, engine, 0)
+    assert [b.xyxy for b in project.images[0].boxes if b.state == "pending"] == [
+        [6.0, 6.0, 26.0, 16.0], [45.0, 25.0, 65.0, 35.0]]
 
 
 def test_rejected_and_pending_boxes_are_not_exported(project, engine, tmp_path):
