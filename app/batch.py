@@ -120,10 +120,10 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                     cls = classes if names is None else {n: classes[n] for n in names if n in classes}
                 if cls:   # classes compete once all canvases are merged
                     parts.append(predictor.detect(emb, cls, score_threshold=score_threshold, compete=False))
-            dets = compete_classes(merge_detections(parts, order), score_threshold)
-            if exemplars is not None:
-                dets = respect_exemplars(dets, *exemplars(os.path.abspath(path)))
-            yield ImageResult(rel, path, hw, dets)
+            dets = merge_detections(parts, order)
+            if exemplars is not None:   # before the competition: an exemplar's class wins its object
+                dets = respect_exemplars(dets, *exemplars(os.path.abspath(path)), names=order)
+            yield ImageResult(rel, path, hw, compete_classes(dets, score_threshold))
         if on_progress is not None:
             on_progress(i + 1, total)
 

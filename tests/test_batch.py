@@ -329,15 +329,16 @@ def test_per_image_uses_only_each_images_exemplars(dataset, clean_cross, predict
 
 
 def test_exemplar_objects_get_the_drawn_box_once(dataset, predictor, tmp_path):
-    """On a prompted image the exemplar's own detection takes the drawn box, and no other box of
-    its class overlaps an exemplar by IoU > 0.35 (trex2.predictor.respect_exemplars)."""
+    """On a prompted image each exemplar is in the output as drawn, with score 1, and no other box
+    of its class overlaps an exemplar by IoU > 0.35 (trex2.predictor.respect_exemplars)."""
     from trex2.box_ops import box_iou
     out = tmp_path / "per.json"
     batch.run(dataset["images"], dataset["per"], str(out), per_image=True, predictor=predictor, progress=False)
-    discs = dets_by_image(load_coco_checked(out))["img00.png"]["disc"][:, :4]
+    discs = dets_by_image(load_coco_checked(out))["img00.png"]["disc"]
     drawn = np.asarray(dataset["truth"]["img00.png"]["disc"][:2], np.float32)
-    overlap = box_iou(torch.as_tensor(discs, dtype=torch.float32), torch.as_tensor(drawn))[0].numpy()
+    overlap = box_iou(torch.as_tensor(discs[:, :4], dtype=torch.float32), torch.as_tensor(drawn))[0].numpy()
     assert (overlap.max(0) > 0.999).all()                 # each drawn box is in the output as drawn
+    assert discs[overlap.argmax(0), 4].tolist() == [1.0, 1.0]
     assert ((overlap > 0.35).sum(0) == 1).all()           # and nothing else of its class on it
 
 

@@ -1133,33 +1133,42 @@ def test_compete_classes_halves_the_runner_up_only():
     assert compete_classes(one).confidence.tolist() == pytest.approx([0.8, 0.6])
 
 
-def test_respect_exemplars_snaps_the_exemplars_own_box_and_drops_its_fragments():
+def test_respect_exemplars_makes_prompts_labels():
     from trex2.predictor import _detections, respect_exemplars
     xyxy = np.array([[0, 0, 10, 10], [0, 0, 10, 6], [20, 20, 30, 30], [0, 0, 10, 10], [0, 0, 11, 14]],
                     np.float32)
     conf = np.array([0.9, 0.95, 0.8, 0.5, 0.4], np.float32)
     dets = _detections(xyxy, conf, np.array([0, 0, 0, 1, 0]), ["a", "b"])
-    out = respect_exemplars(dets, {"a": np.array([[1, 1, 11, 11]]), "c": np.array([[0, 0, 5, 5]])})
-    # a: the best overlap (IoU 0.68) takes the drawn box; the half box (IoU 0.39, scored higher)
-    # and the taller box (IoU 0.65, not the best) are fragments or merges; the far box stays;
-    # b's box on the same object belongs to another class: left to compete_classes
+    out = respect_exemplars(dets, {"a": np.array([[1, 1, 11, 11]]), "c": np.array([[0, 0, 5, 5]])},
+                            names=["a", "b"])
+    # a: the best overlap (IoU 0.68) becomes the exemplar (drawn box, confidence 1); the half box
+    # (IoU 0.39, scored higher) and the taller box (IoU 0.65, not the best) are fragments or
+    # merges; the far box stays; b's box on the same object is another class's (compete_classes
+    # decides); c is not among the names: nothing added for it
     assert out.xyxy.tolist() == [[1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 10]]
-    assert out.confidence.tolist() == pytest.approx([0.9, 0.8, 0.5])
+    assert out.confidence.tolist() == pytest.approx([1.0, 0.8, 0.5])
     assert list(out.data["class_name"]) == ["a", "a", "b"]
-    assert dets.xyxy[0].tolist() == [0, 0, 10, 10]                         # input untouched
+    assert dets.xyxy[0].tolist() == [0, 0, 10, 10] and dets.confidence[0] == pytest.approx(0.9)  # untouched
     assert respect_exemplars(dets, {}) is dets and respect_exemplars(dets, None) is dets
-    # two exemplars on one detection: the better-matched (IoU 1 against 0.9) takes it; the other
-    # gets none (no box is added)
-    two = respect_exemplars(dets[:1], {"a": np.array([[0, 0, 10, 9], [0, 0, 10, 10]])})
-    assert two.xyxy.tolist() == [[0, 0, 10, 10]]
-    # a box drawn as "not a" removes a's detections on it (IoU > 0.5), not b's; the exemplar then
-    # takes the next-best box
-    pair = _detections(np.array([[0, 0, 10, 10], [3, 0, 13, 10], [0, 0, 10, 10]], np.float32),
+    # two exemplars on one detection: the better-matched (IoU 1 against 0.9) takes it; the other,
+    # like an exemplar of a class with no detection at all, is added (class_id from names)
+    two = respect_exemplars(dets[:1], {"a": np.array([[0, 0, 10, 9], [0, 0, 10, 10]]),
+                                       "b": np.array([[50, 50, 60, 60]])}, names=["a", "b"])
+    assert two.xyxy.tolist() == [[0, 0, 10, 10], [0, 0, 10, 9], [50, 50, 60, 60]]
+    assert two.confidence.tolist() == [1.0, 1.0, 1.0] and two.class_id.tolist() == [0, 0, 1]
+    assert list(two.data["class_name"]) == ["a", "a", "b"]
+    alone = respect_exemplars(dets[:0], {"b": np.array([[1, 2, 3, 4]])}, names=["a", "b"])
+    assert alone.xyxy.tolist() == [[1, 2, 3, 4]] and alone.class_id.tolist() == [1]
+    # a box drawn as "not a" removes a's detections on it (IoU 0.82 > 0.5), not b's
+    pair = _detections(np.array([[0, 0, 10, 10], [20, 0, 30, 10], [20, 0, 30, 10]], np.float32),
                        np.array([0.9, 0.7, 0.6], np.float32), np.array([0, 0, 1]), ["a", "b"])
-    neg = respect_exemplars(pair, {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[-3, 0, 7, 10]])})
-    assert neg.xyxy.tolist() == [[1, 0, 11, 10], [0, 0, 10, 10]]          # IoU 0.54 and 0.25 with "not a"
-    assert neg.confidence.tolist() == pytest.approx([0.7, 0.6])           # the 0.7 box took the exemplar
-    assert list(neg.data["class_name"]) == ["a", "b"]
+    neg = respect_exemplars(pair, {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[21, 0, 31, 10]])})
+    assert neg.xyxy.tolist() == [[1, 0, 11, 10], [20, 0, 30, 10]]
+    assert neg.confidence.tolist() == pytest.approx([1.0, 0.6]) and list(neg.data["class_name"]) == ["a", "b"]
+    # a detection dropped as "not a" does not become an exemplar: the exemplar is added instead
+    gone = respect_exemplars(pair[:1], {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[0, 0, 10, 10]])},
+                             names=["a", "b"])
+    assert gone.xyxy.tolist() == [[1, 0, 11, 10]] and gone.confidence.tolist() == [1.0]
 
 
 def test_detect_makes_classes_compete_for_an_object():

@@ -116,11 +116,12 @@ def test_opens_folder_images_only_sorted(project):
 def test_prompt_detect_accept_export_coco(project, engine, fake, tmp_path):
     from pycocotools.coco import COCO
 
-    project.add_prompt("box", [10, 10, 30, 20])            # 20 x 10 exemplar
+    project.add_prompt("box", [5, 5, 25, 15])            # 20 x 10 exemplar
     n = detect_in_image(project, engine)
     assert n == 3 and project.current.status == "predicted"
-    # the fake scores 0.9, 0.5, 0.1: two are above the 0.3 threshold
-    assert [b.score for b in project.visible_boxes()] == [0.9, 0.5]
+    # the fake scores 0.9, 0.5, 0.1: two are above the 0.3 threshold; the first, on the exemplar,
+    # becomes it (score 1: prompts are labels, trex2.predictor.respect_exemplars)
+    assert [b.score for b in project.visible_boxes()] == [1.0, 0.5]
     assert project.class_counts() == {"cell": 2}
     assert project.accept_all() == 2
     assert project.current.status == "reviewed"
@@ -153,7 +154,7 @@ def test_the_exemplar_object_gets_the_drawn_box(project, engine):
 
 
 def test_rejected_and_pending_boxes_are_not_exported(project, engine, tmp_path):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     first, second = project.visible_boxes()
     project.set_state(first.id, "rejected")
@@ -167,7 +168,7 @@ def test_rejected_and_pending_boxes_are_not_exported(project, engine, tmp_path):
 
 
 def test_embedding_cache_makes_reprompt_skip_encoding(project, engine, fake):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     project.add_prompt("point", [50, 40])
     detect_in_image(project, engine)
@@ -232,7 +233,7 @@ def test_detect_in_all_images_with_flip_sets_it_for_the_run_only(project, engine
 
 
 def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project, engine):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     done = []
     for step in detect_in_folder(project, engine, should_stop=lambda: len(done) >= 1):
         done.append(step)
@@ -244,13 +245,13 @@ def test_detect_in_all_images_cancel_keeps_done_images_and_undo_restores(project
 
 
 def test_threshold_changes_view_without_model(project, engine, fake):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     calls = fake.detect_calls
     project.set_threshold(0.05)
     assert len(project.visible_boxes()) == 3
     project.set_threshold(0.95)
-    assert project.visible_boxes() == []
+    assert [b.score for b in project.visible_boxes()] == [1.0]      # the exemplar's own box
     assert fake.detect_calls == calls
     with pytest.raises(ProjectError):
         project.set_threshold(1.5)
@@ -259,7 +260,7 @@ def test_threshold_changes_view_without_model(project, engine, fake):
 def test_review_edit_move_resize_relabel(project, engine):
     project.add_class("other")
     project.set_active_class("cell")
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     b = project.visible_boxes()[0]
     project.move(b.id, [40, 30, 12, 8])                  # corners in any order, normalised
@@ -274,7 +275,7 @@ def test_review_edit_move_resize_relabel(project, engine):
 
 
 def test_redetect_keeps_decisions_and_drops_duplicates(project, engine):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     b0, b1 = project.visible_boxes()
     project.set_state(b0.id, "accepted")
@@ -316,14 +317,14 @@ def test_undo_redo(project):
 
 
 def test_undo_goes_back_to_the_edited_image(project):
-    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    project.add_prompt("box", [5, 5, 25, 15], image=1)
     project.goto(2)
     project.undo()
     assert project.index == 1 and project.images[1].prompts == []
 
 
 def test_autosave_is_atomic_and_restart_resumes(project, engine, folder, tmp_path):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     b = project.visible_boxes()[0]
     project.set_state(b.id, "accepted")
@@ -351,7 +352,7 @@ def test_project_file_not_ours_is_a_clear_error(folder, tmp_path):
 
 
 def test_removed_images_are_hidden_with_a_warning_and_keep_their_labels(project, folder, tmp_path):
-    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    project.add_prompt("box", [5, 5, 25, 15], image=1)
     project.goto(1)
     project.add_box([5, 5, 25, 25])
     (folder / "b.png").rename(tmp_path / "b.png")          # e.g. moved away, a drive unmounted
@@ -373,7 +374,7 @@ def test_classes_add_rename_delete(project):
     with pytest.raises(ProjectError, match="already exists"):
         project.add_class("cell")
     project.set_active_class("cell")
-    p = project.add_prompt("box", [10, 10, 30, 20])
+    p = project.add_prompt("box", [5, 5, 25, 15])
     project.update_class("cell", "blood cell", "#123456", "a red blood cell")
     c = project.get_class("blood cell")
     assert (c.color, c.text) == ("#123456", "a red blood cell")
@@ -395,7 +396,7 @@ def test_first_prompt_without_class_creates_default(folder, tmp_path):
 
 def test_text_phrase_without_clip_is_a_clear_error(project, engine):
     project.update_class("cell", text="a red blood cell")
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     with pytest.raises(ProjectError, match="CLIP"):
         detect_in_image(project, engine)
 
@@ -403,7 +404,7 @@ def test_text_phrase_without_clip_is_a_clear_error(project, engine):
 def test_prompt_file_roundtrip_and_external_prompts(project, folder, tmp_path, engine, fake):
     from exports import read_prompts
 
-    project.add_prompt("box", [10, 10, 30, 20], image=0)
+    project.add_prompt("box", [5, 5, 25, 15], image=0)
     project.add_prompt("point", [40, 30], negative=True, image=2)
     out = project.save_prompts(tmp_path / "sets" / "prompts.json")
     ps = read_prompts(out)
@@ -430,7 +431,7 @@ def test_prompt_file_roundtrip_and_external_prompts(project, folder, tmp_path, e
 def test_export_yolo(project, engine, tmp_path):
     from exports import read_yolo
 
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     project.accept_all()
     data_yaml = project.export_yolo(tmp_path / "yolo")
@@ -439,7 +440,7 @@ def test_export_yolo(project, engine, tmp_path):
 
 
 def test_detect_in_all_images_skips_unreadable_files(project, engine, folder):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     (folder / "b.png").write_bytes(b"truncated")
     steps = list(detect_in_folder(project, engine))
     assert [s[3] is not None for s in steps] == [False, True, False]
@@ -448,7 +449,7 @@ def test_detect_in_all_images_skips_unreadable_files(project, engine, folder):
 
 
 def test_search_ranks_images_by_class_strength(project, engine):
-    project.add_prompt("box", [10, 10, 30, 20], image=1)
+    project.add_prompt("box", [5, 5, 25, 15], image=1)
     ranked = search_images(project, engine, "cell")
     assert [i for i, _ in ranked] == [0, 1, 2]            # brightness 255 > 200 > 150
     assert ranked[0][1] == pytest.approx(0.9, abs=1e-3)
@@ -480,7 +481,7 @@ def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
 
 
 def test_class_embeddings_save_load(project, engine, folder, tmp_path):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     embs = engine.class_embeddings(project, None)
     path = tmp_path / "cls.safetensors"
     trex2.save_class_embeddings(str(path), embs)
@@ -507,7 +508,7 @@ def test_views_are_per_session(project, engine, folder, tmp_path):
 
     s1 = Session(project, tmp_path)
     s2 = Session(Project(folder, tmp_path / "other.json"), tmp_path)
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     v1, v2 = build_view(s1, engine), build_view(s2, engine)
     assert len(v1["prompts"]) == 1 and v2["prompts"] == []
     assert v1["image"]["width"] == W and v1["image"]["url"].startswith("gradio_api/file=")
@@ -603,7 +604,7 @@ def test_cli_rejects_a_missing_folder(tmp_path, capsys):
 
 
 def test_detect_in_all_images_keeps_done_images_when_the_model_fails(project, engine, fake):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     real = fake.detect
 
     def flaky(emb, classes, score_threshold=None, compete=True):
@@ -842,7 +843,7 @@ def test_save_prompt_set_never_replaces_a_file_it_did_not_open(project, tmp_path
 
 
 def test_a_deleted_model_box_does_not_come_back_on_detecting_again(project, engine):
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
     best = project.visible_boxes()[0]
     project.delete(best.id)                              # Del on a false positive
@@ -917,11 +918,11 @@ def test_accept_all_uses_the_threshold_the_slider_shows(project, engine, tmp_pat
     demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
     fn = next(f for f in demo.fns.values() if f.fn.__name__ == "on_accept_all")
     assert [getattr(c, "elem_id", None) for c in fn.inputs][1:] == ["tx-threshold"]
-    project.add_prompt("box", [10, 10, 30, 20])
-    detect_in_image(project, engine)                     # scores 0.9, 0.5, 0.1
+    project.add_prompt("box", [5, 5, 25, 15])
+    detect_in_image(project, engine)                     # scores 1 (on the exemplar), 0.5, 0.1
     project.set_threshold(0.3)
     fn.fn(Session(project, tmp_path), 0.6)               # the slider already shows 0.6
-    assert [b.score for b in project.current.boxes if b.state == "accepted"] == [0.9]
+    assert [b.score for b in project.current.boxes if b.state == "accepted"] == [1.0]
     assert project.threshold == 0.6
 
 
@@ -947,7 +948,7 @@ def test_search_gallery_opens_the_image_shown_after_images_were_added(project, e
     demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
     fns = {f.fn.__name__: f.fn for f in demo.fns.values()}
     sess = Session(project, tmp_path)
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     items, _ = fns["on_search"](sess, "cell", True)
     first = items[0][1].split()[-1]                      # caption "score  file"
     src = tmp_path / "0_new.jpg"                         # sorts first: every index shifts
@@ -992,7 +993,7 @@ def test_imported_labels_and_hand_drawn_boxes_mark_the_image_reviewed(project, e
     project.goto(2)
     project.add_box([10, 10, 40, 30])                    # a label drawn by hand
     assert project.current.status == "reviewed"
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)                     # pending boxes above the threshold
     project.add_box([50, 30, 70, 50])
     assert project.current.status == "predicted"
@@ -1003,7 +1004,7 @@ def test_delete_class_says_what_went_with_it_and_undo_brings_it_back(project, en
 
     demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
     on_delete = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_class_delete")
-    project.add_prompt("box", [10, 10, 30, 20])
+    project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)                     # 3 pending boxes on a.jpg
     project.accept_all()                                 # 2 above the threshold accepted
     project.goto(1)

@@ -235,50 +235,60 @@ def compete_classes(dets: sv.Detections, score_threshold: float | None = None, i
 
 
 def respect_exemplars(dets: sv.Detections, exemplars: dict[str, np.ndarray] | None,
-                      negatives: dict[str, np.ndarray] | None = None, match_iou: float = EXEMPLAR_MATCH_IOU,
-                      dup_iou: float = EXEMPLAR_DUP_IOU) -> sv.Detections:
-    """Detections on an image that has exemplar boxes drawn on it: exemplars {class name: (E, 4)
-    xyxy pixels}. The user boxed those objects: the best-overlapping detection of each exemplar
-    (IoU > match_iou, same class) takes the exemplar's box (its score kept), and the class's other
-    detections overlapping an exemplar by IoU > dup_iou (fragments or merges of the boxed object)
-    are dropped (on the dev sets' per-image runs: 807 false and 6 true positives on tomato, 210
-    and 12 on bccd). negatives {class name: (K, 4) xyxy}: boxes drawn as "not this class"; the
-    class's detections on them (IoU > match_iou) are dropped. Returns a copy."""
-    if not (exemplars or negatives) or not len(dets):
+                      negatives: dict[str, np.ndarray] | None = None, names: list[str] | None = None,
+                      match_iou: float = EXEMPLAR_MATCH_IOU, dup_iou: float = EXEMPLAR_DUP_IOU) -> sv.Detections:
+    """Detections on an image that has prompts drawn on it: exemplars {class name: (E, 4) xyxy
+    pixels}, negatives {class name: (K, 4)} boxes drawn as "not this class". Prompts are labels:
+    - the class's detections on a negative box (IoU > match_iou) are dropped;
+    - the best-overlapping detection of each exemplar (IoU > match_iou, same class) becomes the
+      exemplar, its box and a confidence of 1; an exemplar no detection matches is added so, with
+      class_id = its index in `names` (classes not in `names` are not added);
+    - the class's other detections overlapping an exemplar by IoU > dup_iou (fragments or merges
+      of the boxed object) are dropped (on the dev sets' per-image runs: 807 false and 6 true
+      positives on tomato, 210 and 12 on bccd).
+    Returns a copy (or `dets` itself when there is nothing to apply)."""
+    if not (exemplars or negatives):
         return dets
     xyxy = dets.xyxy.copy()
+    conf = dets.confidence.copy()
     keep = np.ones(len(dets), dtype=bool)
-    names = dets.data["class_name"]
+    have = dets.data["class_name"] if len(dets) else np.array([], dtype=object)
+    added = []                                        # (box, class name) of unmatched exemplars
 
     def overlap(name, boxes):
         """(rows of class `name`, IoU (D, E) of their boxes with `boxes`)."""
-        rows = np.flatnonzero(names == name)
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        rows = np.flatnonzero(have == name)
         if not len(rows) or not len(boxes):
-            return rows, np.zeros((len(rows), 0), np.float32)
+            return rows, np.zeros((len(rows), len(boxes)), np.float32)
         return rows, box_iou(torch.as_tensor(xyxy[rows]), torch.as_tensor(boxes))[0].numpy()
 
     for name, boxes in (negatives or {}).items():
-        rows, o = overlap(name, boxes)
+        rows, o = overlap(name, np.asarray(boxes, np.float32).reshape(-1, 4))
         if o.size:
             keep[rows[o.max(1) > match_iou]] = False
     for name, boxes in (exemplars or {}).items():
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         rows, o = overlap(name, boxes)
-        if not o.size:
-            continue
         o[~keep[rows]] = 0.0                          # dropped as a negative: takes no exemplar
         own = set()
-        for e in np.argsort(-o.max(0)):               # best-matched exemplars pick first
+        for e in np.argsort(-o.max(0, initial=0.0)):  # best-matched exemplars pick first
             free = [j for j in np.argsort(-o[:, e]) if j not in own and o[j, e] > match_iou]
             if free:
                 own.add(free[0])
-                xyxy[rows[free[0]]] = boxes[e]
+                xyxy[rows[free[0]]], conf[rows[free[0]]] = boxes[e], 1.0
+            else:
+                added.append((boxes[e], name))
         for j in range(len(rows)):
-            if j not in own and o[j].max() > dup_iou:
+            if j not in own and o[j].max(initial=0.0) > dup_iou:
                 keep[rows[j]] = False
     out = dets[keep]
-    out.xyxy = xyxy[keep]
+    out.xyxy, out.confidence = xyxy[keep], conf[keep]
+    added = [(b, n) for b, n in added if names is not None and n in names]
+    if added:
+        import supervision as sv
+        extra = _detections(np.stack([b for b, _ in added]), np.ones(len(added), np.float32),
+                            np.array([names.index(n) for _, n in added]), names)
+        out = sv.Detections.merge([out, extra]) if len(out) else extra
     return out
 
 
