@@ -79,7 +79,7 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                  canvas: Callable[[str, tuple[int, int]], int] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 exemplars: Callable[[str], dict] | None = None) -> Iterator[ImageResult]:
+                 exemplars: Callable[[str], tuple[dict, dict]] | None = None) -> Iterator[ImageResult]:
     """Detect ``classes`` on each image ``image_dir/file_name``, one at a time, in order.
 
     ``classes``: dict name -> trex2.ClassEmbedding applied to every image, or a callable
