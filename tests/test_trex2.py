@@ -1165,6 +1165,12 @@ def test_respect_exemplars_makes_prompts_labels():
     neg = respect_exemplars(pair, {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[21, 0, 31, 10]])})
     assert neg.xyxy.tolist() == [[1, 0, 11, 10], [20, 0, 30, 10]]
     assert neg.confidence.tolist() == pytest.approx([1.0, 0.6]) and list(neg.data["class_name"]) == ["a", "b"]
+    # the user's boxes are 1.2x as wide as the model's and as high: the class's other boxes grow
+    # by 1.2 ** EXEMPLAR_SIZE_SHRINK (0.27) about their centres; another class's do not
+    wide = respect_exemplars(pair, {"a": np.array([[-1, -1, 11, 11]])}, names=["a", "b"])
+    grow = 5 * 1.2 ** 0.27
+    np.testing.assert_allclose(wide.xyxy, [[-1, -1, 11, 11], [25 - grow, 5 - grow, 25 + grow, 5 + grow],
+                                           [20, 0, 30, 10]], rtol=1e-5)
     # a detection dropped as "not a" does not become an exemplar: the exemplar is added instead
     gone = respect_exemplars(pair[:1], {"a": np.array([[1, 0, 11, 10]])}, {"a": np.array([[0, 0, 10, 10]])},
                              names=["a", "b"])

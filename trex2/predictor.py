@@ -45,6 +45,9 @@ CLASS_OVERLAP_IOU = 0.7      # a box this close to a better-scored box of anothe
 CLASS_OVERLAP_FACTOR = 0.5   # ... keeps this share of its score (see compete_classes)
 EXEMPLAR_MATCH_IOU = 0.5     # the detection of an exemplar's own object (see respect_exemplars) ...
 EXEMPLAR_DUP_IOU = 0.35      # ... and other boxes of its class overlapping the exemplar this much
+EXEMPLAR_SIZE_SHRINK = 0.27  # share of the exemplars' mean size error applied to the class's other
+                             # boxes: cov / var of the per-image mean log size errors, exemplars
+                             # against the other objects, on the first 12 images of each train set
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
@@ -236,7 +239,8 @@ def compete_classes(dets: sv.Detections, score_threshold: float | None = None, i
 
 def respect_exemplars(dets: sv.Detections, exemplars: dict[str, np.ndarray] | None,
                       negatives: dict[str, np.ndarray] | None = None, names: list[str] | None = None,
-                      match_iou: float = EXEMPLAR_MATCH_IOU, dup_iou: float = EXEMPLAR_DUP_IOU) -> sv.Detections:
+                      match_iou: float = EXEMPLAR_MATCH_IOU, dup_iou: float = EXEMPLAR_DUP_IOU,
+                      size_shrink: float = EXEMPLAR_SIZE_SHRINK) -> sv.Detections:
     """Detections on an image that has prompts drawn on it: exemplars {class name: (E, 4) xyxy
     pixels}, negatives {class name: (K, 4)} boxes drawn as "not this class". Prompts are labels:
     - the class's detections on a negative box (IoU > match_iou) are dropped;
@@ -245,7 +249,10 @@ def respect_exemplars(dets: sv.Detections, exemplars: dict[str, np.ndarray] | No
       class_id = its index in `names` (classes not in `names` are not added);
     - the class's other detections overlapping an exemplar by IoU > dup_iou (fragments or merges
       of the boxed object) are dropped (on the dev sets' per-image runs: 807 false and 6 true
-      positives on tomato, 210 and 12 on bccd).
+      positives on tomato, 210 and 12 on bccd);
+    - the class's remaining boxes follow the way the user boxes it: the mean log ratio of the
+      exemplars' widths (heights) to those of the detections that matched them, times
+      size_shrink, rescales their widths (heights) about their centres.
     Returns a copy (or `dets` itself when there is nothing to apply)."""
     if not (exemplars or negatives):
         return dets
@@ -270,17 +277,25 @@ def respect_exemplars(dets: sv.Detections, exemplars: dict[str, np.ndarray] | No
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         rows, o = overlap(name, boxes)
         o[~keep[rows]] = 0.0                          # dropped as a negative: takes no exemplar
-        own = set()
+        own, size_err = set(), []
         for e in np.argsort(-o.max(0, initial=0.0)):  # best-matched exemplars pick first
             free = [j for j in np.argsort(-o[:, e]) if j not in own and o[j, e] > match_iou]
             if free:
+                r = rows[free[0]]
                 own.add(free[0])
-                xyxy[rows[free[0]]], conf[rows[free[0]]] = boxes[e], 1.0
+                size_err.append(np.log(np.maximum(boxes[e, 2:] - boxes[e, :2], 1e-3)
+                                       / np.maximum(xyxy[r, 2:] - xyxy[r, :2], 1e-3)))
+                xyxy[r], conf[r] = boxes[e], 1.0
             else:
                 added.append((boxes[e], name))
         for j in range(len(rows)):
             if j not in own and o[j].max(initial=0.0) > dup_iou:
                 keep[rows[j]] = False
+        others = rows[[j for j in range(len(rows)) if j not in own]]
+        if size_err and len(others):
+            half = (xyxy[others, 2:] - xyxy[others, :2]) / 2 * np.exp(size_shrink * np.mean(size_err, 0))
+            centre = (xyxy[others, 2:] + xyxy[others, :2]) / 2
+            xyxy[others] = np.concatenate([centre - half, centre + half], 1)
     out = dets[keep]
     out.xyxy, out.confidence = xyxy[keep], conf[keep]
     added = [(b, n) for b, n in added if names is not None and n in names]
