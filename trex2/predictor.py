@@ -48,6 +48,7 @@ EXEMPLAR_DUP_IOU = 0.35      # ... and other boxes of its class overlapping the 
 EXEMPLAR_SIZE_SHRINK = 0.27  # share of the exemplars' mean size error applied to the class's other
                              # boxes: cov / var of the per-image mean log size errors, exemplars
                              # against the other objects, on the first 12 images of each train set
+                             # (tests/bench_exemplars.py)
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
