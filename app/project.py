@@ -811,18 +811,16 @@ class Project:
                  np.asarray(g["point"], dtype=np.float32).reshape(-1, 2)))
         return out
 
-    def exemplar_boxes(self) -> Callable[[str], tuple[dict, dict]]:
-        """app.batch.label_folder's ``exemplars``: absolute path of a folder image -> ({class:
-        (E, 4) xyxy box prompts drawn on it}, {class: (K, 4) xyxy negative box prompts})."""
-        drawn = {}
-        for im in self.images:
-            boxes: tuple[dict, dict] = ({}, {})
-            for p in im.prompts:
-                if p.kind == "box":
-                    boxes[int(p.negative)].setdefault(p.cls, []).append(p.coords)
-            if any(boxes):
-                drawn[os.path.abspath(self.root / im.file)] = tuple(
-                    {c: np.asarray(b, np.float32).reshape(-1, 4) for c, b in d.items()} for d in boxes)
+    def exemplar_boxes(self, images: list[int] | None = None) -> Callable[[str], tuple[dict, dict]]:
+        """app.batch.label_folder's ``exemplars`` from prompts_by_class(images): absolute path of
+        an image -> ({class: (E, 4) xyxy box prompts drawn on it}, {class: (K, 4) xyxy negative
+        box prompts}); ({}, {}) for an image without any."""
+        drawn: dict[str, tuple[dict, dict]] = {}
+        for cls, g in self.prompts_by_class(images).items():
+            for negative, kind in enumerate(("pos", "neg")):
+                for path, boxes, _ in g[kind]:
+                    if len(boxes):
+                        drawn.setdefault(os.path.abspath(path), ({}, {}))[negative][cls] = boxes
         return lambda path: drawn.get(os.path.abspath(path), ({}, {}))
 
     def exemplar_sides(self, images: list[int] | None = None,
@@ -1307,7 +1305,7 @@ class Engine:
         with self.flipped(flip) as pred:   # the same per-canvas loop as "detect in all images" and `label`
             res = next(label_folder(pred, str(project.root), [project.images[i].file], class_embs,
                                     canvas=lambda path, hw: self.canvas(hw, sides, list(class_embs)),
-                                    exemplars=project.exemplar_boxes()))
+                                    exemplars=project.exemplar_boxes([i])))
         if res.error is not None:
             raise ImageLoadError(res.error)
         return detections_to_list(res.detections, list(class_embs))
