@@ -876,12 +876,20 @@ def test_flip_detects_on_the_image_and_its_mirror():
     assert len(got) > 0 and len(s) >= len(a[0]) // 2
     assert np.allclose(got.confidence, s.numpy(), atol=1e-5)
     assert np.allclose(got.xyxy, emb.to_pixels(b), atol=1e-3)
-    # flip may be switched between calls: each setting has its own cached embedding
+    # flip may be switched between calls, or given per call: one cache entry serves both; an
+    # image cached without its mirror gets only the mirror encoded, one with it comes back without
     plain.flip = True
+    n = plain.encode_count
     again = plain.encode_image(img)
-    assert again is not emb and again.mirror is not None
+    assert plain.encode_count == n + 1 and again.mirror is not None and again.memory is emb.memory
+    assert emb.mirror is None                              # the object handed out before is left alone
     plain.flip = False
-    assert plain.encode_image(img) is emb
+    back = plain.encode_image(img)
+    assert plain.encode_count == n + 1 and back.mirror is None and back.memory is emb.memory
+    assert plain.encode_image(img, flip=True) is again and plain.encode_count == n + 1
+    assert len(plain.cache) == 2                           # img and its mirror image
+    d = plain.detect(back, {"square": cls})
+    assert np.allclose(d.confidence, plain.detect(emb, {"square": cls}).confidence)
 
 
 def test_greedy_match():

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -313,7 +313,8 @@ class Predictor:
         """flip: test-time augmentation: every image is also encoded flipped left-right, each class
         (one embedding, from the prompts as given) is detected on both, and the two sets of boxes
         are fused (box_ops.fuse_mirrored). Twice the encode and decode time. It may be changed
-        between calls: embeddings are cached per setting."""
+        between calls (or given per call to encode_image): detect() fuses whenever the
+        embedding it gets holds a mirror."""
         self.model = model.eval()
         self.flip = flip
         self.cache: OrderedDict = OrderedDict()
@@ -325,26 +326,30 @@ class Predictor:
         return float(self.model.cfg.score_threshold)
 
     @torch.no_grad()
-    def encode_image(self, image: np.ndarray, key=None, size: int | None = None):
+    def encode_image(self, image: np.ndarray, key=None, size: int | None = None, flip: bool | None = None):
         """RGB uint8 (H, W, 3) -> ImageEmbedding, cached by `key` (or by a hash of the pixels).
         size: canvas long side in px (default the model's image_size, 640). Above image_size the
         image is resized to that long side and cut into overlapping image_size tiles (small-object
-        mode; a TiledEmbedding, about one encode per tile), see canvas_size."""
+        mode; a TiledEmbedding, about one encode per tile), see canvas_size.
+        flip: also encode the image mirrored (None: self.flip); detect() then fuses both. The
+        cache serves either setting from one entry: an image cached with its mirror comes back
+        without it when flip is off, and one cached without gets only its mirror encoded."""
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3
                 and image.dtype == np.uint8):
             raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {getattr(image, 'shape', type(image))}")
+        flip = self.flip if flip is None else bool(flip)
         base = int(self.model.cfg.image_size)
         size = check_canvas_size(size or base)
         if key is None:
             key = hashlib.sha1(np.ascontiguousarray(image).data).hexdigest() + str(image.shape)
-        key = (key, size, self.flip)
-        if key in self.cache:
-            self.cache.move_to_end(key)
-            return self.cache[key]
+        hit = self.cached(key, size, flip)
+        if hit is not None:
+            return hit
+        have = self.cache.get((key, size))                  # cached without its mirror, or None
         H, W = image.shape[:2]
         window = tile_window((H, W), size, base)            # tile side in image pixels
         if window is None:
-            emb = self._encode(image, min(size, base))
+            emb = self._encode(image, min(size, base), flip, have)
         else:
             tiles = []
             for y0 in tile_windows(H, window):
@@ -353,29 +358,34 @@ class Predictor:
                     # every tile at the same scale: a short edge tile is not enlarged
                     crop = image[y0:y1, x0:x1]
                     tile_size = round(base * max(crop.shape[:2]) / window)
-                    tiles.append(((x0, y0, x1, y1), self._encode(crop, tile_size)))
+                    plain = None if have is None else have.tiles[len(tiles)][1]
+                    tiles.append(((x0, y0, x1, y1), self._encode(crop, tile_size, flip, plain)))
             emb = TiledEmbedding(tiles, (H, W))
-        self.cache[key] = emb
+        self.cache[(key, size)] = emb
+        self.cache.move_to_end((key, size))
         # an entry weighs its encodes (memory): one per tile, twice with the mirror; the newest stays
         while len(self.cache) > 1 and sum(_encodes(e) for e in self.cache.values()) > self.cache_size:
             self.cache.popitem(last=False)
         return emb
 
-    def cached(self, key, size: int | None = None):
-        """The embedding encode_image(..., key=key, size=size) would return from the cache, or None
-        (lets a caller skip decoding an image file that is already encoded)."""
-        key = (key, check_canvas_size(size or int(self.model.cfg.image_size)), self.flip)
-        if key not in self.cache:
+    def cached(self, key, size: int | None = None, flip: bool | None = None):
+        """The embedding encode_image(..., key=key, size=size, flip=flip) would return from the
+        cache, or None (lets a caller skip decoding an image file that is already encoded)."""
+        flip = self.flip if flip is None else bool(flip)
+        key = (key, check_canvas_size(size or int(self.model.cfg.image_size)))
+        emb = self.cache.get(key)
+        if emb is None or (flip and not _mirrored(emb)):
             return None
         self.cache.move_to_end(key)
-        return self.cache[key]
+        return emb if flip or not _mirrored(emb) else _without_mirror(emb)
 
-    def _encode(self, image: np.ndarray, size: int) -> ImageEmbedding:
-        """One image at canvas long side `size` (and its mirror with flip) -> ImageEmbedding."""
+    def _encode(self, image: np.ndarray, size: int, flip: bool, have: ImageEmbedding | None = None) -> ImageEmbedding:
+        """One image at canvas long side `size` (and its mirror with flip) -> ImageEmbedding.
+        have: its embedding without the mirror (only the mirror is encoded, into a new object)."""
         x, scale, valid = self.model.preprocess(image, size)
-        emb = self._encode_canvas(x, scale, valid, image.shape[:2])
-        if self.flip:   # the resized image mirrored: the same as resizing the mirrored image
-            emb.mirror = self._encode_canvas(mirror_canvas(x, valid), scale, valid, image.shape[:2])
+        emb = have if have is not None else self._encode_canvas(x, scale, valid, image.shape[:2])
+        if flip:   # the resized image mirrored: the same as resizing the mirrored image
+            emb = replace(emb, mirror=self._encode_canvas(mirror_canvas(x, valid), scale, valid, image.shape[:2]))
         self.encode_count += 1
         return emb
 
@@ -519,6 +529,20 @@ def mirror_canvas(x: torch.Tensor, valid_wh: tuple[float, float]) -> torch.Tenso
     out = x.clone()
     out[..., :h, :w] = x[..., :h, :w].flip(-1)
     return out
+
+
+def _mirrored(emb) -> bool:
+    """Whether an ImageEmbedding (every tile of a TiledEmbedding) holds its mirror."""
+    if isinstance(emb, TiledEmbedding):
+        return all(_mirrored(tile) for _, tile in emb.tiles)
+    return emb.mirror is not None
+
+
+def _without_mirror(emb):
+    """The same ImageEmbedding or TiledEmbedding without the mirrors (a new object, tensors shared)."""
+    if isinstance(emb, TiledEmbedding):
+        return TiledEmbedding([(w, replace(tile, mirror=None)) for w, tile in emb.tiles], emb.image_size)
+    return replace(emb, mirror=None)
 
 
 def _encodes(emb) -> int:
