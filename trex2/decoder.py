@@ -108,6 +108,14 @@ class BoxDecoder(nn.Module):
         idx = enc_logits.topk(k, dim=1).indices
         q = feat[torch.arange(B, device=idx.device)[:, None], idx].detach()
         ref = self.proposal_boxes(feat, anchors, idx).detach()
+        outputs, q = self.refine(memory, shapes, class_emb, q, ref)
+        return outputs, (enc_logits.masked_fill(enc_logits.isinf(), -30.0), idx), q
+
+    def refine(self, memory, shapes, class_emb, q, ref):
+        """The decoder layers from initial queries q (B, K, d) at reference boxes ref (B, K, 4)
+        cx, cy, w, h -> ([(logits (B, K), boxes (B, K, 4)) per layer], last queries (B, K, d)).
+        forward() starts them from the selected proposals; training also starts them from noised
+        target boxes (denoising, as in DN-DETR / DINO)."""
         outputs = []
         for layer, box_head in zip(self.layers, self.box_heads):
             pos = self.query_pos(sine_embed(ref, self.d // 2))
@@ -115,4 +123,4 @@ class BoxDecoder(nn.Module):
             boxes = (box_head(q) + inverse_sigmoid(ref)).sigmoid()
             outputs.append((self.class_head(q, class_emb), boxes))
             ref = boxes.detach()
-        return outputs, (enc_logits.masked_fill(enc_logits.isinf(), -30.0), idx), q
+        return outputs, q

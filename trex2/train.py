@@ -2,7 +2,8 @@
 
 Seeded and reproducible. Data: synthetic repeated-object scenes (synthetic.py) and the labelled train
 sets (never the dev sets). Loss: per decoder layer, Hungarian-matched focal classification + L1 +
-GIoU; the dense proposals get the same losses with a one-to-many assignment. A few train images per
+GIoU; the dense proposals get the same losses with a one-to-many assignment; optionally (--denoise)
+noised target boxes as extra queries to be boxed back (denoising_losses). A few train images per
 set are held out to calibrate the recommended score threshold (best F1 at IoU 0.5).
 """
 from __future__ import annotations
@@ -117,12 +118,72 @@ def feature_levels(model, feats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [feats[0]] + model.backbone.upper(feats[0])
 
 
+DN_NOISE = 0.4      # denoising: a positive query's box is its target moved by up to this share of the
+                    # target's size (centre: half of it), a negative one by 1-2 times as much
+DN_MAX_TARGETS = 30  # ... for at most this many targets per episode (one positive, one negative each)
+
+
+def noised_boxes(targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(G, 4) cx, cy, w, h in [0, 1] -> boxes moved by `scale` (G, 1) times a random share of their
+    size: centres by up to scale / 2 of w and h, sides by a factor 1 +- up to scale (torch's RNG)."""
+    sign = torch.randint(0, 2, targets.shape, device=targets.device) * 2 - 1
+    amount = torch.rand(targets.shape, device=targets.device) * scale
+    wh = targets[:, 2:].repeat(1, 2)
+    moved = targets + sign * amount * torch.cat([wh[:, :2] / 2, wh[:, 2:]], 1)
+    return torch.cat([moved[:, :2].clamp(0, 1), moved[:, 2:].clamp(1e-3, 1)], 1)
+
+
+def denoising_losses(model, memory, shapes, pre, class_emb, targets: list[torch.Tensor]) -> dict:
+    """Denoising queries (DN-DETR / DINO), run through the decoder layers apart from the matched
+    queries (so neither sees the other): per episode, up to DN_MAX_TARGETS targets each give a
+    positive query at its box moved by up to DN_NOISE of its size, to be boxed back onto it (L1 +
+    GIoU, classification target its IoU), and a negative one moved 1-2 times as far, to be scored
+    0 (left out where it still overlaps any target by IoU > 0.5). Query content: the token of the
+    stride-8 map under the noised box's centre, as for the selected proposals."""
+    dev = memory.device
+    h0, w0 = shapes[0]
+    B = len(targets)
+    picks = [t[torch.randperm(len(t), device=dev)[:DN_MAX_TARGETS]] for t in targets]
+    M = max([len(t) for t in picks] + [0])
+    if M == 0:
+        return {}
+    gt = torch.zeros(B, M, 4, device=dev)
+    ref = torch.full((B, 2 * M, 4), 0.5, device=dev)
+    use = torch.zeros(B, 2 * M, dtype=torch.bool, device=dev)
+    for b, t in enumerate(picks):
+        if not len(t):
+            continue
+        n = len(t)
+        gt[b, :n] = t
+        ref[b, :n] = noised_boxes(t, torch.full((n, 1), DN_NOISE, device=dev))
+        neg = noised_boxes(t, DN_NOISE * (1 + torch.rand(n, 1, device=dev)))
+        ref[b, M:M + n] = neg
+        use[b, :n] = True
+        far = box_iou(cxcywh_to_xyxy(neg), cxcywh_to_xyxy(targets[b]))[0].max(1).values <= 0.5
+        use[b, M:M + n] = far
+    col = (ref[..., 0] * w0).long().clamp(0, w0 - 1)
+    row = (ref[..., 1] * h0).long().clamp(0, h0 - 1)
+    feat = pre["feat"].expand(B, -1, -1)
+    q = feat[torch.arange(B, device=dev)[:, None], row * w0 + col].detach()
+    outputs, _ = model.decoder.refine(memory, shapes, class_emb, q, ref)
+    bi, pi = torch.nonzero(use[:, :M], as_tuple=True)
+    num = max(1.0, float(len(pi)))
+    total: dict[str, torch.Tensor] = {}
+    for logits, boxes in outputs:
+        logits = torch.where(use, logits, torch.full_like(logits, -30.0))  # unused slots: no loss
+        part = detection_loss(logits, boxes, gt, (bi, pi, pi), num)
+        for k, v in part.items():
+            total[f"dn_{k}"] = total.get(f"dn_{k}", 0) + v
+    return total
+
+
 def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips: list[bool],
-                   num_queries: int = 300, class_names: list[str | None] | None = None):
+                   num_queries: int = 300, class_names: list[str | None] | None = None,
+                   denoise: bool = False):
     """Forward a batch of episodes and return the summed loss dict. With a text encoder attached
     and class_names given (None for a nameless class), the text embeddings of the named classes
     are aligned with their visual embeddings by InfoNCE (other classes of the batch are the
-    negatives)."""
+    negatives). denoise: add denoising_losses."""
     dev = next(model.parameters()).device
     needed = sorted({e["target"] for e in episodes} | {e["source"] for e in episodes})
     slot = {i: n for n, i in enumerate(needed)}
@@ -181,6 +242,8 @@ def episode_losses(model, images: list[CachedImage], episodes: list[dict], flips
     for part in parts:
         for k, v in part.items():
             total[k] = total.get(k, 0) + v
+    if denoise:
+        total.update(denoising_losses(model, memory[tgt], shapes, pre, class_emb, targets))
     if align is not None:
         total["align"] = align
     return total
@@ -247,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
     ap.add_argument("--queries", type=int, default=300, help="decoder queries per episode in training "
                     "and per class at inference (saved in the weights' config)")
+    ap.add_argument("--denoise", action="store_true",
+                    help="add denoising queries (noised target boxes to be boxed back, DN-DETR / DINO)")
     ap.add_argument("--init", default=None, help="start from these weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -324,7 +389,7 @@ def main(argv=None) -> int:
         flips = [bool(rng.random() < 0.5) and train[e["target"]].valid_wh == (1.0, 1.0)
                  and train[e["source"]].valid_wh == (1.0, 1.0) for e in episodes]
         names = [names_of[e["group"]][e["label"]] if e["group"] in names_of else None for e in episodes]
-        losses = episode_losses(model, train, episodes, flips, args.queries, names)
+        losses = episode_losses(model, train, episodes, flips, args.queries, names, denoise=args.denoise)
         loss = sum(losses.values())
         opt.zero_grad()
         loss.backward()
@@ -352,7 +417,7 @@ def main(argv=None) -> int:
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
                           "synthetic_scenes": sum(im.group.startswith(SYNTHETIC_GROUP) for im in train),
                           "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
-                          "train_images": len(train), "tune_backbone": args.tune_backbone,
+                          "train_images": len(train), "tune_backbone": args.tune_backbone, "denoise": args.denoise,
                           "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
                           "exclude_sets": sorted(exclude),
                           "balance_sets": args.balance_sets})
