@@ -39,6 +39,7 @@ def make_folder(root: str, sets: list[str], out: str) -> tuple[str, str, dict[st
     os.makedirs(os.path.join(out, "images"))
     os.makedirs(os.path.join(out, "prompt_images"))
     prompts: dict = {"images": [], "annotations": [], "categories": []}
+    image_ids: dict[str, int] = {}        # prompt image file_name -> id
     truths = {}
     for name in sets:
         gt = json.load(open(os.path.join(root, name, "gt.json")))
@@ -62,11 +63,12 @@ def make_folder(root: str, sets: list[str], out: str) -> tuple[str, str, dict[st
             having = [im for im in rest if any(a["category_id"] == c["id"] for a in anns[im["id"]])]
             for im in rng.sample(having, min(4, len(having))):
                 file_name = f"prompt_images/{name}__{os.path.basename(im['file_name'])}"
-                if not any(p["file_name"] == file_name for p in prompts["images"]):
+                if file_name not in image_ids:
                     link(im, "prompt_images")
-                    prompts["images"].append({"id": len(prompts["images"]) + 1, "file_name": file_name,
+                    image_ids[file_name] = len(image_ids) + 1
+                    prompts["images"].append({"id": image_ids[file_name], "file_name": file_name,
                                               "width": im["width"], "height": im["height"]})
-                image_id = next(p["id"] for p in prompts["images"] if p["file_name"] == file_name)
+                image_id = image_ids[file_name]
                 box = rng.choice([a for a in anns[im["id"]] if a["category_id"] == c["id"]])
                 prompts["annotations"].append({"id": len(prompts["annotations"]) + 1, "image_id": image_id,
                                                "category_id": cid, "bbox": box["bbox"]})

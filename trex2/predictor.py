@@ -374,10 +374,11 @@ class Predictor:
         flip = self.flip if flip is None else bool(flip)
         key = (key, check_canvas_size(size or int(self.model.cfg.image_size)))
         emb = self.cache.get(key)
-        if emb is None or (flip and not _mirrored(emb)):
+        mirrored = emb is not None and _mirrored(emb)
+        if emb is None or (flip and not mirrored):
             return None
         self.cache.move_to_end(key)
-        return emb if flip or not _mirrored(emb) else _without_mirror(emb)
+        return _without_mirror(emb) if mirrored and not flip else emb
 
     def _encode(self, image: np.ndarray, size: int, flip: bool, have: ImageEmbedding | None = None) -> ImageEmbedding:
         """One image at canvas long side `size` (and its mirror with flip) -> ImageEmbedding.
