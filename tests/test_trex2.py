@@ -20,6 +20,7 @@ from safetensors import safe_open
 import trex2
 from trex2.backbone import EfficientNetLite0
 from trex2.box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from trex2.box_refiner import BoxRefiner, apply_deltas, encode_deltas
 from trex2.data import CachedImage, EpisodeSampler, cache_image
 from trex2.deformable_attention import MSDeformAttn
 from trex2.matcher import hungarian_match, match_cost, pad_targets, topk_inside_match
@@ -27,6 +28,7 @@ from trex2.model import ModelConfig, TRex2
 from trex2.predictor import Predictor, postprocess
 from trex2.synthetic import generate_scene
 from trex2.train import episode_losses
+from trex2.train_refiner import jitter, refiner_loss
 
 SIZE = 256  # canvas side used by the small test models
 
@@ -246,7 +248,8 @@ def _zero_at_init(name: str) -> bool:
 def test_gradients_reach_every_trainable_parameter(scene_cache, denoise):
     model = small_model(num_queries=50)
     model.train()
-    params = trainable(model)
+    # the box refiner trains apart (test_box_refiner_learns_to_move_boxes_onto_objects)
+    params = {n: p for n, p in trainable(model).items() if not n.startswith("refiner.")}
     opt = torch.optim.Adam(params.values(), lr=1e-3)
     episodes = make_episodes(scene_cache)
     for step in range(3):
@@ -1252,3 +1255,121 @@ def test_detect_makes_classes_compete_for_an_object():
     assert beaten.any() and not beaten.all()
     want = np.where(beaten, free.confidence / 2, free.confidence)
     assert sorted(dets.confidence.tolist()) == pytest.approx(sorted(want[want >= 0.05].tolist()))
+
+
+# ------------------------------------------------------------------------------------------------
+# box refiner (box_refiner.py, train_refiner.py)
+# ------------------------------------------------------------------------------------------------
+def test_box_refiner_deltas_round_trip_and_untrained_identity():
+    g = torch.Generator().manual_seed(0)
+    boxes, targets = _random_boxes(g, 20), _random_boxes(g, 20)
+    d = encode_deltas(boxes, targets)
+    assert torch.allclose(apply_deltas(boxes, d), targets, atol=1e-6)
+    assert torch.allclose(encode_deltas(boxes, boxes), torch.zeros(20, 4))
+    refiner = BoxRefiner()
+    maps = [torch.randn(1, c, SIZE // s, SIZE // s) for c, s in zip((24, 40, 112), (4, 8, 16))]
+    out, iou_logit = refiner(maps, boxes)
+    assert out.shape == (20, 4) and iou_logit.shape == (20,)
+    assert torch.equal(out, boxes)                      # zero-initialised last layer: no move yet
+    assert refiner(maps, boxes[:0])[0].shape == (0, 4)
+
+
+def test_box_refiner_learns_to_move_boxes_onto_objects():
+    """Jittered boxes around squares: a few hundred steps take them closer to the squares than the
+    jitter left them, on an image it never trained on; every refiner parameter gets a gradient."""
+    backbone = EfficientNetLite0()
+
+    def view(seed):
+        img, boxes = squares_image(seed=seed)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        maps = [m[0].half() for m in backbone(x, stride4=True)[:3]]
+        return maps, xyxy_to_cxcywh(torch.as_tensor(boxes) / SIZE)
+
+    train, test = [view(s) for s in range(3)], view(7)
+    torch.manual_seed(0)
+    refiner = BoxRefiner()
+    opt = torch.optim.Adam(refiner.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(150):
+        losses = refiner_loss(refiner, train, gen)
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        if step == 1:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in refiner.parameters())
+        opt.step()
+    maps, gt = test
+    jittered = jitter(gt.repeat(8, 1), torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        refined, iou_logit = refiner([m[None] for m in maps], jittered)
+    before = box_iou(cxcywh_to_xyxy(jittered)[:, None], cxcywh_to_xyxy(gt.repeat(8, 1))[:, None])[0][:, 0, 0]
+    after = box_iou(cxcywh_to_xyxy(refined)[:, None], cxcywh_to_xyxy(gt.repeat(8, 1))[:, None])[0][:, 0, 0]
+    print(f"refiner: mean IoU {before.mean():.3f} -> {after.mean():.3f}")
+    assert after.mean() > before.mean() + 0.05
+    assert torch.corrcoef(torch.stack([iou_logit, after]))[0, 1] > 0   # the IoU head ranks
+
+
+def test_predictor_refines_boxes_and_old_weights_load_without_refiner(tmp_path):
+    model = confident(small_model(seed=5))
+    perturb(model)
+    img, boxes = squares_image()
+    dets = {}
+    for iters in (0, 2):
+        model.cfg.refine_iters = iters
+        p = Predictor(model)
+        emb = p.encode_image(img)
+        assert (emb.refine_maps is None) == (iters == 0)
+        if iters:
+            assert [m.shape[1:] for m in emb.refine_maps] == [(24, SIZE // 4, SIZE // 4), (40, SIZE // 8, SIZE // 8),
+                                                              (112, SIZE // 16, SIZE // 16)]
+        dets[iters] = p.detect(emb, {"a": p.embed_prompts([(emb, boxes[:1])])})
+    assert len(dets[0]) and len(dets[2])
+    assert not np.allclose(dets[0].xyxy[:5], dets[2].xyxy[:5])   # a perturbed refiner moves boxes
+
+    # weights saved before the refiner existed: they load, with the refiner off
+    path = str(tmp_path / "old.safetensors")
+    model.save(path)
+    from safetensors.torch import load_file, save_file
+    state = {k: v for k, v in load_file(path).items() if not k.startswith("refiner.")}
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    save_file(state, path, metadata=meta)
+    old = trex2.load_model(path)
+    assert old.cfg.refine_iters == 0
+
+
+def test_train_refiner_command(tmp_path):
+    """`app.py train --refiner` on a tiny train root: the views cache is written (held-out images
+    left out), the refiner alone changes, and the saved weights load with the refiner on."""
+    from PIL import Image
+    from trex2.train import main as train_main
+    root = tmp_path / "train" / "squares"
+    (root / "images").mkdir(parents=True)
+    images, annotations = [], []
+    for i in range(3):
+        img, boxes = squares_image(seed=i)
+        Image.fromarray(img).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": SIZE, "height": SIZE})
+        annotations += [{"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                         "area": float((x1 - x0) * (y1 - y0))} for x0, y0, x1, y1 in boxes]
+    (root / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                              "categories": [{"id": 1, "name": "square"}]}))
+    model = small_model(seed=2)
+    init, out, cache = (str(tmp_path / n) for n in ("init.safetensors", "out.safetensors", "views.pt"))
+    model.save(init)
+    args = ["--refiner", "--init", init, "--out", out, "--train-root", str(tmp_path / "train"), "--holdout", "1",
+            "--refiner-cache", cache, "--synthetic", "2", "--batch", "2", "--steps", "5", "--warmup", "2",
+            "--lr", "1e-3", "--threads", "1"]
+    assert train_main(args) == 0
+    views = torch.load(cache, weights_only=True)
+    # 2 images after the held-out one, each with a crop unless it lost every box, then 2 scenes
+    assert 4 <= len(views) <= 6
+    assert [m.shape[0] for m in views[0][0]] == [24, 40, 112] and views[0][1].shape == (4, 4)
+    assert [m.shape[1:] for m in views[-1][0]] == [(SIZE // 4, SIZE // 4), (SIZE // 8, SIZE // 8),
+                                                   (SIZE // 16, SIZE // 16)] and len(views[-1][1]) > 4
+    trained = trex2.load_model(out)
+    assert trained.cfg.refine_iters == 2 and trained.extra["refiner"]["steps"] == 5
+    before, after = model.state_dict(), trained.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"refiner"}
+    assert train_main(args) == 0     # again, from the cache

@@ -17,6 +17,8 @@ LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 
 # Indices of the blocks whose outputs are the stride 8, 16 and 32 feature maps.
 OUT_BLOCKS = (4, 10, 15)
 OUT_CHANNELS = (40, 112, 320)
+# The stride-4 map (output of this block, this many channels): only the box refiner reads it.
+STRIDE4_BLOCK, STRIDE4_CHANNELS = 2, 24
 # Blocks after the stride-8 output: the part that training may fine-tune (ModelConfig.tune_backbone),
 # run from the cached stride-8 map.
 TUNABLE_BLOCKS = range(OUT_BLOCKS[0] + 1, OUT_BLOCKS[-1] + 1)
@@ -117,13 +119,18 @@ class EfficientNetLite0(nn.Module):
         return super().train(False)  # BatchNorm statistics stay frozen
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, stride4: bool = False) -> list[torch.Tensor]:
+        """Canvas (B, 3, H, W) float 0..255 -> maps at strides 8, 16, 32 (OUT_CHANNELS); with
+        stride4, the stride-4 map (B, STRIDE4_CHANNELS, H/4, W/4) comes first."""
         # channels-last layout: oneDNN's depthwise and 1x1 convolutions run ~1.5x faster on a CPU
         x = ((x - 127.0) / 128.0).contiguous(memory_format=torch.channels_last)
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks[:OUT_BLOCKS[0] + 1]:
+        first = []
+        for i, block in enumerate(self._blocks[:OUT_BLOCKS[0] + 1]):
             x = block(x)
-        return [x.contiguous()] + self.upper(x)
+            if stride4 and i == STRIDE4_BLOCK:
+                first.append(x.contiguous())
+        return first + [x.contiguous()] + self.upper(x)
 
     def upper(self, x8: torch.Tensor) -> list[torch.Tensor]:
         """Stride-8 map (B, 40, H/8, W/8) -> [(B, 112, H/16, W/16), (B, 320, H/32, W/32)]. Not under

@@ -73,6 +73,18 @@ def random_crop(rng: np.random.Generator, image: np.ndarray, boxes_xyxy: np.ndar
     return image[y0:y0 + ch, x0:x0 + cw], clipped[keep], np.asarray(labels)[keep]
 
 
+def train_sets(train_root: str):
+    """Yield (name, directory) of each labelled set (a gt.json inside) under train_root, sorted;
+    refuses a dev set."""
+    for name in sorted(os.listdir(train_root)):
+        set_dir = os.path.join(train_root, name)
+        if not os.path.isfile(os.path.join(set_dir, "gt.json")):
+            continue
+        if "dev" in os.path.abspath(set_dir).split(os.sep):
+            raise ValueError("refusing to train on a dev set")
+        yield name, set_dir
+
+
 def read_coco_set(set_dir: str):
     """Yield (image RGB, boxes xyxy (N, 4), labels (N,)) for <set_dir>/gt.json + images/."""
     from exports import read_coco  # dataset formats live in exports/

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .backbone import OUT_CHANNELS, TUNABLE_BLOCKS, EfficientNetLite0
+from .box_refiner import BoxRefiner
 from .decoder import BoxDecoder
 from .image_encoder import ImageEncoder
 from .prompt_encoder import PromptEncoder
@@ -38,6 +39,7 @@ class ModelConfig:
     score_threshold: float = 0.3   # recommended acceptance threshold (calibrated after training)
     nms_iou: float = 0.7           # duplicate suppression between queries of one class
     tune_backbone: bool = False    # backbone blocks after stride 8 fine-tuned, saved with the weights
+    refine_iters: int = 0          # box refiner passes on each detection (0: off; train.py --refiner)
 
 
 class TRex2(nn.Module):
@@ -50,6 +52,7 @@ class TRex2(nn.Module):
                                     first_query_level=cfg.enc_first_query_level)
         self.prompt_encoder = PromptEncoder(cfg.d_model, len(OUT_CHANNELS), cfg.prompt_layers, **kw)
         self.decoder = BoxDecoder(cfg.d_model, len(OUT_CHANNELS), cfg.dec_layers, **kw)
+        self.refiner = BoxRefiner()   # trained apart on labelled images of the user's domain (--refiner)
         self.text_encoder = None   # attached by attach_text_encoder()
         self.text_proj_state: dict[str, torch.Tensor] = {}   # trained text projection, if shipped
 
@@ -150,6 +153,8 @@ def load_model(path: str | None = None, device: str = "cpu") -> TRex2:
     missing, unexpected = model.load_state_dict(state, strict=False)
     tuned = set(model.tuned_backbone_keys())
     missing = [k for k in missing if k in tuned or not k.startswith("backbone.")]
+    if missing and all(k.startswith("refiner.") for k in missing):
+        model.cfg.refine_iters, missing = 0, []   # weights from before the box refiner: boxes unrefined
     if missing or unexpected:
         raise RuntimeError(f"{path}: weights do not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .box_ops import (box_area, box_iou, cxcywh_to_xyxy, fuse_mirrored, mirror_boxes, postprocess,
+from .box_ops import (box_area, box_iou, cxcywh_to_xyxy, fuse_mirrored, mirror_boxes, nms, postprocess,
                       xyxy_to_cxcywh)
 from .class_embedding import ClassEmbedding
 from .model import TRex2
@@ -118,6 +118,8 @@ class ImageEmbedding:
     valid_wh: tuple[float, float]     # image extent in the canvas, fractions
     image_size: tuple[int, int]       # (H, W) of the original image
     decoder_pre: dict                 # BoxDecoder.precompute(memory): class-independent decoder work
+    refine_maps: list | None = None   # backbone maps at strides 4, 8, 16, (1, C, h, w) float16, for
+                                      # the box refiner (None when cfg.refine_iters is 0)
     mirror: ImageEmbedding | None = None  # the image flipped left-right (Predictor(flip=True))
 
     def _clip(self, b: torch.Tensor) -> torch.Tensor:
@@ -391,9 +393,22 @@ class Predictor:
         return emb
 
     def _encode_canvas(self, x: torch.Tensor, scale: float, valid, image_hw) -> ImageEmbedding:
-        memory, shapes = self.model.encode_features(self.model.backbone(x))
+        refine = self.model.cfg.refine_iters > 0
+        maps = self.model.backbone(x, stride4=refine)
+        memory, shapes = self.model.encode_features(maps[1:] if refine else maps)
         return ImageEmbedding(memory, shapes, scale, tuple(x.shape[2:]), valid, image_hw,
-                              self.model.decoder.precompute(memory, shapes))
+                              self.model.decoder.precompute(memory, shapes),
+                              [m.half() for m in maps[:3]] if refine else None)
+
+    def _refine(self, emb: ImageEmbedding, scores: torch.Tensor, boxes: torch.Tensor):
+        """One class's kept boxes (K, 4) canvas cx, cy, w, h through cfg.refine_iters box refiner
+        passes; boxes that became duplicates are merged again (NMS) -> scores, boxes."""
+        if emb.refine_maps is None or not len(boxes):
+            return scores, boxes
+        for _ in range(self.model.cfg.refine_iters):
+            boxes, _ = self.model.refiner(emb.refine_maps, boxes)
+        keep = nms(cxcywh_to_xyxy(boxes), scores, self.model.cfg.nms_iou)
+        return scores[keep], boxes[keep]
 
     @torch.no_grad()
     def _visual_embeddings(self, prompts) -> torch.Tensor:
@@ -463,7 +478,7 @@ class Predictor:
                 head = self.model.decoder.class_head
                 neg_logits = torch.stack([head(queries[c:c + 1], n[None])[0] for n in neg]).max(0).values
             _, s, b = postprocess(logits[c], boxes[c], self.model.cfg.nms_iou, floor, neg_logits)
-            out.append((s, b))
+            out.append(self._refine(emb, s, b))
         if emb.mirror is not None:
             flipped = self._decode(emb.mirror, names, classes, cls, num_queries, floor)
             out = [fuse_mirrored(s, b, ms, mirror_boxes(mb, emb.valid_wh[0]), floor)

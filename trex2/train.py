@@ -20,7 +20,7 @@ import torch
 from .backbone import TUNABLE_BLOCKS
 from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match, postprocess
 from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop,
-                   read_coco_set)
+                   read_coco_set, train_sets)
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
@@ -58,12 +58,7 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
     try:
         rng = np.random.default_rng(seed)
         train, held = [], []
-        for name in sorted(os.listdir(train_root)):
-            set_dir = os.path.join(train_root, name)
-            if not os.path.isfile(os.path.join(set_dir, "gt.json")):
-                continue
-            if "dev" in os.path.abspath(set_dir).split(os.sep):
-                raise ValueError("refusing to train on a dev set")
+        for name, set_dir in train_sets(train_root):
             n0 = len(train)
             for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
                 if max_images is not None and n >= max_images:
@@ -316,6 +311,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
+    ap.add_argument("--refiner", action="store_true",
+                    help="train only the box refiner (box_refiner.py) of the --init weights, on the real "
+                         "train sets (--batch images of 16 boxes per step; --lr, --warmup, --steps, --minutes)")
+    ap.add_argument("--refiner-cache", default="cache/refiner_views.pt",
+                    help="backbone maps the refiner trains on (built if missing; '' to keep in memory only)")
     ap.add_argument("--clip-dir", default=None,
                     help="local CLIP text model: also train the text projection (contrastive alignment "
                          "of category names with visual class embeddings)")
@@ -338,6 +338,11 @@ def main(argv=None) -> int:
         model.cfg.tune_backbone = True
         for i in TUNABLE_BLOCKS:
             model.backbone._blocks[i].requires_grad_(True)
+    if args.refiner:
+        from .train_refiner import train_refiner
+        train_refiner(model.eval(), args, log)
+        return 0
+    model.refiner.requires_grad_(False)   # trained apart (--refiner), on the finished model
     model.to(args.device)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -363,9 +368,8 @@ def main(argv=None) -> int:
     if args.clip_dir:
         from exports import read_coco
         model.attach_text_encoder(args.clip_dir, require_trained=False)
-        for name in sorted(os.listdir(args.train_root)):
-            if os.path.isfile(os.path.join(args.train_root, name, "gt.json")):
-                names_of[name] = read_coco(os.path.join(args.train_root, name, "gt.json")).categories
+        for name, set_dir in train_sets(args.train_root):
+            names_of[name] = read_coco(os.path.join(set_dir, "gt.json")).categories
     sampler = EpisodeSampler(train, seed=args.seed, absent_prob=args.absent, balance_sets=args.balance_sets)
     params = [p for p in model.parameters() if p.requires_grad]
     tuned = [p for p in model.backbone.parameters() if p.requires_grad]
