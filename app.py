@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """T-Rex2-style visual-prompt labeling tool: the one entry point.
 
-    python app.py [--images DIR] [--project FILE] [--host H] [--port P]   labeling UI (default)
+    python app.py [--images DIR] [--project FILE] [--host H] [--port P] [--weights PATH]
+                                                                           labeling UI (default)
     python app.py label IMAGE_DIR --prompts PROMPTS.json --out OUT.json   batch labeling
     python app.py eval GT.json PRED.json [--exclude-exemplars PROMPTS.json]
     python app.py bench [...]                                              speed benchmark

@@ -1093,12 +1093,14 @@ class Engine:
     """Process-wide model side, shared by all sessions: one trex2 model + Predictor (its
     image-embedding cache included), a lock serialising model calls, and display previews.
 
-    ``predictor`` may be injected (tests); otherwise the model loads on first use.
+    ``predictor`` may be injected (tests); otherwise the model loads on first use, from
+    ``weights`` (a .safetensors file; None: the shipped weights).
     """
 
     def __init__(self, predictor=None, preview_dir: str | os.PathLike | None = None,
-                 preview_max_side: int = 1600):
+                 preview_max_side: int = 1600, weights: str | os.PathLike | None = None):
         self._predictor = predictor
+        self.weights = str(weights) if weights else None
         self._lock = threading.RLock()
         self.preview_dir = Path(preview_dir) if preview_dir else None
         self.preview_max_side = preview_max_side
@@ -1115,7 +1117,7 @@ class Engine:
         with self._lock:
             if self._predictor is None:
                 import trex2
-                self._predictor = trex2.Predictor(trex2.load_model(), flip=True,
+                self._predictor = trex2.Predictor(trex2.load_model(self.weights), flip=True,
                                                   cache_size=EMBEDDING_CACHE_IMAGES)
             return self._predictor
 

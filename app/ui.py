@@ -869,12 +869,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=None,
                         help="port (default: $GRADIO_SERVER_PORT or 7860)")
+    parser.add_argument("--weights", metavar="PATH", default=None,
+                        help="model weights (.safetensors; default: the shipped trex2/weights), e.g. "
+                             "with a box refiner trained on your labels ('train --refiner')")
     args = parser.parse_args(argv)
     images = Path(args.images)
     if not images.is_dir():
         print(f"error: --images {images} is not a folder", file=sys.stderr)
         return 2
+    if args.weights and not Path(args.weights).is_file():
+        print(f"error: --weights {args.weights} is not a file", file=sys.stderr)
+        return 2
     project = Path(args.project) if args.project else default_project_path(images)
     print(f"Labeling {images.resolve()}\nProject file (autosaved): {project.resolve()}", flush=True)
-    launch(images, args.project, args.host, args.port)
+    launch(images, args.project, args.host, args.port, engine=Engine(weights=args.weights))
     return 0

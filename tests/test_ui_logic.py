@@ -1045,3 +1045,19 @@ def test_a_tab_shows_another_tabs_saves_on_its_own(project, engine, tmp_path, mo
     other.add_box([40, 30, 60, 50])
     with sess.work.lock:                                 # a handler holds the project
         assert all(o == gr.skip() for o in tick.fn(sess))
+
+
+def test_engine_loads_the_weights_it_is_given(tmp_path, capsys):
+    """`app.py ui --weights PATH` (e.g. with a box refiner trained on the user's labels): the engine's
+    model comes from that file; a missing file is refused before the app starts."""
+    model = trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, image_size=256, score_threshold=0.37,
+                                          refine_iters=2)).eval()
+    path = tmp_path / "mine.safetensors"
+    model.save(str(path))
+    engine = Engine(weights=path, preview_dir=tmp_path / "pv")
+    p = engine.predictor
+    assert p.model.cfg.refine_iters == 2 and p.score_threshold == pytest.approx(0.37)
+    assert Engine().weights is None
+    from app import ui
+    assert ui.main(["--images", str(tmp_path), "--weights", str(tmp_path / "missing.safetensors")]) == 2
+    assert "is not a file" in capsys.readouterr().err
