@@ -354,9 +354,11 @@ def test_label_folder_in_browser(app_server):
         keep = root / "keep.json"
         keep.write_text('{"mine": 1}')
         page.get_by_role("tab", name="Prompts & class embeddings").click()
-        page.locator("#tx-prompt-path input, #tx-prompt-path textarea").first.fill(str(keep))
+        box = page.locator("#tx-prompt-path input, #tx-prompt-path textarea").first
+        box.fill(str(keep))
+        box.blur()   # the typed path reaches the app's state before the click reads it
         page.get_by_role("button", name="Save prompt set").click()
-        page.get_by_text("already exists and was not loaded here").first.wait_for(timeout=30_000)
+        page.get_by_text("already exists and was not loaded here").first.wait_for(timeout=60_000)
         assert keep.read_text() == '{"mine": 1}'
         browser.close()
 

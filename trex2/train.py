@@ -312,8 +312,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
     ap.add_argument("--refiner", action="store_true",
-                    help="train only the box refiner (box_refiner.py) of the --init weights, on the real "
-                         "train sets (--batch images of 16 boxes per step; --lr, --warmup, --steps, --minutes)")
+                    help="train only the box refiner (box_refiner.py) of the --init weights, on the "
+                         "--train-root sets plus --synthetic procedural scenes (--batch images of 16 boxes "
+                         "per step; --lr, --warmup, --steps, --minutes)")
     ap.add_argument("--refiner-cache", default="cache/refiner_views.pt",
                     help="backbone maps the refiner trains on (built if missing; '' to keep in memory only)")
     ap.add_argument("--clip-dir", default=None,
@@ -324,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dec-layers", type=int, default=ModelConfig.dec_layers)
     ap.add_argument("--d-model", type=int, default=ModelConfig.d_model)
     args = ap.parse_args(argv)
+    if args.refiner and not args.init:
+        ap.error("--refiner needs --init: the trained weights to add a box refiner to")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
