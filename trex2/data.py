@@ -28,10 +28,11 @@ class CachedImage:
     valid_wh: tuple[float, float]     # image extent in the canvas
 
 
-def canvas_features(model, image: np.ndarray, size: int, zoom: float = 1.0):
-    """Image -> backbone maps of a square size x size canvas (on the backbone's device), resize
-    factor, valid extent. zoom < 1 shrinks the image further inside the canvas (scale augmentation:
-    smaller objects, grey padding right and bottom as at inference)."""
+def canvas_features(model, image: np.ndarray, size: int, zoom: float = 1.0, stride4: bool = False):
+    """Image -> backbone maps of a square size x size canvas (on the backbone's device; with stride4
+    the stride-4 map first, see EfficientNetLite0.forward), resize factor, valid extent. zoom < 1
+    shrinks the image further inside the canvas (scale augmentation: smaller objects, grey padding
+    right and bottom as at inference)."""
     x, scale, _ = model.preprocess(image)
     if max(x.shape[2:]) > size:
         raise ValueError(f"canvas size {size} is smaller than the model's image_size")
@@ -44,12 +45,13 @@ def canvas_features(model, image: np.ndarray, size: int, zoom: float = 1.0):
     x = F.pad(x, (0, size - x.shape[3], 0, size - x.shape[2]), value=127.0)
     device = next(model.backbone.parameters()).device
     with torch.no_grad():
-        feats = model.backbone(x.to(device))
+        feats = model.backbone(x.to(device), stride4=stride4)
     return [f[0].half() for f in feats], scale, valid
 
 
-def cache_image(model, image, boxes_xyxy, labels, group, size, zoom: float = 1.0) -> CachedImage:
-    feats, scale, valid = canvas_features(model, image, size, zoom)
+def cache_image(model, image, boxes_xyxy, labels, group, size, zoom: float = 1.0,
+                stride4: bool = False) -> CachedImage:
+    feats, scale, valid = canvas_features(model, image, size, zoom, stride4)
     b = xyxy_to_cxcywh(torch.as_tensor(np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)) * scale / size)
     return CachedImage(feats, b, torch.as_tensor(np.asarray(labels), dtype=torch.long), group, valid)
 

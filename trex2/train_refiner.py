@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou, xyxy_to_cxcywh
+from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .box_refiner import BoxRefiner, encode_deltas
-from .data import random_crop, read_coco_set, train_sets
+from .data import cache_image, random_crop, read_coco_set, train_sets
 
 MIN_IOU = 0.35                  # a jittered box trains toward the labelled box it overlaps this much
 CENTRE_JITTER, SIZE_JITTER = 0.15, 0.25   # largest jitter sigmas (fraction of the side; log size)
@@ -38,10 +38,8 @@ def refiner_views(model, train_root: str, holdout: int, seed: int, log, max_imag
     views = []
 
     def add(image, boxes):
-        x, scale, _ = model.preprocess(image)
-        maps = model.backbone(x, stride4=True)[:3]
-        b = xyxy_to_cxcywh(torch.as_tensor(boxes, dtype=torch.float32) * scale / x.shape[3])
-        views.append(([m[0].half() for m in maps], b))
+        im = cache_image(model, image, boxes, np.zeros(len(boxes), int), "", model.cfg.image_size, stride4=True)
+        views.append((im.features[:3], im.boxes))
 
     for name, set_dir in train_sets(train_root):
         for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
@@ -101,7 +99,6 @@ def train_refiner(model, args, log) -> None:
     """Train model.refiner (everything else frozen) and save the whole model to args.out."""
     if args.refiner_cache and os.path.isfile(args.refiner_cache):
         views = torch.load(args.refiner_cache, weights_only=True)
-        views = [(list(v[0]), v[1]) for v in views]
         log(f"loaded {len(views)} refiner views from {args.refiner_cache}")
     else:
         with torch.no_grad():
@@ -143,7 +140,7 @@ def train_refiner(model, args, log) -> None:
     refiner.eval()
     if not model.cfg.refine_iters:
         model.cfg.refine_iters = 2
-    model.extra = {**getattr(model, "extra", {}), "refiner": {
+    model.extra = {**model.extra, "refiner": {
         "steps": step, "views": len(views), "synthetic": args.synthetic, "batch": args.batch, "lr": args.lr, "seed": args.seed,
         "minutes": round((time.time() - start) / 60, 1)}}
     model.save(args.out, model.extra)
