@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import supervision as sv
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 import trex2
@@ -122,6 +123,30 @@ def test_component_shapes(hw):
     proposals = model.decoder.proposal_boxes(model.decoder.precompute(memory, shapes)["feat"], anchors[None],
                                              torch.arange(N).expand(B, N))
     assert proposals.shape == (B, N, 4) and ((proposals >= 0) & (proposals <= 1)).all()
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("hw", [(64, 64), (65, 64), (63, 67), (32, 30)])
+def test_same_conv_matches_tensorflow_padding(k, hw):
+    """A stride-2 SameConv (padding folded into a grown kernel on even sizes) gives what explicit
+    TensorFlow 'SAME' padding gives (k // 2 - 1 before, k // 2 after on even sizes; symmetric on odd),
+    with the same gradient."""
+    from trex2.backbone import SameConv
+    torch.manual_seed(k + hw[0])
+    conv = SameConv(6, 6, k, stride=2, groups=6, bias=True)
+    x = torch.randn(2, 6, *hw, requires_grad=True)
+    (h, w), pads = hw, []
+    for n in (w, h):
+        total = max((-(-n // 2) - 1) * 2 + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    ref = F.conv2d(F.pad(x, pads), conv.weight, conv.bias, 2, 0, 1, 6)
+    out = conv(x)
+    assert out.shape == ref.shape == (2, 6, -(-h // 2), -(-w // 2))
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad((out * g).sum(), (x, conv.weight))
+    rx, rw = torch.autograd.grad((ref * g).sum(), (x, conv.weight))
+    assert torch.allclose(gx, rx, atol=1e-5) and torch.allclose(gw, rw, atol=1e-4)
 
 
 def test_padded_prompts_are_ignored():
