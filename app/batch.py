@@ -40,7 +40,9 @@ Default (cross-image): all exemplars of a category, on any image of the prompt f
 into one class that is detected on every image. --per-image: each image uses only the exemplars
 drawn on that same image (others get no detections). Negative exemplars, point prompts and
 category text prompts are honoured. Each image is also searched mirrored left-right and the two
-sets of boxes fused (--no-flip: half the time, slightly worse boxes). All detections above a low
+sets of boxes fused (--no-flip: half the time, slightly worse boxes). In cross-image mode, an
+image whose objects come out much larger or smaller than the exemplars is searched again at their
+scale (--no-rescale: never). All detections above a low
 floor are written with their score; info.score_threshold is the recommended acceptance threshold.
 
 Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
@@ -79,7 +81,8 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
                  canvas: Callable[[str, tuple[int, int]], int] | None = None,
                  on_progress: Callable[[int, int], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 exemplars: Callable[[str], tuple[dict, dict]] | None = None) -> Iterator[ImageResult]:
+                 exemplars: Callable[[str], tuple[dict, dict]] | None = None,
+                 rescale: bool = True) -> Iterator[ImageResult]:
     """Detect ``classes`` on each image ``image_dir/file_name``, one at a time, in order.
 
     ``classes``: dict name -> trex2.ClassEmbedding applied to every image, or a callable
@@ -92,7 +95,9 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
     encode per canvas); a callable ``classes`` then gets the names as a third argument.
     ``exemplars(abs_path)``: ({class name: (E, 4) xyxy exemplar boxes drawn on that image},
     {class name: (K, 4) xyxy negative boxes drawn on it}); its detections then respect them
-    (trex2.predictor.respect_exemplars).
+    (trex2.predictor.respect_exemplars). ``rescale``: a class with no exemplar drawn on an image,
+    whose confident boxes there are much larger or smaller than its exemplars, is detected there
+    again at the canvas that gives them the exemplars' size (trex2.Predictor.rescale_classes).
     """
     total = len(file_names)
     for i, rel in enumerate(file_names):
@@ -100,32 +105,51 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
             return
         path = os.path.join(image_dir, rel)
         try:
-            key, (w, h) = file_key(path), image_size(path)
-            groups = None if canvas is None else canvas(os.path.abspath(path), (h, w))
-            if not isinstance(groups, dict):
-                groups = {groups: None}
-            embs = {size: predictor.cached(key, size) for size in groups}
-            image = None if all(e is not None for e in embs.values()) else load_image(path)
+            yield _label_image(predictor, rel, path, classes, score_threshold, canvas, exemplars, rescale)
         except (ImageLoadError, OSError) as e:
             yield ImageResult(rel, path, None, None, str(e))
-        else:
-            hw = (h, w) if image is None else tuple(image.shape[:2])    # cached: not decoded again
-            parts, order = [], [] if callable(classes) else list(classes)
-            for size, names in groups.items():
-                emb = embs[size] or predictor.encode_image(image, key=key, size=size)
-                if callable(classes):
-                    cls = classes(os.path.abspath(path), emb, names)
-                    order += list(cls)
-                else:
-                    cls = classes if names is None else {n: classes[n] for n in names if n in classes}
-                if cls:   # classes compete once all canvases are merged
-                    parts.append(predictor.detect(emb, cls, score_threshold=score_threshold, compete=False))
-            dets = merge_detections(parts, order)
-            if exemplars is not None:   # before the competition: an exemplar's class wins its object
-                dets = respect_exemplars(dets, *exemplars(os.path.abspath(path)), names=order)
-            yield ImageResult(rel, path, hw, compete_classes(dets, score_threshold))
         if on_progress is not None:
             on_progress(i + 1, total)
+
+
+def _label_image(predictor, rel: str, path: str, classes, score_threshold, canvas, exemplars,
+                 rescale: bool) -> ImageResult:
+    """label_folder's work on one image (its arguments); ImageLoadError / OSError if it cannot be read."""
+    key, (w, h) = file_key(path), image_size(path)
+    groups = None if canvas is None else canvas(os.path.abspath(path), (h, w))
+    if not isinstance(groups, dict):
+        groups = {groups: None}
+    pixels = []   # the decoded image, once one of its embeddings is not cached
+
+    def encode(size):
+        emb = predictor.cached(key, size)
+        if emb is None:
+            if not pixels:
+                pixels.append(load_image(path))
+            emb = predictor.encode_image(pixels[0], key=key, size=size)
+        return emb
+
+    embs = {size: encode(size) for size in groups}
+    hw = tuple(pixels[0].shape[:2]) if pixels else (h, w)    # cached: not decoded again
+    drawn = exemplars(os.path.abspath(path)) if exemplars is not None else ({}, {})
+    parts, order = [], [] if callable(classes) else list(classes)
+    for size, names in groups.items():
+        if callable(classes):
+            cls = classes(os.path.abspath(path), embs[size], names)
+            order += list(cls)
+        else:
+            cls = classes if names is None else {n: classes[n] for n in names if n in classes}
+        if cls:   # classes compete once all canvases are merged
+            dets = predictor.detect(embs[size], cls, score_threshold=score_threshold, compete=False)
+            # a class prompted from other images whose objects here are not at its exemplars'
+            # scale: a second look (exemplars drawn here set the scale already)
+            away = {n: c for n, c in cls.items() if n not in drawn[0]}
+            parts += (predictor.rescale_classes(dets, away, size, hw, encode, score_threshold)
+                      if rescale and away else [dets])
+    dets = merge_detections(parts, order)
+    if exemplars is not None:   # before the competition: an exemplar's class wins its object
+        dets = respect_exemplars(dets, *drawn, names=order)
+    return ImageResult(rel, path, hw, compete_classes(dets, score_threshold))
 
 
 def merge_detections(parts: list, names: list[str]):
@@ -410,14 +434,14 @@ def append_record(f, rec: dict) -> None:
 
 # --------------------------------------------------------------------------- run
 def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: str = "auto",
-             weights: str | None = None, flip: bool = True) -> dict:
+             weights: str | None = None, flip: bool = True, rescale: bool = True) -> dict:
     """What decides the detections; a resumed run must match it exactly. ``weights``: the
     model file (None: the shipped one), recorded by its SHA-256."""
     from trex2.model import DEFAULT_WEIGHTS
     weights = weights or DEFAULT_WEIGHTS
     return {"image_dir": os.path.realpath(image_dir), "prompts_sha256": prompts.sha256,
             "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image",
-            "canvas": str(canvas), "flip": bool(flip),
+            "canvas": str(canvas), "flip": bool(flip), "rescale": bool(rescale),
             "weights_sha256": _sha256(weights) if os.path.isfile(weights) else weights}
 
 
@@ -534,13 +558,15 @@ def _check_out(out: str, prompts_path: str) -> None:
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
         weights: str | None = None, progress: bool = True, warn=None, canvas="auto",
-        flip: bool = True) -> dict:
+        flip: bool = True, rescale: bool | None = None) -> dict:
     """The ``label`` command as a function. Returns a summary dict ("out" None when no image could
     be read: OUT.json is then not written); raises LabelError on bad input.
     ``flip``: flip test-time augmentation (trex2.Predictor(flip=True)); a given ``predictor`` brings
     its own setting.
     ``canvas``: "auto", a canvas long side in px, or a callable (abs_path, (H, W)) -> px used for
-    every image, prompt images included (benchmarks)."""
+    every image, prompt images included (benchmarks).
+    ``rescale``: the second look at each image at its objects' own scale (label_folder); None: on
+    with canvas "auto" or a callable, off with a fixed canvas."""
     if warn is None:
         from tqdm import tqdm
         warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
@@ -574,7 +600,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
                              f"got {canvas!r}") from None
     if predictor is not None:
         flip = predictor.flip
-    options = _options(image_dir, prompts, per_image, canvas, weights, flip)
+    rescale = canvas in ("auto", "custom") if rescale is None else bool(rescale)
+    options = _options(image_dir, prompts, per_image, canvas, weights, flip, rescale)
     records = _check_progress(out, options, resume)
     if resume and records is None:
         warn(f"--resume: no progress file {sidecar_path(out)}; starting from the beginning")
@@ -605,7 +632,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
                        file=sys.stderr, dynamic_ncols=True, desc="label")
         try:
             for res in label_folder(predictor, image_dir, todo, classes, canvas=sizes,
-                                    exemplars=prompts.exemplar_boxes()):
+                                    exemplars=prompts.exemplar_boxes(), rescale=rescale):
                 if res.error is not None:
                     warn(f"skipped {res.error}")
                 rec = {**result_record(res, cat_index), "file": _file_state(res.path)}
@@ -620,7 +647,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         info = {"description": "app.py label: T-Rex2-style visual-prompt detections",
                 "prompts": os.path.abspath(prompts_path), "image_dir": os.path.abspath(image_dir),
                 "protocol": "per-image" if per_image else "cross-image", "score_threshold": threshold,
-                "canvas": canvas, "flip": bool(flip)}
+                "canvas": canvas, "flip": bool(flip), "rescale": rescale}
         bad = [r for r in file_names if "error" in records.get(r, {})]
         n_img = n_ann = 0
         try:
@@ -664,6 +691,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-flip", action="store_true",
                     help="no flip test-time augmentation: each image is seen once instead of also "
                          "mirrored, about twice as fast, boxes a little less accurate (README, 'Flip')")
+    ap.add_argument("--no-rescale", action="store_true",
+                    help="no second look: by default (with --canvas auto) a class with no exemplar on an "
+                         "image, whose confident boxes there are over 1.3x larger or smaller than its "
+                         "exemplars, is searched there again at the scale that gives them the exemplars' "
+                         "size and both looks are fused (README, 'Second look')")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.threads is not None:
@@ -674,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = run(a.image_dir, a.prompts, a.out, per_image=a.per_image, score_threshold=a.score_threshold,
                 resume=a.resume, weights=a.weights, progress=not a.quiet, canvas=a.canvas,
-                flip=not a.no_flip)
+                flip=not a.no_flip, rescale=False if a.no_rescale else None)
     except LabelError as e:
         print(f"app.py label: error: {e}", file=sys.stderr)
         return 2

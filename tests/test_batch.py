@@ -486,9 +486,12 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     small.write_text(json.dumps(src))
     sizes.clear()
     out = tmp_path / "b.json"
-    batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False)
+    # without the second look: the shapes found are far larger than these 6 px "exemplars", which
+    # would send each image to a second canvas (test_second_look_at_the_exemplars_scale)
+    batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False, rescale=False)
     assert set(sizes) == {1664}
     assert json.loads(out.read_text())["info"]["canvas"] == "auto"
+    assert json.loads(out.read_text())["info"]["rescale"] is False
     sizes.clear()
     batch.run(dataset["images"], str(small), str(tmp_path / "c.json"), predictor=rec, progress=False, canvas="640")
     assert set(sizes) == {640}
@@ -513,7 +516,7 @@ def test_canvas_auto_enlarges_small_exemplars(dataset, predictor, tmp_path):
     seen = []
     sizes.clear()
     out = tmp_path / "f.json"
-    batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False,
+    batch.run(dataset["images"], str(small), str(out), predictor=rec, progress=False, rescale=False,
               canvas=lambda path, hw: seen.append(os.path.isabs(path)) or 320)
     assert set(sizes) == {320} and len(seen) == len(sizes) and all(seen)
     assert json.loads(out.read_text())["info"]["canvas"] == "custom"
@@ -613,7 +616,7 @@ def test_label_folder_makes_classes_on_different_canvases_compete_once(tmp_path)
                                  data={"class_name": np.array([name], dtype=object)})
 
     one, = batch.label_folder(Fake(), str(tmp_path), ["a.png"], {"a": None, "b": None},
-                              canvas=lambda path, hw: {640: ["a"], 1280: ["b"]})
+                              canvas=lambda path, hw: {640: ["a"], 1280: ["b"]}, rescale=False)
     assert Fake.calls == [False, False]
     assert dict(zip(one.detections.data["class_name"], one.detections.confidence.tolist())) == \
         pytest.approx({"a": 0.8, "b": 0.3})
@@ -874,3 +877,65 @@ def test_per_image_skips_an_unreadable_prompted_image(dataset, predictor, tmp_pa
     assert s["skipped"] == ["img01.png"] and any("img01.png" in m for m in warned)
     found = dets_by_image(load_coco_checked(tmp_path / "o.json"))["img00.png"]["disc"]
     assert top_k_precision(found, dataset["truth"]["img00.png"]["disc"]) >= 0.6
+
+
+def test_second_look_at_the_exemplars_scale(predictor, tmp_path):
+    """Cross-image exemplars of ~24 px squares; a target image whose squares are ~2.5x larger is
+    searched again at the canvas that gives them the exemplars' size (and its boxes are right), an
+    image whose squares match the exemplars is encoded once; rescale=False never looks twice."""
+    rng = np.random.default_rng(5)
+    small, small_boxes = draw_scene(rng, {"square": 6})
+    save_rgb(tmp_path / "prompt" / "p.png", small)
+    prompts = prompt_file(tmp_path / "prompt" / "p.json",
+                          [(tmp_path / "prompt" / "p.png", "square", b, None, False) for b in small_boxes["square"][:3]],
+                          categories=("square",))
+    big = np.full((SIZE, SIZE, 3), 190, np.uint8) + rng.integers(0, 12, (SIZE, SIZE, 3), dtype=np.uint8)
+    big_boxes = [[10, 12, 68, 70], [122, 14, 180, 72], [16, 124, 74, 182], [130, 134, 188, 192]]
+    for x0, y0, x1, y1 in big_boxes:
+        cv2.rectangle(big, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
+    save_rgb(tmp_path / "imgs" / "a_big.png", big)
+    same, _ = draw_scene(rng, {"square": 5})
+    save_rgb(tmp_path / "imgs" / "b_same.png", same)
+    runs = {}
+    for rescale in (True, False):
+        sizes = []
+        out = tmp_path / f"o{rescale}.json"
+        batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(trex2.Predictor(predictor.model), sizes),
+                  progress=False, rescale=rescale)
+        runs[rescale] = sizes, json.loads(out.read_text())
+    # prompt image, a_big at 640 and again at 640 / 2.5, b_same at 640
+    assert runs[True][0] == [640, 640, 256, 640] and runs[False][0] == [640, 640, 640]
+    data = runs[True][1]
+    assert data["info"]["rescale"] is True and runs[False][1]["info"]["rescale"] is False
+    big_id = next(i["id"] for i in data["images"] if i["file_name"] == "a_big.png")
+    top = sorted((a for a in data["annotations"] if a["image_id"] == big_id), key=lambda a: -a["score"])[:4]
+    found = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in top)])
+    assert (iou(big_boxes, found).max(1) >= 0.8).all(), top
+
+
+def test_no_second_look_where_the_exemplars_are_drawn(predictor, tmp_path):
+    """Exemplars drawn on the image itself set the scale there: an image with 3 prompted 36 px
+    squares and 4 of 54 px, whose confident boxes would ask for a second look, is searched once."""
+    from trex2.predictor import rescaled_size
+    rng = np.random.default_rng(6)
+    img = np.full((SIZE, SIZE, 3), 190, np.uint8) + rng.integers(0, 12, (SIZE, SIZE, 3), dtype=np.uint8)
+    small = [[4, 4, 40, 40], [4, 184, 40, 220], [184, 4, 220, 40]]
+    large = [[60, 50, 114, 104], [130, 60, 184, 114], [50, 130, 104, 184], [120, 140, 174, 194]]
+    for x0, y0, x1, y1 in small + large:
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
+    save_rgb(tmp_path / "imgs" / "mixed.png", img)
+    # the premise: by its confident boxes alone, the image would be searched again
+    one = trex2.Predictor(predictor.model)
+    emb = one.encode_image(img, size=640)
+    cls = one.embed_prompts([(emb, np.array(small, float))])
+    d = one.detect(emb, {"square": cls})
+    ok = d.confidence >= one.score_threshold
+    sides = np.sqrt((d.xyxy[ok, 2] - d.xyxy[ok, 0]) * (d.xyxy[ok, 3] - d.xyxy[ok, 1]))
+    assert rescaled_size(640, (SIZE, SIZE), sides, cls.object_px) is not None
+    prompts = prompt_file(tmp_path / "p.json", [(tmp_path / "imgs" / "mixed.png", "square", b, None, False)
+                                                for b in small], categories=("square",))
+    for per_image in (True, False):   # per-image, and cross-image with the prompt image in the folder
+        sizes = []
+        batch.run(str(tmp_path / "imgs"), prompts, str(tmp_path / f"o{per_image}.json"), per_image=per_image,
+                  progress=False, predictor=Recording(trex2.Predictor(predictor.model), sizes))
+        assert sizes == [640]

@@ -17,6 +17,7 @@ import supervision as sv
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import trex2
 from trex2.backbone import EfficientNetLite0
@@ -624,6 +625,29 @@ def test_class_embeddings_from_predictor_round_trip(tmp_path):
     back = trex2.load_class_embeddings(path)
     d1, d2 = predictor.detect(emb, {"sq": cls}), predictor.detect(emb, back)
     assert len(d1) > 0 and np.array_equal(d1.xyxy, d2.xyxy) and np.array_equal(d1.confidence, d2.confidence)
+    # the exemplars' size in canvas px travels with the embedding (files without it: unknown)
+    sides = np.sqrt((boxes[:2, 2] - boxes[:2, 0]) * (boxes[:2, 3] - boxes[:2, 1])) * emb.scale
+    assert cls.object_px == pytest.approx(float(np.median(sides)), rel=1e-4) and back["sq"].object_px == cls.object_px
+    with safe_open(path, "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["object_px"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    assert trex2.load_class_embeddings(str(tmp_path / "old.safetensors"))["sq"].object_px is None
+
+
+def test_rescaled_size():
+    """The second look's canvas: objects twice the exemplars' size -> half the canvas; within the
+    tolerance, without confident boxes or without a known exemplar size -> None; clamped to 64..3200."""
+    from trex2.predictor import MAX_CANVAS, SCALE_TOLERANCE, rescaled_size
+    assert rescaled_size(640, (480, 640), [58, 60, 62, 300], 30.0) == 320      # median 60 px: twice 30
+    assert rescaled_size(640, (320, 320), [30, 31], 30.0) == 320               # 61 canvas px: twice 30
+    assert rescaled_size(640, (640, 640), [30 * SCALE_TOLERANCE * 0.99], 30.0) is None
+    assert rescaled_size(640, (640, 640), [30 / SCALE_TOLERANCE * 1.01], 30.0) is None
+    assert rescaled_size(640, (640, 640), [12], 30.0) == 1600                   # smaller objects: larger
+    assert rescaled_size(640, (640, 640), [], 30.0) is None
+    assert rescaled_size(640, (640, 640), [60], None) is None
+    assert rescaled_size(640, (640, 640), [3], 60.0) == MAX_CANVAS
+    assert rescaled_size(640, (640, 640), [600], 20.0) == 64
 
 
 def test_class_embeddings_shared_tensors_can_be_saved(tmp_path):

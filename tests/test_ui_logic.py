@@ -61,6 +61,9 @@ class FakePredictor:
         h = float(np.mean(np.concatenate([s[1] for s in sizes]))) if sizes else 10.0
         return trex2.ClassEmbedding(torch.tensor([w, h]), torch.zeros(0, 2))
 
+    def rescale_classes(self, dets, classes, size, image_hw, encode, score_threshold=None):
+        return [dets]   # its class embeddings carry no exemplar size (object_px): never a second look
+
     def detect(self, emb, classes, score_threshold=None, compete=True):
         self.detect_calls += 1
         self.flips_seen.append(self.flip)

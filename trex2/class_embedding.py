@@ -13,9 +13,12 @@ from safetensors.torch import save_file
 @dataclass
 class ClassEmbedding:
     """embedding (d,): the class embedding (mean over prompt images, and with text if given);
-    negatives (K, d): embeddings of "not this" examples, one per image they were drawn on."""
+    negatives (K, d): embeddings of "not this" examples, one per image they were drawn on;
+    object_px: median side sqrt(w * h) of the exemplar boxes in canvas pixels, the size the model
+    saw them at (None: unknown, e.g. text only; see Predictor.rescaled_size)."""
     embedding: torch.Tensor
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    object_px: float | None = None
 
 
 def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None:
@@ -25,7 +28,8 @@ def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None
         tensors[f"{i}.embedding"] = ce.embedding.detach().float().clone().contiguous()
         if ce.negatives.numel():
             tensors[f"{i}.negatives"] = ce.negatives.detach().float().clone().contiguous()
-    meta = {"format": "trex2-class-embeddings", "names": json.dumps(list(classes))}
+    meta = {"format": "trex2-class-embeddings", "names": json.dumps(list(classes)),
+            "object_px": json.dumps([ce.object_px for ce in classes.values()])}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -39,11 +43,12 @@ def load_class_embeddings(path: str) -> dict[str, ClassEmbedding]:
             if meta.get("format") != "trex2-class-embeddings":
                 raise ValueError(f"{path}: not a class-embedding file")
             names = json.loads(meta["names"])
+            sizes = json.loads(meta.get("object_px", "null")) or [None] * len(names)  # older files: unknown
             keys = set(f.keys())
             out = {}
             for i, name in enumerate(names):
                 neg = f.get_tensor(f"{i}.negatives") if f"{i}.negatives" in keys else torch.zeros(0, 0)
-                out[name] = ClassEmbedding(f.get_tensor(f"{i}.embedding"), neg)
+                out[name] = ClassEmbedding(f.get_tensor(f"{i}.embedding"), neg, sizes[i])
             return out
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read class embeddings: {e}") from e

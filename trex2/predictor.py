@@ -45,6 +45,9 @@ CLASS_OVERLAP_IOU = 0.7      # a box this close to a better-scored box of anothe
 CLASS_OVERLAP_FACTOR = 0.5   # ... keeps this share of its score (see compete_classes)
 EXEMPLAR_MATCH_IOU = 0.5     # the detection of an exemplar's own object (see respect_exemplars) ...
 EXEMPLAR_DUP_IOU = 0.35      # ... and other boxes of its class overlapping the exemplar this much
+SCALE_TOLERANCE = 1.3   # a class whose confident boxes on an image are this many times larger or
+                        # smaller than its exemplars (in canvas px) is detected again at the canvas
+                        # that gives them the exemplars' size (rescaled_size)
 EXEMPLAR_SIZE_SHRINK = 0.27  # share of the exemplars' mean size error applied to the class's other
                              # boxes: cov / var of the per-image mean log size errors, exemplars
                              # against the other objects, on the first 12 images of each train set
@@ -66,6 +69,23 @@ def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
         return int(max(64, max_object * long_side / object_side // 32 * 32))
     want = min_object * long_side / object_side
     return int(min(max(base, -(-want // 32) * 32), max(base, max_size)))
+
+
+def rescaled_size(size: int, image_hw: tuple[int, int], sides_px, object_px: float | None,
+                  tol: float = SCALE_TOLERANCE, max_size: int = MAX_CANVAS) -> int | None:
+    """Canvas long side at which to detect a class again on an (H, W) image searched at canvas
+    `size`, when its confident boxes there (sides sqrt(w * h) in image px) have a median size that
+    differs from its exemplars' (`object_px`, canvas px) by more than a factor `tol`: the canvas
+    that brings them to the exemplars' size (a multiple of 32, 64..max_size). None: keep `size`
+    (sizes agree, no confident box, or the exemplars' size is unknown). The model matches best
+    at the exemplars' own scale; in cross-image prompting the objects' size varies between images."""
+    if not object_px or not len(sides_px):
+        return None
+    ratio = float(np.median(sides_px)) * size / max(image_hw) / object_px
+    if abs(np.log(ratio)) <= np.log(tol):
+        return None
+    new = int(min(max(64, round(size / ratio / 32) * 32), max(max_size, size)))
+    return None if new == size else new
 
 
 def check_canvas_size(size: int) -> int:
@@ -411,14 +431,17 @@ class Predictor:
         return scores[keep], boxes[keep]
 
     @torch.no_grad()
-    def _visual_embeddings(self, prompts) -> torch.Tensor:
-        """[(emb, boxes, points?), ...] -> (n_images, d): one global-token output per image."""
+    def _visual_embeddings(self, prompts, sides: list | None = None) -> torch.Tensor:
+        """[(emb, boxes, points?), ...] -> (n_images, d): one global-token output per image. `sides`
+        (a list) gets the side sqrt(w * h) in canvas px of every box."""
         out = []
         for item in self._split_tiled(prompts):
             emb, boxes = item[0], item[1]
             points = item[2] if len(item) > 2 else None
             b = emb.to_canvas(np.zeros((0, 4)) if boxes is None else boxes)
             p = np.zeros((0, 2)) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
+            if sides is not None and len(b):
+                sides.extend((b[:, 2] * b[:, 3] * emb.canvas_hw[0] * emb.canvas_hw[1]).sqrt().tolist())
             if len(p):
                 pb = emb.to_canvas(np.concatenate([p, p], 1))
                 b = torch.cat([b, pb], 0)
@@ -451,7 +474,8 @@ class Predictor:
     def embed_prompts(self, prompts=(), negatives=None, text: str | None = None) -> ClassEmbedding:
         """Exemplars on one or many images -> one ClassEmbedding (mean over images; mean with the
         text embedding when text is given). See the module docstring for the tuple form."""
-        visual = self._visual_embeddings(prompts or [])
+        sides = []
+        visual = self._visual_embeddings(prompts or [], sides)
         parts = []
         if len(visual):
             parts.append(visual.mean(0))
@@ -462,7 +486,7 @@ class Predictor:
         if not parts:
             raise ValueError("no prompt given: draw at least one box or point, or give a text phrase")
         neg = self._visual_embeddings(negatives or [])
-        return ClassEmbedding(torch.stack(parts).mean(0), neg)
+        return ClassEmbedding(torch.stack(parts).mean(0), neg, float(np.median(sides)) if sides else None)
 
     def _decode(self, emb: ImageEmbedding, names, classes, cls, num_queries: int, floor: float):
         """Decoder + postprocess for the classes `names` (embeddings cls (C, d)) -> [(scores, boxes)]."""
@@ -518,6 +542,43 @@ class Predictor:
         class_id = np.concatenate(ids).astype(int)[keep]
         dets = _detections(xyxy[keep], np.concatenate(conf).astype(np.float32)[keep], class_id, names)
         return compete_classes(dets, score_threshold) if compete else dets
+
+    def rescale_classes(self, dets: sv.Detections, classes: dict[str, ClassEmbedding], size: int | None,
+                        image_hw: tuple[int, int], encode, score_threshold: float | None = None) -> list:
+        """A second look at another scale. dets: detect(emb, classes, compete=False) on an (H, W)
+        image encoded at canvas long side `size` (None: the model's). Each class whose boxes scoring
+        at least the recommended threshold are, by their median, more than SCALE_TOLERANCE times
+        larger or smaller than its exemplars (ClassEmbedding.object_px) is detected again at the
+        canvas that gives them the exemplars' size (rescaled_size; encode(size) -> the image's
+        embedding there), and its boxes from both looks are fused (fuse_mirrored: a box found in
+        one look only keeps half its score). Classes of `dets` not in `classes` are kept as they
+        are. Returns [dets without the classes looked at again, one part per class looked at
+        again], for a caller to merge (each part's class ids index its own classes)."""
+        size = size or self.model.cfg.image_size
+        if not len(dets):
+            return [dets]
+        names = dets.data["class_name"]
+        xyxy = dets.xyxy[dets.confidence >= self.score_threshold]
+        sides = np.sqrt((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]))
+        confident = names[dets.confidence >= self.score_threshold]
+        again: dict[int, list[str]] = {}
+        for name, ce in classes.items():
+            new = rescaled_size(size, image_hw, sides[confident == name], ce.object_px)
+            if new is not None:
+                again.setdefault(new, []).append(name)
+        if not again:
+            return [dets]
+        moved = [n for ns in again.values() for n in ns]
+        parts = [dets[~np.isin(names, moved)]]
+        floor = score_floor(score_threshold)
+        for new, ns in again.items():
+            second = self.detect(encode(new), {n: classes[n] for n in ns}, score_threshold, compete=False)
+            for name in ns:   # both looks fused like an image and its mirror: objects of other sizes stay
+                a, b = dets[names == name], second[second.data["class_name"] == name]
+                s, box = fuse_mirrored(torch.as_tensor(b.confidence), xyxy_to_cxcywh(torch.as_tensor(b.xyxy)),
+                                       torch.as_tensor(a.confidence), xyxy_to_cxcywh(torch.as_tensor(a.xyxy)), floor)
+                parts.append(_detections(cxcywh_to_xyxy(box).numpy(), s.numpy(), np.zeros(len(s), int), [name]))
+        return parts
 
     def _detect_tiled(self, emb: TiledEmbedding, classes, score_threshold) -> sv.Detections:
         """detect() on each tile, boxes moved to image pixels, duplicates between tiles merged."""
