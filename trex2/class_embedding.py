@@ -15,7 +15,7 @@ class ClassEmbedding:
     """embedding (d,): the class embedding (mean over prompt images, and with text if given);
     negatives (K, d): embeddings of "not this" examples, one per image they were drawn on;
     object_px: median side sqrt(w * h) of the exemplar boxes in canvas pixels, the size the model
-    saw them at (None: unknown, e.g. text only; see Predictor.rescaled_size)."""
+    saw them at (None: unknown, e.g. text only; see trex2.predictor.rescaled_size)."""
     embedding: torch.Tensor
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     object_px: float | None = None

@@ -45,13 +45,13 @@ CLASS_OVERLAP_IOU = 0.7      # a box this close to a better-scored box of anothe
 CLASS_OVERLAP_FACTOR = 0.5   # ... keeps this share of its score (see compete_classes)
 EXEMPLAR_MATCH_IOU = 0.5     # the detection of an exemplar's own object (see respect_exemplars) ...
 EXEMPLAR_DUP_IOU = 0.35      # ... and other boxes of its class overlapping the exemplar this much
-SCALE_TOLERANCE = 1.3   # a class whose confident boxes on an image are this many times larger or
-                        # smaller than its exemplars (in canvas px) is detected again at the canvas
-                        # that gives them the exemplars' size (rescaled_size)
 EXEMPLAR_SIZE_SHRINK = 0.27  # share of the exemplars' mean size error applied to the class's other
                              # boxes: cov / var of the per-image mean log size errors, exemplars
                              # against the other objects, on the first 12 images of each train set
                              # (tests/bench_exemplars.py)
+SCALE_TOLERANCE = 1.3   # a class whose confident boxes on an image are this many times larger or
+                        # smaller than its exemplars (in canvas px) is detected again at the canvas
+                        # that gives them the exemplars' size (rescaled_size)
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
