@@ -650,6 +650,15 @@ def test_rescaled_size():
     assert rescaled_size(640, (640, 640), [600], 20.0) == 64
 
 
+def test_share_canvases():
+    """Classes asking for canvases within 1.2x of their group's smallest share one (the median)."""
+    from trex2.predictor import share_canvases
+    assert share_canvases([(320, "a"), (1280, "c"), (384, "d"), (352, "b")]) == {352: ["a", "b", "d"], 1280: ["c"]}
+    assert share_canvases([(320, "a"), (416, "b")]) == {320: ["a"], 416: ["b"]}
+    assert share_canvases([(320, "a"), (352, "b")]) == {320: ["a", "b"]}      # median 336 -> 320 (x32)
+    assert share_canvases([(800, "x")]) == {800: ["x"]}
+
+
 def test_class_embeddings_shared_tensors_can_be_saved(tmp_path):
     """The same ClassEmbedding under two names (e.g. a duplicated class in the app), or tensors that
     are views of one buffer, must save like any other."""

@@ -52,6 +52,7 @@ EXEMPLAR_SIZE_SHRINK = 0.27  # share of the exemplars' mean size error applied t
 SCALE_TOLERANCE = 1.3   # a class whose confident boxes on an image are this many times larger or
                         # smaller than its exemplars (in canvas px) is detected again at the canvas
                         # that gives them the exemplars' size (rescaled_size)
+SHARE_CANVAS_WITHIN = 1.2  # ... and classes asking for canvases this close share one (share_canvases)
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
@@ -86,6 +87,19 @@ def rescaled_size(size: int, image_hw: tuple[int, int], sides_px, object_px: flo
         return None
     new = int(min(max(64, round(size / ratio / 32) * 32), max(max_size, size)))
     return None if new == size else new
+
+
+def share_canvases(wanted: list[tuple[int, str]], within: float = SHARE_CANVAS_WITHIN) -> dict[int, list[str]]:
+    """[(canvas long side, class name), ...] -> {canvas: [names]}: classes whose canvases are within
+    a factor `within` of the smallest in their group share one canvas, the group's median (a
+    multiple of 32): one encode for several classes of about the same size."""
+    groups: list[list[tuple[int, str]]] = []
+    for new, name in sorted(wanted):
+        if groups and new <= groups[-1][0][0] * within:
+            groups[-1].append((new, name))
+        else:
+            groups.append([(new, name)])
+    return {int(round(float(np.median([n for n, _ in g])) / 32) * 32): [name for _, name in g] for g in groups}
 
 
 def check_canvas_size(size: int) -> int:
@@ -561,13 +575,11 @@ class Predictor:
         xyxy = dets.xyxy[dets.confidence >= self.score_threshold]
         sides = np.sqrt((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]))
         confident = names[dets.confidence >= self.score_threshold]
-        again: dict[int, list[str]] = {}
-        for name, ce in classes.items():
-            new = rescaled_size(size, image_hw, sides[confident == name], ce.object_px)
-            if new is not None:
-                again.setdefault(new, []).append(name)
-        if not again:
+        wanted = [(new, name) for name, ce in classes.items()
+                  if (new := rescaled_size(size, image_hw, sides[confident == name], ce.object_px))]
+        if not wanted:
             return [dets]
+        again = share_canvases(wanted)
         moved = [n for ns in again.values() for n in ns]
         parts = [dets[~np.isin(names, moved)]]
         floor = score_floor(score_threshold)
