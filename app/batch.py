@@ -115,8 +115,8 @@ def label_folder(predictor, image_dir: str, file_names: list[str], classes, *,
 def _label_image(predictor, rel: str, path: str, classes, score_threshold, canvas, exemplars,
                  rescale: bool) -> ImageResult:
     """label_folder's work on one image (its arguments); ImageLoadError / OSError if it cannot be read."""
-    key, (w, h) = file_key(path), image_size(path)
-    groups = None if canvas is None else canvas(os.path.abspath(path), (h, w))
+    key, (w, h), where = file_key(path), image_size(path), os.path.abspath(path)
+    groups = None if canvas is None else canvas(where, (h, w))
     if not isinstance(groups, dict):
         groups = {groups: None}
     pixels = []   # the decoded image, once one of its embeddings is not cached
@@ -131,11 +131,11 @@ def _label_image(predictor, rel: str, path: str, classes, score_threshold, canva
 
     embs = {size: encode(size) for size in groups}
     hw = tuple(pixels[0].shape[:2]) if pixels else (h, w)    # cached: not decoded again
-    drawn = exemplars(os.path.abspath(path)) if exemplars is not None else ({}, {})
+    drawn = exemplars(where) if exemplars is not None else ({}, {})
     parts, order = [], [] if callable(classes) else list(classes)
     for size, names in groups.items():
         if callable(classes):
-            cls = classes(os.path.abspath(path), embs[size], names)
+            cls = classes(where, embs[size], names)
             order += list(cls)
         else:
             cls = classes if names is None else {n: classes[n] for n in names if n in classes}

@@ -572,9 +572,9 @@ class Predictor:
         if not len(dets):
             return [dets]
         names = dets.data["class_name"]
-        xyxy = dets.xyxy[dets.confidence >= self.score_threshold]
+        ok = dets.confidence >= self.score_threshold
+        xyxy, confident = dets.xyxy[ok], names[ok]
         sides = np.sqrt((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]))
-        confident = names[dets.confidence >= self.score_threshold]
         wanted = [(new, name) for name, ce in classes.items()
                   if (new := rescaled_size(size, image_hw, sides[confident == name], ce.object_px))]
         if not wanted:
