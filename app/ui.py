@@ -232,8 +232,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     def locked(fail):
         """Decorator: run a handler under the project lock (see _acquire). A busy project, bad input
         (ProjectError / ValueError / OSError) or a bug (logged) is answered by fail(sess, status,
-        message): `guarded` shows a warning toast and an unchanged view, `file_guard` an error
-        dialog (file handlers' outputs are files, not the view)."""
+        message): `guarded` shows a warning toast and an unchanged view, `file_guard` a warning
+        toast and the message in the handler's own message box, which stays until the next try
+        (file handlers' outputs are (file, message), not the view)."""
         def decorate(fn):
             @functools.wraps(fn)  # keeps the signature: Gradio injects EventData / Progress by it
             def wrapper(sess, *args, **kwargs):
@@ -257,10 +258,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         gr.Warning(message)
         return refresh(sess, status, message)
 
-    def _error_dialog(sess, status, message):
-        raise gr.Error(message)
+    def _file_error(sess, status, message):
+        gr.Warning(message)
+        return None, f"**Not done:** {message}"   # no download left beside the error
 
-    guarded, file_guard = locked(_warn), locked(_error_dialog)
+    guarded, file_guard = locked(_warn), locked(_file_error)
 
     def on_load(request: gr.Request):
         tmp = Path(tempfile.mkdtemp(prefix="session-", dir=cfg.tmp_dir))

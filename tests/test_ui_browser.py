@@ -358,7 +358,13 @@ def test_label_folder_in_browser(app_server):
         box.fill(str(keep))
         box.blur()   # the typed path reaches the app's state before the click reads it
         page.get_by_role("button", name="Save prompt set").click()
-        page.get_by_text("already exists and was not loaded here").first.wait_for(timeout=60_000)
+        msg = page.locator("#tx-files-msg")
+        try:   # the refusal stays in the tab's message box (the toast goes after a while)
+            msg.get_by_text("already exists and was not loaded here").wait_for(timeout=60_000)
+        except Exception as e:
+            raise AssertionError(f"no refusal shown: message box {msg.inner_text()!r}, path box "
+                                 f"{box.input_value()!r}, toasts "
+                                 f"{page.locator('.toast-body').all_inner_texts()!r}") from e
         assert keep.read_text() == '{"mine": 1}'
         browser.close()
 
