@@ -18,11 +18,11 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from exports import read_coco, read_prompts  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
 
@@ -33,14 +33,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=[os.path.join(DEV, "bccd-val"), os.path.join(DEV, "tomato-val")])
     ap.add_argument("--limit", type=int, default=40, help="images per set")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
     if len(args.sets) < 2:
         ap.error("give at least two sets")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    predictor = trex2.Predictor(trex2.load_model(args.weights), cache_size=4)
+    predictor = trex2.Predictor(load_model(args), cache_size=4)
     thr = predictor.score_threshold
 
     classes, home = {}, {}

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from trex2.box_ops import box_iou  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
 from trex2.predictor import respect_exemplars  # noqa: E402
@@ -126,12 +127,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-root", default=TRAIN)
     ap.add_argument("--images", type=int, default=12, help="labelled images per train set")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    predictor = trex2.Predictor(trex2.load_model(args.weights), flip=True)
+    predictor = trex2.Predictor(load_model(args), flip=True)
     rng = random.Random(0)
     xs, ys = [], []
     sets = sorted(d for d in os.listdir(args.train_root)

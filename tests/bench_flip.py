@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import numpy as np  # noqa: E402
 
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.box_ops import box_iou, greedy_match  # noqa: E402
@@ -115,13 +116,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-root", default=TRAIN)
     ap.add_argument("--targets", type=int, default=40, help="target images per set")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     ap.add_argument("--held-out-only", action="store_true", help="only the per-image runs on the held-out images")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = trex2.load_model(args.weights)
+    model = load_model(args)
     sets = sorted(d for d in os.listdir(args.train_root) if os.path.isfile(os.path.join(args.train_root, d, "gt.json")))
     print(f"{'set':14s} {'mode':8s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MAE':>6s}")
     with tempfile.TemporaryDirectory(prefix="bench-flip-") as tmp:

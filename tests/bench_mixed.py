@@ -21,11 +21,11 @@ import random
 import sys
 import tempfile
 
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.train import HOLDOUT  # noqa: E402
@@ -100,12 +100,9 @@ def scores(truths: dict[str, dict], pred: dict) -> dict[str, tuple[float, float,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-root", default=TRAIN)
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = trex2.load_model(args.weights)
+    model = load_model(args)
     sets = sorted(d for d in os.listdir(args.train_root) if os.path.isfile(os.path.join(args.train_root, d, "gt.json")))
     with tempfile.TemporaryDirectory(prefix="bench-mixed-") as tmp:
         images, prompts, truths = make_folder(args.train_root, sets, tmp)

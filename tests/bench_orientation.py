@@ -27,9 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
-
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
@@ -98,12 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", nargs="+", default=[os.path.join(DEV, "bccd-val"), os.path.join(DEV, "tomato-val")])
     ap.add_argument("--views", nargs="+", choices=VIEWS, default=list(VIEWS))
     ap.add_argument("--no-flip", action="store_true")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = trex2.load_model(args.weights)
+    model = load_model(args)
     print(f"{'set':14s} {'view':10s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MAE':>6s}")
     with tempfile.TemporaryDirectory(prefix="bench-orientation-") as tmp:
         for set_dir in args.set:

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from app.batch import run  # noqa: E402
 from app.evaluate import evaluate, load_json  # noqa: E402
 from exports import read_coco, read_prompts, write_prompts  # noqa: E402
@@ -148,14 +149,11 @@ def _xy_conf(d):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", nargs="+", default=[os.path.join(DEV, "bccd-val"), os.path.join(DEV, "tomato-val")])
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     ap.add_argument("--skip-kinds", action="store_true")
     ap.add_argument("--skip-correction", action="store_true")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    predictor = trex2.Predictor(trex2.load_model(args.weights))
+    predictor = trex2.Predictor(load_model(args))
     with tempfile.TemporaryDirectory() as tmp:
         for s in args.sets:
             if not args.skip_kinds:

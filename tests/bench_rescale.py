@@ -26,9 +26,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
-
 import trex2  # noqa: E402
+from bench_common import add_model_args, load_model  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.data import train_sets  # noqa: E402
@@ -81,12 +80,9 @@ def main(argv=None) -> int:
     ap.add_argument("--zoom", type=float, nargs="+", default=[1.0, 2.0])
     ap.add_argument("--sets", nargs="+", default=None, help="train sets (default: all)")
     ap.add_argument("--no-flip", action="store_true")
-    ap.add_argument("--weights", default=None)
-    ap.add_argument("--threads", type=int, default=None)
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = trex2.load_model(args.weights)
+    model = load_model(args)
     sets = args.sets or [name for name, _ in train_sets(args.train_root)]
     print(f"{'set':14s} {'zoom':>4s} {'rescale':8s} {'AP':>6s} {'AP50':>6s} {'AP75':>6s} {'MAE':>6s} {'encodes/img':>11s}")
     with tempfile.TemporaryDirectory(prefix="bench-rescale-") as tmp:
