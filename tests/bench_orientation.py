@@ -23,6 +23,8 @@ import os
 import sys
 import tempfile
 
+import numpy as np
+
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -31,6 +33,7 @@ import trex2  # noqa: E402
 from bench_common import add_model_args, load_model  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
+from trex2.data import turn_boxes  # noqa: E402
 from trex2.image_io import load_image  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dev")
@@ -38,14 +41,11 @@ VIEWS = ("upright", "turn90", "turn180", "portrait", "landscape")
 
 
 def turn_box(box, w: float, h: float, quarter_turns: int) -> list[float]:
-    """COCO [x, y, w, h] in a w x h image -> the same box after 1 or 2 counter-clockwise quarter
-    turns of the image (a point (x, y) goes to (y, w - x) per turn)."""
+    """COCO [x, y, w, h] in a w x h image -> the same box after counter-clockwise quarter turns of
+    the image (trex2.data.turn_boxes)."""
     x, y, bw, bh = box
-    if quarter_turns == 1:
-        return [y, w - x - bw, bh, bw]
-    if quarter_turns == 2:
-        return [w - x - bw, h - y - bh, bw, bh]
-    raise ValueError(quarter_turns)
+    x0, y0, x1, y1 = turn_boxes(np.array([[x, y, x + bw, y + bh]]), w, h, quarter_turns)[0].tolist()
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def crop_window(w: int, h: int, view: str) -> tuple[int, int]:

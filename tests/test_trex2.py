@@ -681,6 +681,12 @@ def test_class_embeddings_rejects_other_files(tmp_path):
         trex2.load_class_embeddings(ckpt)
     with pytest.raises((ValueError, FileNotFoundError), match="nothere"):
         trex2.load_class_embeddings(str(tmp_path / "nothere.safetensors"))
+    from safetensors.torch import save_file
+    damaged = str(tmp_path / "damaged.safetensors")   # names and sizes disagree
+    save_file({"0.embedding": torch.zeros(4), "1.embedding": torch.zeros(4)}, damaged,
+              metadata={"format": "trex2-class-embeddings", "names": '["a", "b"]', "object_px": "[30.0]"})
+    with pytest.raises(ValueError, match="damaged.safetensors.*2 names, 1 sizes"):
+        trex2.load_class_embeddings(damaged)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1235,6 +1241,31 @@ def test_balance_sets_draws_each_real_set_equally(scene_cache):
     assert plain["large"] == pytest.approx(0.45, abs=0.04) and plain["small"] == pytest.approx(0.05, abs=0.02)
     assert balanced["large"] == pytest.approx(0.25, abs=0.04) and balanced["small"] == pytest.approx(0.25, abs=0.04)
     assert balanced["synthetic"] == pytest.approx(0.5, abs=0.04)
+
+
+def test_random_turn_turns_boxes_with_the_image():
+    """Each quarter turn moves a box where its pixels go (np.rot90 counter-clockwise); four turns
+    give the box back; random_turn draws 90, 180 and 270 degrees and keeps the labels."""
+    from trex2.data import random_turn, turn_boxes
+    image = np.zeros((30, 50, 3), np.uint8)
+    boxes = np.array([[10, 5, 20, 9], [0, 20, 7, 30]], np.float32)   # x0, y0, x1, y1 px
+    for i, (x0, y0, x1, y1) in enumerate(boxes.astype(int)):
+        image[y0:y1, x0:x1] = 100 + 100 * i
+    for k in (1, 2, 3):
+        turned = np.rot90(image, k)
+        for i, box in enumerate(turn_boxes(boxes, 50, 30, k)):
+            ys, xs = np.nonzero(turned[..., 0] == 100 + 100 * i)
+            assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    np.testing.assert_array_equal(turn_boxes(boxes, 50, 30, 4), boxes)
+    rng = np.random.default_rng(0)
+    shapes = set()
+    for _ in range(30):
+        im, b, lab = random_turn(rng, image, boxes, np.array([3, 4]))
+        shapes.add(im.shape)
+        assert lab.tolist() == [3, 4] and im.flags["C_CONTIGUOUS"]
+        assert b[:, 2].max() <= im.shape[1] and b[:, 3].max() <= im.shape[0]
+        assert not np.array_equal(im, image)
+    assert shapes == {(50, 30, 3), (30, 50, 3)}
 
 
 def test_compete_classes_halves_the_runner_up_only():

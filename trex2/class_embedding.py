@@ -44,6 +44,9 @@ def load_class_embeddings(path: str) -> dict[str, ClassEmbedding]:
                 raise ValueError(f"{path}: not a class-embedding file")
             names = json.loads(meta["names"])
             sizes = json.loads(meta.get("object_px", "null")) or [None] * len(names)  # older files: unknown
+            if not isinstance(names, list) or not isinstance(sizes, list) or len(sizes) != len(names):
+                raise ValueError(f"{path}: damaged class-embedding file ({len(names)} names, "
+                                 f"{len(sizes) if isinstance(sizes, list) else 'no'} sizes)")
             keys = set(f.keys())
             out = {}
             for i, name in enumerate(names):

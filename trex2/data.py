@@ -75,6 +75,25 @@ def random_crop(rng: np.random.Generator, image: np.ndarray, boxes_xyxy: np.ndar
     return image[y0:y0 + ch, x0:x0 + cw], clipped[keep], np.asarray(labels)[keep]
 
 
+def turn_boxes(boxes_xyxy: np.ndarray, w: float, h: float, quarter_turns: int) -> np.ndarray:
+    """(N, 4) x0, y0, x1, y1 px in a w x h image -> the same boxes after `quarter_turns`
+    counter-clockwise quarter turns of the image (as np.rot90 and PIL's ROTATE_90 turn it: a point
+    (x, y) goes to (y, w - x) per turn)."""
+    b = np.asarray(boxes_xyxy, np.float32).reshape(-1, 4)
+    for _ in range(quarter_turns % 4):
+        b = np.stack([b[:, 1], w - b[:, 2], b[:, 3], w - b[:, 0]], 1)
+        w, h = h, w
+    return b
+
+
+def random_turn(rng: np.random.Generator, image: np.ndarray, boxes_xyxy: np.ndarray, labels: np.ndarray):
+    """Orientation augmentation: the image turned by 90, 180 or 270 degrees (equally likely; a
+    landscape image becomes portrait two times in three), boxes with it -> (image, boxes, labels)."""
+    k = int(rng.integers(1, 4))
+    h, w = image.shape[:2]
+    return np.ascontiguousarray(np.rot90(image, k)), turn_boxes(boxes_xyxy, w, h, k), labels
+
+
 def train_sets(train_root: str):
     """Yield (name, directory) of each labelled set (a gt.json inside) under train_root, sorted;
     refuses a dev set."""

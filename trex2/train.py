@@ -20,7 +20,7 @@ import torch
 from .backbone import TUNABLE_BLOCKS
 from .box_ops import box_iou, cxcywh_to_xyxy, greedy_match, postprocess
 from .data import (SYNTHETIC_GROUP, CachedImage, EpisodeSampler, cache_image, hflip_boxes, random_crop,
-                   read_coco_set, train_sets)
+                   random_turn, read_coco_set, train_sets)
 from .losses import contrastive_alignment_loss, detection_loss
 from .matcher import hungarian_match, pad_targets, topk_inside_match
 from .model import DEFAULT_WEIGHTS, ModelConfig, TRex2, load_model
@@ -39,11 +39,13 @@ def _scene(args):
 
 
 def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, log, holdout: int = HOLDOUT,
-                zoom_out: int = 0, zoom_in: int = 0, workers: int = 1, max_images: int | None = None):
+                zoom_out: int = 0, zoom_in: int = 0, workers: int = 1, max_images: int | None = None,
+                turn: int = 0):
     """Backbone features of every training image -> (train, held). The first `holdout` images of each
     real set are kept apart (no augmentation) to calibrate the score threshold. Each other real image
-    also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas) and `zoom_in` random crops.
-    max_images: read only this many images of each real set (smoke tests)."""
+    also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas), `zoom_in` random crops and
+    `turn` turned copies (turned_views, appended last). max_images: read only this many images of
+    each real set (smoke tests)."""
     from . import synthetic
     global _SOURCES
     _SOURCES = synthetic.load_object_sources(train_root, rng=np.random.default_rng(seed))
@@ -83,7 +85,28 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
     finally:
         if pool is not None:
             pool.terminate()
-    return train, held
+    return train + turned_views(model, train_root, size, seed, log, holdout, turn, max_images), held
+
+
+def turned_views(model, train_root: str, size: int, seed: int, log, holdout: int = HOLDOUT, turn: int = 1,
+                 max_images: int | None = None) -> list[CachedImage]:
+    """`turn` copies of each real training image (not the held-out ones) turned by 90, 180 or 270
+    degrees (data.random_turn, drawn from their own generator), cached: the train sets are nearly
+    all landscape photos taken upright, while aerial or microscope images have no up."""
+    views = []
+    if turn <= 0:
+        return views
+    rng = np.random.default_rng([seed, 0, 90])
+    for name, set_dir in train_sets(train_root):
+        n0 = len(views)
+        for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
+            if max_images is not None and n >= max_images:
+                break
+            if n >= holdout:
+                views.extend(cache_image(model, *random_turn(rng, image, boxes, labels), name, size)
+                             for _ in range(turn))
+        log(f"cached {len(views) - n0} turned views of {name}")
+    return views
 
 
 def save_cache(train: list[CachedImage], held: list[CachedImage], path: str) -> None:
@@ -283,6 +306,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes generating synthetic scenes")
     ap.add_argument("--zoom-out", type=int, default=1, help="shrunk copies of each real training image")
     ap.add_argument("--zoom-in", type=int, default=1, help="random crops of each real training image")
+    ap.add_argument("--turn", type=int, default=0,
+                    help="copies of each real training image turned by 90, 180 or 270 degrees")
     ap.add_argument("--absent", type=float, default=0.0,
                     help="share of episodes prompting a category the target image lacks (no targets)")
     ap.add_argument("--balance-sets", action="store_true",
@@ -354,7 +379,8 @@ def main(argv=None) -> int:
         log(f"loaded {len(train)} training and {len(held)} held-out cached images from {args.cache}")
     else:
         train, held = build_cache(model, args.train_root, args.synthetic, args.size, args.seed, log,
-                                  args.holdout, args.zoom_out, args.zoom_in, args.workers, args.max_images)
+                                  args.holdout, args.zoom_out, args.zoom_in, args.workers, args.max_images,
+                                  args.turn)
         if args.cache:
             os.makedirs(os.path.dirname(args.cache) or ".", exist_ok=True)
             save_cache(train, held, args.cache)
@@ -423,7 +449,7 @@ def main(argv=None) -> int:
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
                           "synthetic_scenes": sum(im.group.startswith(SYNTHETIC_GROUP) for im in train),
-                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "lr": args.lr, "absent": args.absent,
+                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "turn": args.turn, "lr": args.lr, "absent": args.absent,
                           "train_images": len(train), "tune_backbone": args.tune_backbone, "denoise": args.denoise,
                           "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
                           "exclude_sets": sorted(exclude),
