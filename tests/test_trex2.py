@@ -1426,23 +1426,50 @@ def test_predictor_refines_boxes_and_old_weights_load_without_refiner(tmp_path):
     assert old.cfg.refine_iters == 0
 
 
-def test_train_refiner_command(tmp_path):
-    """`app.py train --refiner` on a tiny train root: the views cache is written (held-out images
-    left out), the refiner alone changes, and the saved weights load with the refiner on."""
+def write_squares_set(root, n: int = 3, h: int = SIZE, w: int = SIZE) -> list[np.ndarray]:
+    """A labelled train set of n squares_image pictures at root (gt.json + images/) -> their boxes."""
     from PIL import Image
-    from trex2.train import main as train_main
-    root = tmp_path / "train" / "squares"
     (root / "images").mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(3):
-        img, boxes = squares_image(seed=i)
+    images, annotations, all_boxes = [], [], []
+    for i in range(n):
+        img, boxes = squares_image(h, w, seed=i)
         Image.fromarray(img).save(root / "images" / f"{i}.png")
-        images.append({"id": i + 1, "file_name": f"{i}.png", "width": SIZE, "height": SIZE})
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
         annotations += [{"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
                          "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                          "area": float((x1 - x0) * (y1 - y0))} for x0, y0, x1, y1 in boxes]
+        all_boxes.append(boxes)
     (root / "gt.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                               "categories": [{"id": 1, "name": "square"}]}))
+    return all_boxes
+
+
+def test_turned_training_views(tmp_path):
+    """build_cache(turn=1) appends, after every other view, one turned copy of each real image but
+    the held-out ones, its boxes turned with it (90, 180 or 270 degrees: a landscape image may
+    become portrait, and its valid extent follows)."""
+    from trex2.data import turn_boxes
+    from trex2.train import build_cache
+    h, w = 192, SIZE
+    boxes = write_squares_set(tmp_path / "train" / "squares", n=4, h=h, w=w)
+    model = small_model(seed=2)
+    train, held = build_cache(model, str(tmp_path / "train"), 0, SIZE, 0, lambda m: None, holdout=1,
+                              zoom_out=1, turn=1)
+    assert len(held) == 1 and len(train) == 3 * 2 + 3
+    for view, b in zip(train[-3:], boxes[1:]):
+        got = cxcywh_to_xyxy(view.boxes) * SIZE
+        ks = [k for k in (1, 2, 3) if torch.allclose(got, torch.from_numpy(turn_boxes(b, w, h, k)), atol=1e-3)]
+        assert len(ks) == 1 and view.group == "squares"
+        assert view.valid_wh == ((h / SIZE, 1.0) if ks[0] % 2 else (1.0, h / SIZE))
+    plain, _ = build_cache(model, str(tmp_path / "train"), 0, SIZE, 0, lambda m: None, holdout=1, zoom_out=1)
+    assert len(plain) == 6 and all(torch.equal(a.boxes, b.boxes) for a, b in zip(plain, train))
+
+
+def test_train_refiner_command(tmp_path):
+    """`app.py train --refiner` on a tiny train root: the views cache is written (held-out images
+    left out), the refiner alone changes, and the saved weights load with the refiner on."""
+    from trex2.train import main as train_main
+    write_squares_set(tmp_path / "train" / "squares")
     model = small_model(seed=2)
     init, out, cache = (str(tmp_path / n) for n in ("init.safetensors", "out.safetensors", "views.pt"))
     model.save(init)

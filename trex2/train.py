@@ -376,7 +376,8 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.cache and os.path.isfile(args.cache):
         train, held = load_cache(args.cache, args.device)
-        log(f"loaded {len(train)} training and {len(held)} held-out cached images from {args.cache}")
+        log(f"loaded {len(train)} training and {len(held)} held-out cached images from {args.cache} "
+            "(the views it was built with: --synthetic, --zoom-out, --zoom-in and --turn do not change it)")
     else:
         train, held = build_cache(model, args.train_root, args.synthetic, args.size, args.seed, log,
                                   args.holdout, args.zoom_out, args.zoom_in, args.workers, args.max_images,
