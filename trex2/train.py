@@ -44,8 +44,10 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
     """Backbone features of every training image -> (train, held). The first `holdout` images of each
     real set are kept apart (no augmentation) to calibrate the score threshold. Each other real image
     also gets `zoom_out` shrunk copies (zoom 0.35..0.8 of the canvas), `zoom_in` random crops and
-    `turn` turned copies (turned_views, appended last). max_images: read only this many images of
-    each real set (smoke tests)."""
+    `turn` copies turned by 90, 180 or 270 degrees (data.random_turn, drawn from their own generator
+    and appended after all other views, so the other views do not change with `turn`; the train sets
+    are nearly all upright landscape photos, while aerial or microscope images have no up).
+    max_images: read only this many images of each real set (smoke tests)."""
     from . import synthetic
     global _SOURCES
     _SOURCES = synthetic.load_object_sources(train_root, rng=np.random.default_rng(seed))
@@ -58,10 +60,10 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
     else:
         scenes = map(_scene, jobs)
     try:
-        rng = np.random.default_rng(seed)
-        train, held = [], []
+        rng, turn_rng = np.random.default_rng(seed), np.random.default_rng([seed, 0, 90])
+        train, held, turned = [], [], []
         for name, set_dir in train_sets(train_root):
-            n0 = len(train)
+            n0, t0 = len(train), len(turned)
             for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
                 if max_images is not None and n >= max_images:
                     break
@@ -76,7 +78,9 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
                     crop = random_crop(rng, image, boxes, labels)
                     if crop is not None:
                         train.append(cache_image(model, *crop, name, size))
-            log(f"cached {len(train) - n0} training views of {name}")
+                turned.extend(cache_image(model, *random_turn(turn_rng, image, boxes, labels), name, size)
+                              for _ in range(turn))
+            log(f"cached {len(train) - n0} training views and {len(turned) - t0} turned ones of {name}")
         for s, (image, boxes, labels) in enumerate(scenes):
             if len(boxes):
                 train.append(cache_image(model, image, boxes, labels, f"{SYNTHETIC_GROUP}{s}", size))
@@ -85,28 +89,7 @@ def build_cache(model, train_root: str, n_synthetic: int, size: int, seed: int, 
     finally:
         if pool is not None:
             pool.terminate()
-    return train + turned_views(model, train_root, size, seed, log, holdout, turn, max_images), held
-
-
-def turned_views(model, train_root: str, size: int, seed: int, log, holdout: int = HOLDOUT, turn: int = 1,
-                 max_images: int | None = None) -> list[CachedImage]:
-    """`turn` copies of each real training image (not the held-out ones) turned by 90, 180 or 270
-    degrees (data.random_turn, drawn from their own generator), cached: the train sets are nearly
-    all landscape photos taken upright, while aerial or microscope images have no up."""
-    views = []
-    if turn <= 0:
-        return views
-    rng = np.random.default_rng([seed, 0, 90])
-    for name, set_dir in train_sets(train_root):
-        n0 = len(views)
-        for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
-            if max_images is not None and n >= max_images:
-                break
-            if n >= holdout:
-                views.extend(cache_image(model, *random_turn(rng, image, boxes, labels), name, size)
-                             for _ in range(turn))
-        log(f"cached {len(views) - n0} turned views of {name}")
-    return views
+    return train + turned, held
 
 
 def save_cache(train: list[CachedImage], held: list[CachedImage], path: str) -> None:
@@ -450,7 +433,8 @@ def main(argv=None) -> int:
     model.save(args.out, {"steps": step, "minutes": round((time.time() - t0) / 60, 1),
                           "calibration": cal, "seed": args.seed, "batch": args.batch,
                           "synthetic_scenes": sum(im.group.startswith(SYNTHETIC_GROUP) for im in train),
-                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "turn": args.turn, "lr": args.lr, "absent": args.absent,
+                          "zoom_out": args.zoom_out, "zoom_in": args.zoom_in, "turn": args.turn, "lr": args.lr,
+                          "absent": args.absent,
                           "train_images": len(train), "tune_backbone": args.tune_backbone, "denoise": args.denoise,
                           "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
                           "exclude_sets": sorted(exclude),
