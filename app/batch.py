@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -221,8 +222,9 @@ class PromptSource:
         self.prompt_set, self.embeddings = prompt_set, embeddings
 
     @classmethod
-    def load(cls, path: str) -> "PromptSource":
-        """Read and check ``path``; LabelError naming the file on any problem."""
+    def load(cls, path: str, ignore_text: bool = False) -> "PromptSource":
+        """Read and check ``path``; LabelError naming the file on any problem. ``ignore_text``: drop
+        the categories' text prompts (exemplars only)."""
         if not os.path.isfile(path):
             raise LabelError(f"prompts file not found: {path}")
         sha256 = _sha256(path)
@@ -240,12 +242,15 @@ class PromptSource:
             ps = read_prompts(path)
         except (ValueError, OSError) as e:
             raise LabelError(f"bad prompt file: {e}") from None
+        if ignore_text:
+            ps.categories = [dataclasses.replace(c, text=None) for c in ps.categories]
         if not ps.categories:
             raise LabelError(f"{path}: the prompt file has no categories")
         for c in ps.categories:
             if not ps.select(category=c.name, negative=False) and not c.text:
                 raise LabelError(f"{path}: category {c.name!r} has no positive exemplar (box or point) "
-                                 f"and no text prompt")
+                                 + ("(its text prompt is ignored: --ignore-text)" if ignore_text
+                                    else "and no text prompt"))
         return cls(path, "prompts", sha256, ps.category_names, prompt_set=ps)
 
     def check_image_sizes(self, images=None, skip_unreadable: bool = False) -> None:
@@ -307,7 +312,8 @@ class PromptSource:
         try:
             return predictor.embed_prompts(pos, negatives=neg or None, text=text)
         except trex2.TextEncoderUnavailable as e:
-            raise LabelError(f"category {name!r} has the text prompt {text!r}, but {e}") from None
+            raise LabelError(f"category {name!r} has the text prompt {text!r}, but {e}; "
+                             f"--ignore-text detects with the exemplars alone") from None
 
     @staticmethod
     def _prompts_on(ps, image, emb, name: str, negative: bool) -> list:
@@ -434,7 +440,8 @@ def append_record(f, rec: dict) -> None:
 
 # --------------------------------------------------------------------------- run
 def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: str = "auto",
-             weights: str | None = None, flip: bool = True, rescale: bool = True) -> dict:
+             weights: str | None = None, flip: bool = True, rescale: bool = True,
+             ignore_text: bool = False) -> dict:
     """What decides the detections; a resumed run must match it exactly. ``weights``: the
     model file (None: the shipped one), recorded by its SHA-256."""
     from trex2.model import DEFAULT_WEIGHTS
@@ -442,6 +449,7 @@ def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: s
     return {"image_dir": os.path.realpath(image_dir), "prompts_sha256": prompts.sha256,
             "prompts_kind": prompts.kind, "mode": "per-image" if per_image else "cross-image",
             "canvas": str(canvas), "flip": bool(flip), "rescale": bool(rescale),
+            "ignore_text": bool(ignore_text),
             "weights_sha256": _sha256(weights) if os.path.isfile(weights) else weights}
 
 
@@ -558,7 +566,7 @@ def _check_out(out: str, prompts_path: str) -> None:
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         score_threshold: float | None = None, resume: bool = False, predictor=None,
         weights: str | None = None, progress: bool = True, warn=None, canvas="auto",
-        flip: bool = True, rescale: bool | None = None) -> dict:
+        flip: bool = True, rescale: bool | None = None, ignore_text: bool = False) -> dict:
     """The ``label`` command as a function. Returns a summary dict ("out" None when no image could
     be read: OUT.json is then not written); raises LabelError on bad input.
     ``flip``: flip test-time augmentation (trex2.Predictor(flip=True)); a given ``predictor`` brings
@@ -566,7 +574,8 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     ``canvas``: "auto", a canvas long side in px, or a callable (abs_path, (H, W)) -> px used for
     every image, prompt images included (benchmarks).
     ``rescale``: the second look at each image at its objects' own scale (label_folder); None: on
-    with canvas "auto" or a callable, off with a fixed canvas."""
+    with canvas "auto" or a callable, off with a fixed canvas.
+    ``ignore_text``: the prompt file's text prompts are dropped (exemplars only)."""
     if warn is None:
         from tqdm import tqdm
         warn = lambda m: tqdm.write(f"app.py label: warning: {m}", file=sys.stderr)  # noqa: E731 (keeps the bar intact)
@@ -584,7 +593,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             file_names.append(rel)
     if not file_names:
         raise LabelError(f"no image files under {image_dir}")
-    prompts = PromptSource.load(prompts_path)
+    prompts = PromptSource.load(prompts_path, ignore_text)
     if per_image and prompts.kind == "embeddings":
         raise LabelError(f"--per-image needs a prompt file with exemplars on the images; "
                          f"{prompts_path} holds saved class embeddings")
@@ -601,7 +610,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
     if predictor is not None:
         flip = predictor.flip
     rescale = canvas in ("auto", "custom") if rescale is None else bool(rescale)
-    options = _options(image_dir, prompts, per_image, canvas, weights, flip, rescale)
+    options = _options(image_dir, prompts, per_image, canvas, weights, flip, rescale, ignore_text)
     records = _check_progress(out, options, resume)
     if resume and records is None:
         warn(f"--resume: no progress file {sidecar_path(out)}; starting from the beginning")
@@ -696,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
                          "image, whose confident boxes there are over 1.3x larger or smaller than its "
                          "exemplars, is searched there again at the scale that gives them the exemplars' "
                          "size and both looks are fused (README, 'Second look')")
+    ap.add_argument("--ignore-text", action="store_true",
+                    help="detect with the exemplars alone, ignoring the prompt file's text prompts (they "
+                         "need a CLIP model and weights trained with it, README 'Text prompts')")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     if a.threads is not None:
@@ -706,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = run(a.image_dir, a.prompts, a.out, per_image=a.per_image, score_threshold=a.score_threshold,
                 resume=a.resume, weights=a.weights, progress=not a.quiet, canvas=a.canvas,
-                flip=not a.no_flip, rescale=False if a.no_rescale else None)
+                flip=not a.no_flip, rescale=False if a.no_rescale else None, ignore_text=a.ignore_text)
     except LabelError as e:
         print(f"app.py label: error: {e}", file=sys.stderr)
         return 2

@@ -425,6 +425,27 @@ def test_text_prompt_without_text_encoder_is_a_clear_error(dataset, predictor, t
         batch.run(dataset["images"], pf, str(tmp_path / "o.json"), predictor=predictor, progress=False)
 
 
+def test_ignore_text_detects_with_the_exemplars_alone(dataset, clean_cross, predictor, tmp_path, monkeypatch):
+    """A prompt file whose category has exemplars and a text prompt: without a CLIP model the run
+    stops and names --ignore-text; with it, the detections are those of the exemplars alone."""
+    monkeypatch.delenv("TREX2_CLIP_DIR", raising=False)
+    src = json.loads(Path(dataset["cross"]).read_text())
+    src["categories"][0]["text"] = "a red disc"
+    pf = Path(dataset["cross"]).with_name("with_text.json")
+    pf.write_text(json.dumps(src))
+    with pytest.raises(batch.LabelError, match="text prompt 'a red disc'.*--ignore-text"):
+        batch.run(dataset["images"], str(pf), str(tmp_path / "o.json"), predictor=predictor, progress=False)
+    out = tmp_path / "ignored.json"
+    batch.run(dataset["images"], str(pf), str(out), predictor=predictor, progress=False, ignore_text=True)
+    assert json.loads(out.read_text())["annotations"] == clean_cross[0]["annotations"]
+    # a category with only a text prompt has nothing left to detect with
+    src["annotations"] = [a for a in src["annotations"] if a["category_id"] != 1]
+    pf.write_text(json.dumps(src))
+    with pytest.raises(batch.LabelError, match="'disc' has no positive exemplar.*ignored: --ignore-text"):
+        batch.run(dataset["images"], str(pf), str(tmp_path / "o2.json"), predictor=predictor, progress=False,
+                  ignore_text=True)
+
+
 def test_label_folder_generator_progress_and_cancel(dataset, predictor):
     classes = batch.PromptSource.load(dataset["cross"]).cross_image_classes(predictor)
     names = sorted(dataset["truth"])
