@@ -43,7 +43,8 @@ drawn on that same image (others get no detections). Negative exemplars, point p
 category text prompts are honoured. Each image is also searched mirrored left-right and the two
 sets of boxes fused (--no-flip: half the time, slightly worse boxes). In cross-image mode, an
 image whose objects come out much larger or smaller than the exemplars is searched again at their
-scale (--no-rescale: never). All detections above a low
+scale, and one where a class is not found at all is searched again at half the scale (--no-rescale:
+never). All detections above a low
 floor are written with their score; info.score_threshold is the recommended acceptance threshold.
 
 Progress is saved after every image in OUT.json.partial.jsonl: if a run stops (Ctrl-C, crash,
@@ -704,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no second look: by default (with --canvas auto) a class with no exemplar on an "
                          "image, whose confident boxes there are over 1.3x larger or smaller than its "
                          "exemplars, is searched there again at the scale that gives them the exemplars' "
-                         "size and both looks are fused (README, 'Second look')")
+                         "size and both looks are fused; a class found nowhere on an image is looked "
+                         "for again at half the canvas (README, 'Second look')")
     ap.add_argument("--ignore-text", action="store_true",
                     help="detect with the exemplars alone, ignoring the prompt file's text prompts (they "
                          "need a CLIP model and weights trained with it, README 'Text prompts')")

@@ -3,19 +3,29 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 
 __all__ = ["atomic_write_json", "atomic_write_text", "check_relative_posix"]
 
+_UMASK = os.umask(0o022)   # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder, fsync, os.replace."""
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file in the same folder, fsync, os.replace.
+    The file gets the permissions of the file it replaces, or those a plain open() would give."""
     path = Path(path)
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        os.fchmod(fd, mode)   # mkstemp makes it private (0600)
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
             f.flush()

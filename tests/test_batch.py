@@ -900,23 +900,17 @@ def test_per_image_skips_an_unreadable_prompted_image(dataset, predictor, tmp_pa
     assert top_k_precision(found, dataset["truth"]["img00.png"]["disc"]) >= 0.6
 
 
-def test_second_look_at_the_exemplars_scale(predictor, tmp_path):
-    """Cross-image exemplars of ~24 px squares; a target image whose squares are ~2.5x larger is
-    searched again at the canvas that gives them the exemplars' size (and its boxes are right), an
-    image whose squares match the exemplars is encoded once; rescale=False never looks twice."""
-    rng = np.random.default_rng(5)
-    small, small_boxes = draw_scene(rng, {"square": 6})
-    save_rgb(tmp_path / "prompt" / "p.png", small)
-    prompts = prompt_file(tmp_path / "prompt" / "p.json",
-                          [(tmp_path / "prompt" / "p.png", "square", b, None, False) for b in small_boxes["square"][:3]],
-                          categories=("square",))
-    big = np.full((SIZE, SIZE, 3), 190, np.uint8) + rng.integers(0, 12, (SIZE, SIZE, 3), dtype=np.uint8)
-    big_boxes = [[10, 12, 68, 70], [122, 14, 180, 72], [16, 124, 74, 182], [130, 134, 188, 192]]
-    for x0, y0, x1, y1 in big_boxes:
-        cv2.rectangle(big, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
-    save_rgb(tmp_path / "imgs" / "a_big.png", big)
-    same, _ = draw_scene(rng, {"square": 5})
-    save_rgb(tmp_path / "imgs" / "b_same.png", same)
+def squares_image(rng, boxes) -> np.ndarray:
+    """A noisy grey SIZE x SIZE RGB image with a filled square at each xyxy box."""
+    img = np.full((SIZE, SIZE, 3), 190, np.uint8) + rng.integers(0, 12, (SIZE, SIZE, 3), dtype=np.uint8)
+    for x0, y0, x1, y1 in boxes:
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
+    return img
+
+
+def label_both_ways(predictor, tmp_path: Path, prompts: str) -> dict:
+    """batch.run on tmp_path/imgs with the second look on and off -> {rescale: (canvas sizes of
+    every encode, output COCO dict)}."""
     runs = {}
     for rescale in (True, False):
         sizes = []
@@ -924,6 +918,29 @@ def test_second_look_at_the_exemplars_scale(predictor, tmp_path):
         batch.run(str(tmp_path / "imgs"), prompts, str(out), predictor=Recording(trex2.Predictor(predictor.model), sizes),
                   progress=False, rescale=rescale)
         runs[rescale] = sizes, json.loads(out.read_text())
+    return runs
+
+
+def small_square_prompts(rng, tmp_path: Path) -> str:
+    """A cross-image prompt file: 3 of the ~24 px squares of a scene saved in tmp_path/prompt."""
+    small, small_boxes = draw_scene(rng, {"square": 6})
+    save_rgb(tmp_path / "prompt" / "p.png", small)
+    return prompt_file(tmp_path / "prompt" / "p.json",
+                       [(tmp_path / "prompt" / "p.png", "square", b, None, False) for b in small_boxes["square"][:3]],
+                       categories=("square",))
+
+
+def test_second_look_at_the_exemplars_scale(predictor, tmp_path):
+    """Cross-image exemplars of ~24 px squares; a target image whose squares are ~2.5x larger is
+    searched again at the canvas that gives them the exemplars' size (and its boxes are right), an
+    image whose squares match the exemplars is encoded once; rescale=False never looks twice."""
+    rng = np.random.default_rng(5)
+    prompts = small_square_prompts(rng, tmp_path)
+    big_boxes = [[10, 12, 68, 70], [122, 14, 180, 72], [16, 124, 74, 182], [130, 134, 188, 192]]
+    save_rgb(tmp_path / "imgs" / "a_big.png", squares_image(rng, big_boxes))
+    same, _ = draw_scene(rng, {"square": 5})
+    save_rgb(tmp_path / "imgs" / "b_same.png", same)
+    runs = label_both_ways(predictor, tmp_path, prompts)
     # prompt image, a_big at 640 and again at 640 / 2.5, b_same at 640
     assert runs[True][0] == [640, 640, 256, 640] and runs[False][0] == [640, 640, 640]
     data = runs[True][1]
@@ -934,16 +951,73 @@ def test_second_look_at_the_exemplars_scale(predictor, tmp_path):
     assert (iou(big_boxes, found).max(1) >= 0.8).all(), top
 
 
+def test_blind_look_where_nothing_was_found(predictor, tmp_path):
+    """Cross-image exemplars of ~24 px squares; a target image with 9 squares of 58 px, which the
+    first look (640 px canvas) does not find above the threshold: the class is looked at again at
+    BLIND_LOOK_SCALE times the canvas, where the squares are found."""
+    from trex2.predictor import BLIND_LOOK_SCALE
+    rng = np.random.default_rng(5)
+    prompts = small_square_prompts(rng, tmp_path)
+    big_boxes = [[x, y, x + 58, y + 58] for y in (6, 78, 150) for x in (6, 78, 150)]
+    save_rgb(tmp_path / "imgs" / "big.png", squares_image(rng, big_boxes))
+    best = {}
+    for rescale, (sizes, data) in label_both_ways(predictor, tmp_path, prompts).items():
+        top = sorted(data["annotations"], key=lambda a: -a["score"])[:9]
+        found = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in top)]).reshape(-1, 4)
+        best[rescale] = sizes, top, (iou(big_boxes, found).max(1) >= 0.7).sum() if len(found) else 0
+        threshold = data["info"]["score_threshold"]
+    assert best[False][1][0]["score"] < threshold      # the premise: the first look finds nothing
+    assert best[False][0] == [640, 640] and best[True][0] == [640, 640, round(640 * BLIND_LOOK_SCALE)]
+    assert best[False][2] < 5 and best[True][2] >= 8, best
+    assert best[True][1][0]["score"] > best[False][1][0]["score"] + 0.1
+
+
+def test_blind_look_counts_only_where_it_scores_higher():
+    """Predictor.rescale_classes with a stand-in detector: a class with no box above the threshold
+    is searched again at BLIND_LOOK_SCALE times the canvas, and that look's boxes are fused in only
+    when its best score beats the first look's; a class found at its exemplars' size is not
+    looked at again."""
+    from types import SimpleNamespace
+    from trex2.class_embedding import ClassEmbedding
+    from trex2.predictor import BLIND_LOOK_SCALE, _detections
+
+    class Stub:
+        score_threshold = 0.3
+        model = SimpleNamespace(cfg=SimpleNamespace(image_size=640))
+
+        def __init__(self, second):
+            self.second = second
+
+        def detect(self, emb, classes, score_threshold=None, compete=True):
+            keep = np.isin(self.second.data["class_name"], list(classes))
+            return self.second[keep]
+
+    cls = {n: ClassEmbedding(torch.zeros(4), object_px=40.0) for n in ("a", "b")}
+    # "a": only a weak box; "b": a confident box at its exemplars' size (40 px at canvas 640)
+    first = _detections([[10, 10, 50, 50], [100, 100, 140, 140]], np.array([0.2, 0.6]), [0, 1], ["a", "b"])
+    for second_score, fused in ((0.5, True), (0.1, False)):
+        sizes = []
+        stub = Stub(_detections([[12, 12, 49, 52], [300, 300, 340, 340]], np.array([second_score, 0.05]),
+                                [0, 0], ["a"]))
+        parts = trex2.Predictor.rescale_classes(stub, first, cls, 640, (640, 640),
+                                                lambda size: sizes.append(size))
+        assert sizes == [round(640 * BLIND_LOOK_SCALE)]
+        rest, a = parts
+        assert list(rest.data["class_name"]) == ["b"] and list(a.data["class_name"]) == ["a"] * len(a)
+        if fused:   # the two overlapping boxes become one, scored by the mean
+            assert a.confidence.max() == pytest.approx((0.2 + second_score) / 2, abs=1e-6)
+        else:       # the first look's boxes, as they were
+            assert a.confidence.tolist() == pytest.approx([0.2]) and np.allclose(a.xyxy, [[10, 10, 50, 50]])
+
+
 def test_no_second_look_where_the_exemplars_are_drawn(predictor, tmp_path):
     """Exemplars drawn on the image itself set the scale there: an image with 3 prompted 36 px
     squares and 4 of 54 px, whose confident boxes would ask for a second look, is searched once."""
     from trex2.predictor import rescaled_size
     rng = np.random.default_rng(6)
-    img = np.full((SIZE, SIZE, 3), 190, np.uint8) + rng.integers(0, 12, (SIZE, SIZE, 3), dtype=np.uint8)
     small = [[4, 4, 40, 40], [4, 184, 40, 220], [184, 4, 220, 40]]
     large = [[60, 50, 114, 104], [130, 60, 184, 114], [50, 130, 104, 184], [120, 140, 174, 194]]
-    for x0, y0, x1, y1 in small + large:
-        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), SHAPES["square"], -1)
+    img = squares_image(rng, small + large)
     save_rgb(tmp_path / "imgs" / "mixed.png", img)
     # the premise: by its confident boxes alone, the image would be searched again
     one = trex2.Predictor(predictor.model)

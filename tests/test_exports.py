@@ -3,6 +3,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,19 @@ def test_write_is_atomic(tmp_path):
     write_coco(out, images[:1], cats, [])
     assert len(read_coco(out).images) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp files left
+
+
+def test_atomic_write_keeps_usual_permissions(tmp_path):
+    """A new file gets what open() would give (0666 less the umask), not the temp file's private
+    0600; a file that is replaced keeps its own permissions."""
+    from exports import atomic_write_text
+    fresh, plain = tmp_path / "fresh.json", tmp_path / "plain.json"
+    atomic_write_text(fresh, "{}")
+    plain.write_text("{}")
+    assert stat.S_IMODE(fresh.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    os.chmod(fresh, 0o640)
+    atomic_write_text(fresh, "[]")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o640 and fresh.read_text() == "[]"
 
 
 def test_annotations_from_detections():

@@ -23,7 +23,7 @@ import torch
 from .box_ops import (box_area, box_iou, cxcywh_to_xyxy, fuse_mirrored, mirror_boxes, nms, postprocess,
                       xyxy_to_cxcywh)
 from .class_embedding import ClassEmbedding
-from .model import TRex2
+from .model import STRIDE, TRex2
 
 if TYPE_CHECKING:   # imported where detections are built: training (trex2.train) runs without supervision
     import supervision as sv
@@ -53,6 +53,9 @@ SCALE_TOLERANCE = 1.3   # a class whose confident boxes on an image are this man
                         # smaller than its exemplars (in canvas px) is detected again at the canvas
                         # that gives them the exemplars' size (rescaled_size)
 SHARE_CANVAS_WITHIN = 1.2  # ... and classes asking for canvases this close share one (share_canvases)
+BLIND_LOOK_SCALE = 0.5  # a class with no box above the threshold on an image is looked at again at
+                        # this share of the canvas (objects larger than the exemplars are the
+                        # detector's weak side); that look counts only where it scores higher
 
 
 def canvas_size(image_hw: tuple[int, int], object_side: float | None, base: int,
@@ -565,18 +568,27 @@ class Predictor:
         larger or smaller than its exemplars (ClassEmbedding.object_px) is detected again at the
         canvas that gives them the exemplars' size (rescaled_size; encode(size) -> the image's
         embedding there), and its boxes from both looks are fused (fuse_mirrored: a box found in
-        one look only keeps half its score). Classes of `dets` not in `classes` are kept as they
-        are. Returns [dets without the classes looked at again, one part per class looked at
-        again], for a caller to merge (each part's class ids index its own classes)."""
+        one look only keeps half its score). A class with no box above the threshold (and a known
+        object_px) is looked at again blind, at BLIND_LOOK_SCALE times the canvas, in case its
+        objects here are larger than its exemplars; the two looks are fused only if the second
+        one's best score beats the first's, else the first look's boxes stay as they are. Classes
+        of `dets` not in `classes` are kept as they are. Returns [dets without the classes looked
+        at again, one part per class looked at again], for a caller to merge (each part's class
+        ids index its own classes)."""
         size = size or self.model.cfg.image_size
-        if not len(dets):
-            return [dets]
-        names = dets.data["class_name"]
-        ok = dets.confidence >= self.score_threshold
+        names = dets.data.get("class_name", np.array([], dtype=object))
+        ok = dets.confidence >= self.score_threshold if len(dets) else np.zeros(0, bool)
         xyxy, confident = dets.xyxy[ok], names[ok]
         sides = np.sqrt((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]))
-        wanted = [(new, name) for name, ce in classes.items()
-                  if (new := rescaled_size(size, image_hw, sides[confident == name], ce.object_px))]
+        wanted, blind = [], set()
+        for name, ce in classes.items():
+            mine = sides[confident == name]
+            new = rescaled_size(size, image_hw, mine, ce.object_px)
+            if new is None and not len(mine) and ce.object_px and BLIND_LOOK_SCALE:
+                new = max(64, round(size * BLIND_LOOK_SCALE / STRIDE) * STRIDE)
+                blind.add(name)
+            if new:
+                wanted.append((new, name))
         if not wanted:
             return [dets]
         again = share_canvases(wanted)
@@ -587,6 +599,9 @@ class Predictor:
             second = self.detect(encode(new), {n: classes[n] for n in ns}, score_threshold, compete=False)
             for name in ns:   # both looks fused like an image and its mirror: objects of other sizes stay
                 a, b = dets[names == name], second[second.data["class_name"] == name]
+                if name in blind and not (len(b) and (not len(a) or b.confidence.max() > a.confidence.max())):
+                    parts.append(a)
+                    continue
                 s, box = fuse_mirrored(torch.as_tensor(b.confidence), xyxy_to_cxcywh(torch.as_tensor(b.xyxy)),
                                        torch.as_tensor(a.confidence), xyxy_to_cxcywh(torch.as_tensor(a.xyxy)), floor)
                 parts.append(_detections(cxcywh_to_xyxy(box).numpy(), s.numpy(), np.zeros(len(s), int), [name]))
