@@ -15,13 +15,13 @@ removed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import hashlib
 import json
 import os
 import sys
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
