@@ -88,8 +88,14 @@ def rescaled_size(size: int, image_hw: tuple[int, int], sides_px, object_px: flo
     ratio = float(np.median(sides_px)) * size / max(image_hw) / object_px
     if abs(np.log(ratio)) <= np.log(tol):
         return None
-    new = int(min(max(64, round(size / ratio / 32) * 32), max(max_size, size)))
+    new = snap_canvas(size / ratio, size, max_size)
     return None if new == size else new
+
+
+def snap_canvas(px: float, size: int, max_size: int = MAX_CANVAS) -> int:
+    """A canvas long side near `px` for a second look at an image searched at canvas `size`: a
+    multiple of STRIDE, from 64 to max(max_size, size)."""
+    return int(min(max(64, round(px / STRIDE) * STRIDE), max(max_size, size)))
 
 
 def share_canvases(wanted: list[tuple[int, str]], within: float = SHARE_CANVAS_WITHIN) -> dict[int, list[str]]:
@@ -585,7 +591,7 @@ class Predictor:
             mine = sides[confident == name]
             new = rescaled_size(size, image_hw, mine, ce.object_px)
             if new is None and not len(mine) and ce.object_px and BLIND_LOOK_SCALE:
-                new = max(64, round(size * BLIND_LOOK_SCALE / STRIDE) * STRIDE)
+                new = snap_canvas(size * BLIND_LOOK_SCALE, size)
                 blind.add(name)
             if new:
                 wanted.append((new, name))
@@ -599,7 +605,8 @@ class Predictor:
             second = self.detect(encode(new), {n: classes[n] for n in ns}, score_threshold, compete=False)
             for name in ns:   # both looks fused like an image and its mirror: objects of other sizes stay
                 a, b = dets[names == name], second[second.data["class_name"] == name]
-                if name in blind and not (len(b) and (not len(a) or b.confidence.max() > a.confidence.max())):
+                scores_higher = len(b) and (not len(a) or b.confidence.max() > a.confidence.max())
+                if name in blind and not scores_higher:   # the blind look found nothing better
                     parts.append(a)
                     continue
                 s, box = fuse_mirrored(torch.as_tensor(b.confidence), xyxy_to_cxcywh(torch.as_tensor(b.xyxy)),
