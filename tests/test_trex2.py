@@ -270,9 +270,10 @@ def _zero_at_init(name: str) -> bool:
             or (name.startswith("decoder.box_heads.") and ".layers.2." not in name))
 
 
-@pytest.mark.parametrize("denoise", [False, True])
-def test_gradients_reach_every_trainable_parameter(scene_cache, denoise):
-    model = small_model(num_queries=50)
+@pytest.mark.parametrize("denoise,class_queries", [(False, False), (True, False), (False, True)])
+def test_gradients_reach_every_trainable_parameter(scene_cache, denoise, class_queries):
+    model = small_model(num_queries=50, class_queries=class_queries)
+    assert any(n.startswith("decoder.query_cond.") for n in trainable(model)) == class_queries
     model.train()
     # the box refiner trains apart (test_box_refiner_learns_to_move_boxes_onto_objects)
     params = {n: p for n, p in trainable(model).items() if not n.startswith("refiner.")}
@@ -514,6 +515,40 @@ def test_checkpoint_round_trip(tmp_path):
 
     with pytest.raises(FileNotFoundError):
         trex2.load_model(str(tmp_path / "missing.safetensors"))
+
+
+def test_class_queries_start_from_the_weights_own_outputs(tmp_path):
+    """add_class_queries() on trained weights changes no output and draws no random numbers; once
+    trained (perturbed here) the layers change the detections and survive a save/load round trip."""
+    model = confident(small_model(seed=4), 2.0)
+    perturb(model)
+    img, boxes = squares_image()
+
+    def run(m):
+        p = Predictor(m)
+        emb = p.encode_image(img)
+        dets = p.detect(emb, {"a": p.embed_prompts([(emb, boxes[:2])])})
+        assert len(dets) > 0
+        return dets.xyxy, dets.confidence
+
+    before = run(model)
+    state = torch.random.get_rng_state()
+    model.decoder.add_class_queries()
+    model.cfg.class_queries = True
+    assert torch.equal(state, torch.random.get_rng_state())
+    same = run(model)
+    assert np.array_equal(before[0], same[0]) and np.array_equal(before[1], same[1])
+    with torch.no_grad():
+        for p in model.decoder.query_cond.parameters():
+            p.add_(torch.randn(p.shape) * 0.2)
+    moved = run(model)
+    assert len(moved[1]) != len(before[1]) or not np.allclose(moved[1], before[1])
+    path = str(tmp_path / "cq.safetensors")
+    model.save(path)
+    loaded = trex2.load_model(path)
+    assert loaded.cfg.class_queries and loaded.decoder.query_cond is not None
+    again = run(loaded)
+    assert np.array_equal(moved[0], again[0]) and np.array_equal(moved[1], again[1])
 
 
 def test_tuned_backbone_trains_saves_and_loads(tmp_path, scene_cache):

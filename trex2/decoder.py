@@ -7,6 +7,8 @@
 3. Decoder layers: self-attention between queries, deformable cross-attention to the image tokens
    around the reference box, FFN; each layer refines the box (iterative refinement in logit space)
    and is classified by the dot product with the class embedding.
+Optionally (class_queries, not in T-Rex2) a linear map of the class embedding is added to the queries
+before each layer, so that where they look and how they box can depend on the prompt.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ class DecoderLayer(nn.Module):
 
 class BoxDecoder(nn.Module):
     def __init__(self, d: int = 128, n_levels: int = 3, layers: int = 3, n_heads: int = 4,
-                 n_points: int = 4, d_ffn: int = 512):
+                 n_points: int = 4, d_ffn: int = 512, class_queries: bool = False):
         super().__init__()
         self.enc_output = nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d))
         self.enc_box = MLP(d, d, 4, 3)
@@ -80,6 +82,18 @@ class BoxDecoder(nn.Module):
             nn.init.zeros_(head.layers[-1].weight)
             nn.init.zeros_(head.layers[-1].bias)
         self.d = d
+        self.query_cond = None
+        if class_queries:
+            self.add_class_queries()
+
+    def add_class_queries(self) -> None:
+        """Per layer, a linear map (d -> d) of the class embedding added to every query, initialised
+        to zero so that trained weights without it give the same outputs. Draws no random numbers."""
+        with torch.random.fork_rng(devices=[]):   # leave the seeded stream of a training run alone
+            self.query_cond = nn.ModuleList(nn.Linear(self.d, self.d) for _ in self.layers)
+        for lin in self.query_cond:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
     def precompute(self, memory, shapes) -> dict:
         """Class-independent work on an image's tokens (cached per image by the predictor):
@@ -117,7 +131,9 @@ class BoxDecoder(nn.Module):
         forward() starts them from the selected proposals; training also starts them from noised
         target boxes (denoising, as in DN-DETR / DINO)."""
         outputs = []
-        for layer, box_head in zip(self.layers, self.box_heads):
+        for i, (layer, box_head) in enumerate(zip(self.layers, self.box_heads)):
+            if self.query_cond is not None:
+                q = q + self.query_cond[i](class_emb)[:, None]
             pos = self.query_pos(sine_embed(ref, self.d // 2))
             q = layer(q, pos, ref, memory, shapes)
             boxes = (box_head(q) + inverse_sigmoid(ref)).sigmoid()

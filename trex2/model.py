@@ -40,6 +40,7 @@ class ModelConfig:
     nms_iou: float = 0.7           # duplicate suppression between queries of one class
     tune_backbone: bool = False    # backbone blocks after stride 8 fine-tuned, saved with the weights
     refine_iters: int = 0          # box refiner passes on each detection (0: off; train.py --refiner)
+    class_queries: bool = False    # decoder queries conditioned on the class embedding (train.py --class-queries)
 
 
 class TRex2(nn.Module):
@@ -51,7 +52,8 @@ class TRex2(nn.Module):
         self.encoder = ImageEncoder(OUT_CHANNELS, cfg.d_model, cfg.enc_layers, **kw,
                                     first_query_level=cfg.enc_first_query_level)
         self.prompt_encoder = PromptEncoder(cfg.d_model, len(OUT_CHANNELS), cfg.prompt_layers, **kw)
-        self.decoder = BoxDecoder(cfg.d_model, len(OUT_CHANNELS), cfg.dec_layers, **kw)
+        self.decoder = BoxDecoder(cfg.d_model, len(OUT_CHANNELS), cfg.dec_layers, **kw,
+                                  class_queries=cfg.class_queries)
         self.refiner = BoxRefiner()   # trained apart on labelled images of the user's domain (--refiner)
         self.text_encoder = None   # attached by attach_text_encoder()
         self.text_proj_state: dict[str, torch.Tensor] = {}   # trained text projection, if shipped

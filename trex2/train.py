@@ -316,6 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--denoise", action="store_true",
                     help="add denoising queries (noised target boxes to be boxed back, DN-DETR / DINO)")
     ap.add_argument("--init", default=None, help="start from these weights")
+    ap.add_argument("--class-queries", action="store_true",
+                    help="condition the decoder queries on the class embedding (new layers start at zero, "
+                         "so --init weights without them start from their own outputs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
@@ -345,6 +348,9 @@ def main(argv=None) -> int:
         model = TRex2(ModelConfig(d_model=args.d_model, enc_layers=args.enc_layers,
                                   dec_layers=args.dec_layers, image_size=args.size))
     model.cfg.num_queries = args.queries
+    if args.class_queries and model.decoder.query_cond is None:
+        model.cfg.class_queries = True
+        model.decoder.add_class_queries()
     if args.tune_backbone:
         model.cfg.tune_backbone = True
         for i in TUNABLE_BLOCKS:
@@ -438,6 +444,7 @@ def main(argv=None) -> int:
                           "train_images": len(train), "tune_backbone": args.tune_backbone, "denoise": args.denoise,
                           "backbone_lr_scale": args.backbone_lr_scale if args.tune_backbone else None,
                           "exclude_sets": sorted(exclude),
+                          "class_queries": model.cfg.class_queries,
                           "balance_sets": args.balance_sets})
     log(f"saved {args.out} after {step} steps")
     return 0
