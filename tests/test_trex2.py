@@ -1524,3 +1524,48 @@ def test_train_refiner_command(tmp_path):
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"refiner"}
     assert train_main(args) == 0     # again, from the cache
+
+
+def test_train_refiner_on_own_labels(tmp_path, capsys):
+    """`train --refiner --labels FILE --images DIR`: every image of the file is used (none held
+    out), boxes with a score are left out, an image whose size differs from the file's is skipped
+    with a warning; a file with only detections is refused; --labels needs --refiner."""
+    from trex2.train import main as train_main
+    boxes = write_squares_set(tmp_path / "mine", n=3)
+    gt_path = tmp_path / "mine" / "gt.json"
+    gt = json.loads(gt_path.read_text())
+    gt["images"][2]["width"] += 10                                  # drawn on another size
+    gt["annotations"].append({"id": 99, "image_id": 1, "category_id": 1, "bbox": [100, 100, 50, 50],
+                              "area": 2500.0, "iscrowd": 0, "score": 0.9})
+    gt_path.write_text(json.dumps(gt))
+    init, out, cache = (str(tmp_path / n) for n in ("init.safetensors", "out.safetensors", "views.pt"))
+    small_model(seed=2).save(init)
+    common = ["--refiner", "--init", init, "--out", out, "--synthetic", "0", "--batch", "2", "--steps", "3",
+              "--warmup", "2", "--lr", "1e-3", "--threads", "1"]
+    assert train_main(common + ["--labels", str(gt_path), "--images", str(tmp_path / "mine" / "images"),
+                                "--refiner-cache", cache]) == 0
+    assert "skipped 2.png" in capsys.readouterr().err
+    views = torch.load(cache, weights_only=True)
+    assert len(views) in (3, 4)                                     # 2 images, each with a crop if it kept boxes
+    got = cxcywh_to_xyxy(views[0][1]) * SIZE                      # the first image: its 4 labels,
+    assert got.shape == (4, 4) and torch.allclose(got, torch.from_numpy(boxes[0]), atol=1e-3)   # not the scored box
+    trained = trex2.load_model(out)
+    assert trained.cfg.refine_iters == 2 and trained.extra["refiner"]["labels"] == ["gt.json"]
+
+    for a in gt["annotations"]:
+        a["score"] = 0.5
+    gt_path.write_text(json.dumps(gt))
+    with pytest.raises(SystemExit, match="no labelled boxes"):
+        train_main(common + ["--labels", str(gt_path), "--images", str(tmp_path / "mine" / "images")])
+    with pytest.raises(SystemExit):
+        train_main(common[1:] + ["--labels", str(gt_path)])        # without --refiner
+    assert "add --refiner" in capsys.readouterr().err
+    no_out = [a for a in common if a not in ("--out", out)]
+    with pytest.raises(SystemExit):
+        train_main(no_out + ["--labels", str(gt_path)])              # would overwrite the shipped weights
+    assert "--out FILE.safetensors" in capsys.readouterr().err
+    gt_path.write_text("{")
+    with pytest.raises(SystemExit):
+        train_main(common + ["--labels", str(gt_path)])
+    err = capsys.readouterr().err
+    assert "--labels:" in err and "not valid JSON" in err

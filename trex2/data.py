@@ -108,15 +108,35 @@ def train_sets(train_root: str):
 
 def read_coco_set(set_dir: str):
     """Yield (image RGB, boxes xyxy (N, 4), labels (N,)) for <set_dir>/gt.json + images/."""
+    yield from read_labelled(os.path.join(set_dir, "gt.json"), os.path.join(set_dir, "images"))
+
+
+def read_labelled(gt_path: str, images_dir: str, warn=None):
+    """Yield (image RGB, boxes xyxy (N, 4) pixels, labels (N,) category index) of each image of a
+    COCO file (file names relative to images_dir) that has boxes over 1 px. Annotations with a score
+    are detections, not labels, and are left out. With `warn` (a callable taking a message), an
+    image that cannot be read, or whose size differs from the file's width/height, is skipped with a
+    warning instead of raising."""
     from exports import read_coco  # dataset formats live in exports/
-    gt = read_coco(os.path.join(set_dir, "gt.json"))
+    from .image_io import ImageLoadError
+    gt = read_coco(gt_path)
     cat_index = {name: i for i, name in enumerate(gt.categories)}
     for record in gt.images:
         anns = [a for a in gt.annotations_for(record.file_name)
-                if a.box[2] - a.box[0] > 1 and a.box[3] - a.box[1] > 1]
+                if a.score is None and a.box[2] - a.box[0] > 1 and a.box[3] - a.box[1] > 1]
         if not anns:
             continue
-        image = load_image(os.path.join(set_dir, "images", record.file_name))
+        try:
+            image = load_image(os.path.join(images_dir, record.file_name))
+        except ImageLoadError as e:
+            if warn is None:
+                raise
+            warn(f"skipped {record.file_name}: {e}")
+            continue
+        if warn is not None and image.shape[:2] != (record.height, record.width):
+            warn(f"skipped {record.file_name}: it is {image.shape[1]} x {image.shape[0]} px, the labels "
+                 f"were drawn on {record.width} x {record.height}")
+            continue
         yield (image, np.array([a.box for a in anns], np.float32),
                np.array([cat_index[a.category] for a in anns]))
 

@@ -281,7 +281,8 @@ def calibrate_threshold(model, images: list[CachedImage], seed: int = 1, episode
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="app.py train", description=__doc__)
-    ap.add_argument("--out", default=DEFAULT_WEIGHTS)
+    ap.add_argument("--out", default=None, help="weights to write (default: the shipped weights' file; "
+                    "required with --labels)")
     ap.add_argument("--train-root", default=DEFAULT_TRAIN_ROOT)
     ap.add_argument("--cache", default="cache/train_features.pt",
                     help="feature cache (built if missing; '' to build in memory only)")
@@ -301,21 +302,25 @@ def main(argv=None) -> int:
                     help="also fine-tune the backbone blocks after stride 8 (saved with the weights)")
     ap.add_argument("--backbone-lr-scale", type=float, default=0.1,
                     help="learning rate of the fine-tuned backbone blocks, as a fraction of --lr")
-    ap.add_argument("--synthetic", type=int, default=800, help="number of synthetic scenes")
+    ap.add_argument("--synthetic", type=int, default=None, help="number of synthetic scenes (default 800; "
+                    "600 with --refiner)")
     ap.add_argument("--holdout", type=int, default=HOLDOUT, help="images per real set kept for calibration")
     ap.add_argument("--max-images", type=int, default=None, help="read only this many images per real set (smoke tests)")
-    ap.add_argument("--steps", type=int, default=100000)
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: until --minutes; "
+                    "3000 with --refiner)")
     ap.add_argument("--minutes", type=float, default=60.0, help="stop after this much training time")
     ap.add_argument("--deadline", type=float, default=None,
                     help="also stop training at this Unix time (leaves time to calibrate and save)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--warmup", type=int, default=200, help="linear warm-up steps")
+    ap.add_argument("--batch", type=int, default=None, help="episodes per step (default 4; with --refiner, "
+                    "images of 16 boxes, default 16)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-4; 1e-3 with --refiner)")
+    ap.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 200; 100 with --refiner)")
     ap.add_argument("--queries", type=int, default=300, help="decoder queries per episode in training "
                     "and per class at inference (saved in the weights' config)")
     ap.add_argument("--denoise", action="store_true",
                     help="add denoising queries (noised target boxes to be boxed back, DN-DETR / DINO)")
-    ap.add_argument("--init", default=None, help="start from these weights")
+    ap.add_argument("--init", default=None, help="start from these weights (with --refiner, default: the "
+                    "shipped weights)")
     ap.add_argument("--class-queries", action="store_true",
                     help="condition the decoder queries on the class embedding (new layers start at zero, "
                          "so --init weights without them start from their own outputs)")
@@ -324,10 +329,17 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
     ap.add_argument("--refiner", action="store_true",
                     help="train only the box refiner (box_refiner.py) of the --init weights, on the "
-                         "--train-root sets plus --synthetic procedural scenes (--batch images of 16 boxes "
+                         "--labels files or the --train-root sets, plus --synthetic procedural scenes (--batch images of 16 boxes "
                          "per step; --lr, --warmup, --steps, --minutes)")
-    ap.add_argument("--refiner-cache", default="cache/refiner_views.pt",
-                    help="backbone maps the refiner trains on (built if missing; '' to keep in memory only)")
+    ap.add_argument("--labels", action="append", default=[], metavar="COCO.json",
+                    help="with --refiner: train it on these labels of your own (repeatable; e.g. the app's "
+                         "COCO export of accepted boxes) instead of --train-root; boxes with a score are "
+                         "left out")
+    ap.add_argument("--images", default=None, metavar="DIR",
+                    help="folder the --labels file names are relative to (default: the file's folder)")
+    ap.add_argument("--refiner-cache", default=None,
+                    help="backbone maps the refiner trains on, built if missing (default: "
+                         "cache/refiner_views.pt for --train-root, none for --labels; '' for none)")
     ap.add_argument("--clip-dir", default=None,
                     help="local CLIP text model: also train the text projection (contrastive alignment "
                          "of category names with visual class embeddings)")
@@ -336,8 +348,31 @@ def main(argv=None) -> int:
     ap.add_argument("--dec-layers", type=int, default=ModelConfig.dec_layers)
     ap.add_argument("--d-model", type=int, default=ModelConfig.d_model)
     args = ap.parse_args(argv)
+    defaults = (dict(synthetic=600, steps=3000, batch=16, lr=1e-3, warmup=100) if args.refiner else
+                dict(synthetic=800, steps=100000, batch=4, lr=2e-4, warmup=200))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.refiner and not args.init:
-        ap.error("--refiner needs --init: the trained weights to add a box refiner to")
+        args.init = DEFAULT_WEIGHTS   # the trained weights to add a box refiner to
+    if (args.labels or args.images) and not args.refiner:
+        ap.error("--labels and --images train the box refiner: add --refiner")
+    if args.out is None:
+        if args.labels:
+            ap.error("with --labels, say where to save the weights with your refiner: --out FILE.safetensors")
+        args.out = DEFAULT_WEIGHTS
+    from exports import read_coco   # dataset formats live in exports/
+    for path in args.labels:
+        if not os.path.isfile(path):
+            ap.error(f"--labels: no such file: {path}")
+        try:
+            read_coco(path)
+        except ValueError as e:   # also json.JSONDecodeError
+            ap.error(f"--labels: {e}")
+    if args.images and not os.path.isdir(args.images):
+        ap.error(f"--images: no such folder: {args.images}")
+    if args.refiner_cache is None:
+        args.refiner_cache = "" if args.labels else "cache/refiner_views.pt"
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -385,7 +420,6 @@ def main(argv=None) -> int:
 
     names_of: dict[str, list[str]] = {}
     if args.clip_dir:
-        from exports import read_coco
         model.attach_text_encoder(args.clip_dir, require_trained=False)
         for name, set_dir in train_sets(args.train_root):
             names_of[name] = read_coco(os.path.join(set_dir, "gt.json")).categories

@@ -1,7 +1,7 @@
 """Training the box refiner (box_refiner.py) on a frozen, trained model: `python app.py train --refiner`.
 
-Views: every real training image (the first `holdout` of each set stay out, as in train.py) in its
-square canvas, plus one random crop of it enlarged to the canvas (larger objects), plus procedural
+Views: every labelled image (the train sets' with the first `holdout` of each kept out, as in
+train.py; or the user's own labels, `--labels`) in its square canvas, plus one random crop of it enlarged to the canvas (larger objects), plus procedural
 synthetic scenes (exact boxes: human labels alone taught it to box flat shapes loosely); the
 backbone's stride-4, -8 and -16 maps are kept as float16. A step jitters labelled boxes (centre
 moved by N(0, s) of the side, s up to 0.15; sides scaled by exp(N(0, s)), s up to 0.25), assigns
@@ -22,17 +22,18 @@ import torch.nn.functional as F
 
 from .box_ops import box_iou, cxcywh_to_xyxy, generalized_box_iou
 from .box_refiner import BoxRefiner, encode_deltas
-from .data import cache_image, random_crop, read_coco_set, train_sets
+from .data import cache_image, random_crop, read_labelled, train_sets
 
 MIN_IOU = 0.35                  # a jittered box trains toward the labelled box it overlaps this much
 CENTRE_JITTER, SIZE_JITTER = 0.15, 0.25   # largest jitter sigmas (fraction of the side; log size)
 
 
-def refiner_views(model, train_root: str, holdout: int, seed: int, log, max_images: int | None = None,
+def refiner_views(model, sources: list, seed: int, log, max_images: int | None = None,
                   n_synthetic: int = 0) -> list:
     """[(maps [(C, h, w) float16 at strides 4, 8, 16], boxes (N, 4) canvas cx, cy, w, h)] of every
-    real training image and one enlarged random crop of each, then n_synthetic procedural scenes
-    (synthetic.py without photo crops: flat and textured shapes whose boxes are exact)."""
+    labelled image and one enlarged random crop of each, then n_synthetic procedural scenes
+    (synthetic.py without photo crops: flat and textured shapes whose boxes are exact).
+    sources: [(name, COCO file, images folder, images kept out)], see label_sources()."""
     from . import synthetic
     rng = np.random.default_rng(seed)
     views = []
@@ -41,8 +42,8 @@ def refiner_views(model, train_root: str, holdout: int, seed: int, log, max_imag
         im = cache_image(model, image, boxes, np.zeros(len(boxes), int), "", model.cfg.image_size, stride4=True)
         views.append((im.features[:3], im.boxes))
 
-    for name, set_dir in train_sets(train_root):
-        for n, (image, boxes, labels) in enumerate(read_coco_set(set_dir)):
+    for name, gt_path, images_dir, holdout in sources:
+        for n, (image, boxes, labels) in enumerate(read_labelled(gt_path, images_dir, warn=log)):
             if max_images is not None and n >= max_images:
                 break
             if n < holdout:
@@ -57,6 +58,17 @@ def refiner_views(model, train_root: str, holdout: int, seed: int, log, max_imag
         add(scene.image, scene.boxes)
     log(f"refiner views: {len(views)} with {n_synthetic} synthetic scenes")
     return views
+
+
+def label_sources(args) -> list:
+    """What the refiner trains on: each --labels COCO file (file names relative to --images, or to
+    the file's own folder; all its images), else every set under --train-root (the first --holdout
+    images of each kept out, as in train.py)."""
+    if args.labels:
+        return [(os.path.basename(p), p, args.images or os.path.dirname(os.path.abspath(p)), 0)
+                for p in args.labels]
+    return [(name, os.path.join(d, "gt.json"), os.path.join(d, "images"), args.holdout)
+            for name, d in train_sets(args.train_root)]
 
 
 def jitter(boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -102,13 +114,15 @@ def train_refiner(model, args, log) -> None:
         log(f"loaded {len(views)} refiner views from {args.refiner_cache}")
     else:
         with torch.no_grad():
-            views = refiner_views(model, args.train_root, args.holdout, args.seed, log, args.max_images,
-                                  args.synthetic)
+            views = refiner_views(model, label_sources(args), args.seed, log, args.max_images, args.synthetic)
         if args.refiner_cache:
             os.makedirs(os.path.dirname(args.refiner_cache) or ".", exist_ok=True)
             torch.save(views, args.refiner_cache + ".tmp")
             os.replace(args.refiner_cache + ".tmp", args.refiner_cache)
     views = [v for v in views if len(v[1])]
+    if not views:
+        raise SystemExit("no labelled boxes to train the box refiner on (annotations with a score are "
+                         "detections, not labels, and are left out)")
     refiner = model.refiner.train()
     opt = torch.optim.AdamW(refiner.parameters(), lr=args.lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
@@ -141,7 +155,8 @@ def train_refiner(model, args, log) -> None:
     if not model.cfg.refine_iters:
         model.cfg.refine_iters = 2
     model.extra = {**model.extra, "refiner": {
-        "steps": step, "views": len(views), "synthetic": args.synthetic, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "steps": step, "views": len(views), "labels": [os.path.basename(p) for p in args.labels],
+        "synthetic": args.synthetic, "batch": args.batch, "lr": args.lr, "seed": args.seed,
         "minutes": round((time.time() - start) / 60, 1)}}
     model.save(args.out, model.extra)
     log(f"saved {args.out} (refiner: {step} steps)")
