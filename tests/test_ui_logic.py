@@ -948,6 +948,10 @@ def test_export_lists_the_images_once(project, engine, tmp_path, monkeypatch):
         calls.clear()
         _, msg = on_export(Session(project, tmp_path), fmt, False)
         assert "3 images, 1 accepted boxes" in msg and len(calls) == 1
+        assert "--refiner" not in msg                     # boxes on 1 image: too few to fit the refiner
+    monkeypatch.setattr("app.ui.REFINER_HINT_IMAGES", 1)
+    path, msg = on_export(Session(project, tmp_path), "COCO", False)
+    assert f"--labels {Path(path).name} --images {project.root}" in msg
 
 
 def test_search_gallery_opens_the_image_shown_after_images_were_added(project, engine, tmp_path):
