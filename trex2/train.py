@@ -329,8 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-only", action="store_true", help="build the feature cache and stop")
     ap.add_argument("--refiner", action="store_true",
                     help="train only the box refiner (box_refiner.py) of the --init weights, on the "
-                         "--labels files or the --train-root sets, plus --synthetic procedural scenes (--batch images of 16 boxes "
-                         "per step; --lr, --warmup, --steps, --minutes)")
+                         "--labels files or the --train-root sets, plus --synthetic procedural scenes "
+                         "(--batch images of 16 boxes per step; --lr, --warmup, --steps, --minutes)")
     ap.add_argument("--labels", action="append", default=[], metavar="COCO.json",
                     help="with --refiner: train it on these labels of your own (repeatable; e.g. the app's "
                          "COCO export of accepted boxes) instead of --train-root; boxes with a score are "

@@ -1,14 +1,15 @@
 """Training the box refiner (box_refiner.py) on a frozen, trained model: `python app.py train --refiner`.
 
-Views: every labelled image (the train sets' with the first `holdout` of each kept out, as in
-train.py; or the user's own labels, `--labels`) in its square canvas, plus one random crop of it enlarged to the canvas (larger objects), plus procedural
-synthetic scenes (exact boxes: human labels alone taught it to box flat shapes loosely); the
-backbone's stride-4, -8 and -16 maps are kept as float16. A step jitters labelled boxes (centre
-moved by N(0, s) of the side, s up to 0.15; sides scaled by exp(N(0, s)), s up to 0.25), assigns
-each jittered box the labelled box it overlaps most (IoU >= 0.35) and trains the refiner to move it
-there: smooth L1 on the normalised deltas + GIoU, and BCE of the predicted IoU against the IoU the
-refined box reaches. It learns the box conventions of the sets it trains on; on domains left out
-of its training it lowered AP (README, item 12 of "The shipped run"), so train it on your own.
+Views: every labelled image (the train sets', the first `holdout` of each kept out as in train.py;
+or the user's own labels, `--labels`) in its square canvas, plus one random crop of it enlarged to
+the canvas (larger objects), plus procedural synthetic scenes (exact boxes: human labels alone
+taught it to box flat shapes loosely); the backbone's stride-4, -8 and -16 maps are kept as
+float16. A step jitters labelled boxes (centre moved by N(0, s) of the side, s up to 0.15; sides
+scaled by exp(N(0, s)), s up to 0.25), assigns each jittered box the labelled box it overlaps most
+(IoU >= 0.35) and trains the refiner to move it there: smooth L1 on the normalised deltas + GIoU,
+and BCE of the predicted IoU against the IoU the refined box reaches. It learns the box conventions
+of the sets it trains on; on domains left out of its training it lowered AP (README, item 12 of
+"The shipped run"), so train it on your own.
 """
 from __future__ import annotations
 
