@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .box_ops import box_area, xyxy_to_cxcywh
-from .image_io import load_image
+from .image_io import ImageLoadError, load_image
 
 
 @dataclass
@@ -114,11 +114,10 @@ def read_coco_set(set_dir: str):
 def read_labelled(gt_path: str, images_dir: str, warn=None):
     """Yield (image RGB, boxes xyxy (N, 4) pixels, labels (N,) category index) of each image of a
     COCO file (file names relative to images_dir) that has boxes over 1 px. Annotations with a score
-    are detections, not labels, and are left out. With `warn` (a callable taking a message), an
-    image that cannot be read, or whose size differs from the file's width/height, is skipped with a
-    warning instead of raising."""
+    are detections, not labels, and are left out. An image that cannot be read, or whose size
+    differs from the file's width/height, raises ImageLoadError; with `warn` (a callable taking a
+    message) it is skipped with a warning instead."""
     from exports import read_coco  # dataset formats live in exports/
-    from .image_io import ImageLoadError
     gt = read_coco(gt_path)
     cat_index = {name: i for i, name in enumerate(gt.categories)}
     for record in gt.images:
@@ -128,14 +127,13 @@ def read_labelled(gt_path: str, images_dir: str, warn=None):
             continue
         try:
             image = load_image(os.path.join(images_dir, record.file_name))
+            if image.shape[:2] != (record.height, record.width):
+                raise ImageLoadError(f"it is {image.shape[1]} x {image.shape[0]} px, the labels were "
+                                     f"drawn on {record.width} x {record.height}")
         except ImageLoadError as e:
             if warn is None:
                 raise
             warn(f"skipped {record.file_name}: {e}")
-            continue
-        if warn is not None and image.shape[:2] != (record.height, record.width):
-            warn(f"skipped {record.file_name}: it is {image.shape[1]} x {image.shape[0]} px, the labels "
-                 f"were drawn on {record.width} x {record.height}")
             continue
         yield (image, np.array([a.box for a in anns], np.float32),
                np.array([cat_index[a.category] for a in anns]))
