@@ -295,6 +295,12 @@ class Project:
         """Side file holding class embeddings loaded into this project."""
         return self.path.with_name(self.path.stem + ".embeddings.safetensors")
 
+    @property
+    def refiner_path(self) -> Path:
+        """Side file holding the weights with a box refiner fitted to this project's accepted boxes
+        (app.refiner_job)."""
+        return self.path.with_name(self.path.stem + ".refiner.safetensors")
+
     def _disk_stamp(self) -> tuple | None:
         try:
             st = os.stat(self.path)
@@ -840,15 +846,17 @@ class Project:
         return [(im.file, b.cls, b.xyxy) for im in self.images for b in im.boxes
                 if b.state == "accepted"]
 
-    def export_images(self, only_reviewed: bool = False) -> tuple[list[tuple[str, int, int]],
-                                                                  list[str]]:
-        """(file, W, H) of the images an export lists (every image, or only reviewed ones), and
+    def export_images(self, only_reviewed: bool = False, with_boxes: bool = False
+                      ) -> tuple[list[tuple[str, int, int]], list[str]]:
+        """(file, W, H) of the images an export lists (every image, only reviewed ones, or
+        with_boxes: only those with an accepted box), and
         the files left out because they are gone or unreadable (trex2.image_io.check_decodes
         fails, as for a JPEG cut short whose header still reads: the app cannot show or detect on
         it either): one bad file must not block the export of the rest."""
         images, skipped = [], []
         for i, im in enumerate(self.images):
-            if only_reviewed and not im.reviewed:
+            if (only_reviewed and not im.reviewed) or (with_boxes and not any(
+                    b.state == "accepted" for b in im.boxes)):
                 continue
             try:
                 _check_decodes(self.image_path(i))
@@ -1101,6 +1109,7 @@ class Engine:
                  preview_max_side: int = 1600, weights: str | os.PathLike | None = None):
         self._predictor = predictor
         self.weights = str(weights) if weights else None
+        self.start_weights = self.weights   # what the app was started with (use_weights(None))
         self._lock = threading.RLock()
         self.preview_dir = Path(preview_dir) if preview_dir else None
         self.preview_max_side = preview_max_side
@@ -1120,6 +1129,17 @@ class Engine:
                 self._predictor = trex2.Predictor(trex2.load_model(self.weights), flip=True,
                                                   cache_size=EMBEDDING_CACHE_IMAGES)
             return self._predictor
+
+    def use_weights(self, path: str | os.PathLike | None) -> None:
+        """Switch every session to other weights (e.g. a box refiner fitted in the app; None: the
+        ones the app started with). The new model is loaded before the old one is let go, so a
+        file that does not load leaves the app as it was; cached image encodes are dropped."""
+        import trex2
+        path = str(path) if path else self.start_weights
+        model = trex2.load_model(path)
+        with self._lock:
+            self._predictor = trex2.Predictor(model, flip=True, cache_size=EMBEDDING_CACHE_IMAGES)
+            self.weights = path
 
     @property
     def recommended_threshold(self) -> float | None:

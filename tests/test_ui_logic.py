@@ -949,7 +949,7 @@ def test_export_lists_the_images_once(project, engine, tmp_path, monkeypatch):
         _, msg = on_export(Session(project, tmp_path), fmt, False)
         assert "3 images, 1 accepted boxes" in msg and len(calls) == 1
         assert "--refiner" not in msg                     # boxes on 1 image: too few to fit the refiner
-    monkeypatch.setattr("app.ui.REFINER_HINT_IMAGES", 1)
+    monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 1)
     path, msg = on_export(Session(project, tmp_path), "COCO", False)
     assert f"--labels {Path(path).name} --images {project.root}" in msg
 
@@ -1073,3 +1073,68 @@ def test_engine_loads_the_weights_it_is_given(tmp_path, capsys):
     from app import ui
     assert ui.main(["--images", str(tmp_path), "--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, engine, tmp_path,
+                                                                        monkeypatch):
+    """The Box refiner tab: too few images with accepted boxes is refused with the count; otherwise
+    the accepted boxes are exported and a refiner is fitted by a child process (progress in the
+    status text) and saved beside the project file; 'Use fitted refiner' switches the shared model
+    to it and back. A stopped fit leaves the saved file as it was; a failed one says why."""
+    import time as _time
+
+    import gradio as gr
+
+    from app.refiner_job import RefinerJob
+    from app.ui import AppConfig, Session, build_app
+
+    start = tmp_path / "start.safetensors"
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50,
+                                  image_size=256)).eval().save(str(start))
+    engine.start_weights = str(start)
+    monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 2)
+    job = RefinerJob(steps=3, extra=("--synthetic", "0", "--batch", "2", "--warmup", "2"))
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=job))
+    fn = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    sess = Session(project, tmp_path)
+
+    def wait():
+        for _ in range(600):
+            if not job.running():
+                return job.status()
+            _time.sleep(0.5)
+        raise AssertionError("the fit did not end")
+
+    project.add_box([10, 10, 40, 30])
+    msg = fn["on_fit_refiner"](sess)
+    assert "Not done" in msg and "accepted boxes on 1 image(s)" in msg and not job.running()
+    project.goto(1)
+    project.add_box([20, 15, 60, 45])
+    msg = fn["on_fit_refiner"](sess)
+    assert "Started" in msg and "2 accepted boxes on 2 images" in msg
+    assert "being fitted already" in fn["on_fit_refiner"](sess)      # one fit at a time
+    with pytest.raises(RuntimeError, match="already being fitted"):
+        job.start(tmp_path / "l.json", project.root, tmp_path / "y.safetensors", tmp_path / "y.log")
+    st = wait()
+    assert st.state == "done", st.text
+    assert project.refiner_path.is_file() and "Use fitted refiner" in fn["on_refiner_tick"](sess)
+    labels = json.loads(next(tmp_path.glob("refiner-*/labels.coco.json")).read_text())
+    assert len(labels["images"]) == 2 and len(labels["annotations"]) == 2   # only images with boxes
+
+    msg = fn["on_use_refiner"](sess)
+    assert "now uses the fitted refiner" in msg
+    assert engine.weights == str(project.refiner_path) and engine.predictor.model.cfg.refine_iters == 2
+    assert "refiner fitted to this folder" in msg
+    assert fn["on_refiner_tick"](sess) == gr.skip()                  # the timer sends changes only
+    fn["on_use_start_weights"](sess)
+    assert engine.weights == str(start) and engine.predictor.model.cfg.refine_iters == 0
+
+    saved = project.refiner_path.stat().st_mtime_ns
+    job.steps = 10 ** 6                                                # runs until stopped
+    assert "Started" in fn["on_fit_refiner"](sess)
+    assert "Stopped the fit" in fn["on_refiner_stop"](sess) and not job.running()
+    assert job.status().state == "cancelled" and project.refiner_path.stat().st_mtime_ns == saved
+
+    job.start(tmp_path / "missing.json", project.root, tmp_path / "x.safetensors", tmp_path / "x.log")
+    st = wait()
+    assert st.state == "failed" and "missing.json" in st.text and not (tmp_path / "x.safetensors").exists()

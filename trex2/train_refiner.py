@@ -57,6 +57,8 @@ def refiner_views(model, sources: list, seed: int, log, max_images: int | None =
     for i in range(n_synthetic):
         scene = synthetic.generate_scene(np.random.default_rng([seed, i]), model.cfg.image_size)
         add(scene.image, scene.boxes)
+        if (i + 1) % 100 == 0 and i + 1 < n_synthetic:
+            log(f"refiner views: synthetic scene {i + 1} of {n_synthetic}")
     log(f"refiner views: {len(views)} with {n_synthetic} synthetic scenes")
     return views
 
