@@ -1,15 +1,22 @@
 """Fitting the box refiner to the boxes accepted in the app, in a background process.
 
-The app exports the accepted boxes as COCO and runs `python -m trex2.train --refiner --labels ...`
-(trex2/train_refiner.py) as a child process on one thread, so labeling goes on meanwhile. Its log
-gives the progress; the weights are written atomically (TRex2.save), so a cancelled or failed run
-leaves an earlier fitted file as it was. One job per app process (the model is shared too).
+The app exports the accepted boxes as COCO and runs this module as a child process on one thread
+(`python -m app.refiner_job --labels FIT.json --images DIR --out W [--check CHECK.json --prompts
+P.json]`), so labeling goes on meanwhile: `train --refiner --labels` (trex2/train_refiner.py), then,
+with --check, the check: the labelled images kept out of the fit are labelled like `label` does
+(cross-image, with the project's prompts) with the weights before and after, and scored against
+their accepted boxes (app.evaluate). Its log gives the progress and the check; the weights are
+written atomically (TRex2.save), so a cancelled or failed run leaves an earlier fitted file as it
+was. One job per app process (the model is shared too).
 """
 from __future__ import annotations
 
+import argparse
 import atexit
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +31,7 @@ STEPS = 3000        # train_refiner's recipe (README, "The shipped run", item 12
 
 _STEP = re.compile(r"refiner step (\d+)")
 _SCENE = re.compile(r"synthetic scene (\d+) of (\d+)")
+_CHECK = re.compile(r"refiner check: (.*)")
 
 
 @dataclass
@@ -59,18 +67,23 @@ class RefinerJob:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, labels: Path, images_dir: Path, out: Path, log_path: Path, init: str | None = None) -> None:
+    def start(self, labels: Path, images_dir: Path, out: Path, log_path: Path, init: str | None = None,
+              check: Path | None = None, prompts: Path | None = None) -> None:
         """Fit a refiner to the COCO file `labels` (file names relative to images_dir), starting
-        from the weights `init` (None: the shipped ones), saved to `out`; the child's output goes
-        to log_path. RuntimeError if a fit is already running."""
+        from the weights `init` (None: the shipped ones), saved to `out`; then, given `check` (COCO
+        labels of images kept out of `labels`) and `prompts` (a prompt file), score the weights
+        before and after on them. The child's output goes to log_path. RuntimeError if a fit is
+        already running."""
         with self._lock:
             if self.running():
                 raise RuntimeError("a box refiner is already being fitted: wait for it or stop it")
-            cmd = [sys.executable, "-m", "trex2.train", "--refiner", "--labels", str(labels),
-                   "--images", str(images_dir), "--out", str(out), "--threads", "1",
-                   "--steps", str(self.steps), *self.extra]
+            cmd = [sys.executable, "-m", "app.refiner_job", "--labels", str(labels),
+                   "--images", str(images_dir), "--out", str(out), "--steps", str(self.steps)]
             if init:
                 cmd += ["--init", str(init)]
+            if check and prompts:
+                cmd += ["--check", str(check), "--prompts", str(prompts)]
+            cmd += list(self.extra)
             Path(out).parent.mkdir(parents=True, exist_ok=True)
             with open(log_path, "w", encoding="utf-8") as log:
                 # its own process group, so that cancel() stops it and anything it started
@@ -116,9 +129,12 @@ class RefinerJob:
         if code is None:
             steps = [int(m.group(1)) for m in map(_STEP.search, lines) if m]
             scenes = [m for m in map(_SCENE.search, lines) if m]
+            if any("refiner: checking" in ln for ln in lines):
+                return JobStatus("running", f"fitted; now checking it on the labelled images kept out "
+                                            f"({minutes:.0f} min so far)", 1.0)
             if steps:
                 f = steps[-1] / self.steps
-                text = f"fitting: step {steps[-1]} of {self.steps} ({minutes:.0f} min so far)"
+                text = f"step {steps[-1]} of {self.steps} ({minutes:.0f} min so far)"
                 return JobStatus("running", text, f)
             if scenes:
                 text = (f"preparing: synthetic scene {scenes[-1].group(1)} of {scenes[-1].group(2)} "
@@ -129,7 +145,73 @@ class RefinerJob:
         if self._cancelled:
             return JobStatus("cancelled", "stopped; no refiner was saved by this run")
         if code == 0 and self._out is not None and self._out.is_file():
-            return JobStatus("done", f"fitted in {minutes:.0f} min: {self._out}", 1.0)
+            check = [m.group(1) for m in map(_CHECK.search, lines) if m]
+            return JobStatus("done", f"fitted in {minutes:.0f} min: {self._out}"
+                             + (f". {check[-1]}" if check else ""), 1.0)
         last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
         return JobStatus("failed", f"the fit failed (exit code {code}): {last.strip()[-300:]} "
                                    f"(full log: {self._log_path})")
+
+
+def check_weights(check: Path, images_dir: Path, prompts: Path, weights: dict[str, str | None], work: Path,
+                  log) -> dict:
+    """Score each of `weights` ({arm: weights file, None: shipped}) on the images of the COCO file
+    `check` (labels; file names relative to images_dir), labelled like `label` with the prompt file
+    `prompts` (cross-image, flip, text prompts ignored) -> {arm: app.evaluate.evaluate's result}.
+    The images are copied into `work` first, so that only they are labelled."""
+    from app.batch import run
+    from app.evaluate import evaluate, load_json
+
+    gt = load_json(str(check), "GT")
+    root = Path(images_dir)
+    folder = Path(work) / "check-images"
+    for im in gt["images"]:
+        dest = folder / im["file_name"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / im["file_name"], dest)
+    out = {}
+    for arm, w in weights.items():
+        pred = Path(work) / f"check-{arm}.json"
+        run(str(folder), str(prompts), str(pred), weights=w, progress=False, warn=log, ignore_text=True)
+        out[arm] = evaluate(gt, load_json(str(pred), "PRED"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child process RefinerJob starts (module docstring). Options it does not know go to
+    `train --refiner`."""
+    ap = argparse.ArgumentParser(prog="python -m app.refiner_job", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--init", default=None)
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--check", default=None, help="COCO labels of images kept out of --labels")
+    ap.add_argument("--prompts", default=None, help="prompt file to label the --check images with")
+    args, train_args = ap.parse_known_args(argv)
+    from trex2.train import main as train_main
+
+    code = train_main(["--refiner", "--labels", args.labels, "--images", args.images, "--out", args.out,
+                       "--threads", "1", "--steps", str(args.steps)]
+                      + (["--init", args.init] if args.init else []) + train_args)
+    if code or not (args.check and args.prompts):
+        return code
+    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
+    log("refiner: checking it on the labelled images kept out of the fit")
+    gt = json.loads(Path(args.check).read_text(encoding="utf-8"))
+    try:
+        r = check_weights(Path(args.check), Path(args.images), Path(args.prompts),
+                          {"before": args.init, "after": args.out}, Path(args.check).parent / "check", log)
+    except Exception as e:  # noqa: BLE001 - the refiner is saved; say why it could not be checked
+        log(f"refiner check: not done ({type(e).__name__}: {e})")
+        return 0
+    b, a = r["before"], r["after"]
+    log(f"refiner check: on {len(gt['images'])} of your labelled images not used for fitting "
+        f"({len(gt['annotations'])} boxes), AP {b['AP']:.3f} -> {a['AP']:.3f}, "
+        f"AP50 {b['AP50']:.3f} -> {a['AP50']:.3f}, AP75 {b['AP75']:.3f} -> {a['AP75']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import json
 import os
 import shlex
 import shutil
@@ -36,6 +37,7 @@ import gradio as gr  # noqa: E402
 from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
                          detect_in_folder, detect_in_image, search_images)
 from app.refiner_job import MIN_IMAGES as REFINER_MIN_IMAGES, RefinerJob  # noqa: E402
+from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
 REPO = Path(__file__).resolve().parent.parent
@@ -661,13 +663,28 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             raise ProjectError(
                 f"accepted boxes on {len(listed)} image(s): fit the refiner once {REFINER_MIN_IMAGES} or "
                 "more images have accepted boxes (it learns how you box; on fewer it learns noise)")
+        prompted = {c for c, g in p.prompts_by_class(None).items() if g["pos"]}
+        fit, check = refiner_split(p, listed) if prompted else (listed, [])   # the check needs prompts
         folder = _out_dir(sess, "refiner")
-        data = p.export_coco(folder / "labels.coco.json", images=listed)
-        cfg.refiner.start(folder / "labels.coco.json", p.root, p.refiner_path, folder / "fit.log",
-                          init=engine.start_weights)
+        data = p.export_coco(folder / "labels.coco.json", images=fit)
         note = f" (left out {len(skipped)} unreadable image(s))" if skipped else ""
+        if check:   # the prompt file and the check's labels hold only classes with a positive prompt
+            ps = p.prompt_set()
+            write_prompts(folder / "prompts.json", PromptSet(
+                [c for c in ps.categories if c.name in prompted],
+                [q for q in ps.prompts if q.category in prompted], ps.image_sizes))
+            p.export_coco(folder / "check.coco.json", images=check)
+            gt = json.loads((folder / "check.coco.json").read_text(encoding="utf-8"))
+            names = {c["id"]: c["name"] for c in gt["categories"]}
+            gt["annotations"] = [a for a in gt["annotations"] if names[a["category_id"]] in prompted]
+            (folder / "check.coco.json").write_text(json.dumps(gt), encoding="utf-8")
+            note += (f"; then it is checked on {len(check)} other labelled images without prompts "
+                     "(with your prompts, before and after)")
+        cfg.refiner.start(folder / "labels.coco.json", p.root, p.refiner_path, folder / "fit.log",
+                          init=engine.start_weights, check=folder / "check.coco.json" if check else None,
+                          prompts=folder / "prompts.json" if check else None)
         return refiner_reply(sess, f"Started: fitting a box refiner to {len(data['annotations'])} accepted "
-                                   f"boxes on {len(listed)} images{note}, in the background on one core.")
+                                   f"boxes on {len(fit)} images{note}. In the background on one core.")
 
     def on_refiner_tick(sess):
         if sess is None:
@@ -794,8 +811,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                     "the background on one core (about 11 minutes; labeling goes on, a little slower) "
                     "and is saved beside this folder's project file. Measured (README, item 12 of "
                     "\"The shipped run\"): fitted to 20 labelled tomato images, AP75 on other tomato "
-                    "images 0.11 -> 0.14; on blood cells it went both ways. Check a few images after "
-                    "switching; *Back to start-up weights* goes back.")
+                    f"images 0.11 -> 0.14; on blood cells it went both ways. So, with {REFINER_MIN_IMAGES + 2} or more labelled "
+                    "images, a fifth of those without prompts are kept out of the fit and labelled with "
+                    "your prompts before and after it: the result shows below when the fit ends. "
+                    "*Back to start-up weights* goes back.")
                 with gr.Row():
                     fit_btn = gr.Button("Fit refiner to accepted boxes", elem_id="tx-fit-refiner",
                                         variant="primary", size="sm")
@@ -866,6 +885,19 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         use_fit.click(on_use_refiner, [state], [refiner_msg], concurrency_id="model")
         use_start.click(on_use_start_weights, [state], [refiner_msg], concurrency_id="model")
     return demo
+
+
+def refiner_split(p: Project, listed: list) -> tuple[list, list]:
+    """Images with accepted boxes (export_images' (file, W, H)) -> (fitted on, checked on): a fifth
+    of those without prompts, spread over the folder, are kept out to check the refiner on, while
+    at least REFINER_MIN_IMAGES are left to fit and at least 2 can be checked (else none is)."""
+    prompted = {im.file for im in p.images if im.prompts}
+    pool = [x for x in listed if x[0] not in prompted]
+    n = min(len(pool), len(listed) // 5, len(listed) - REFINER_MIN_IMAGES)
+    if n < 2:
+        return listed, []
+    keep_out = {pool[int((k + 0.5) * len(pool) / n)][0] for k in range(n)}
+    return [x for x in listed if x[0] not in keep_out], [x for x in listed if x[0] in keep_out]
 
 
 def _deleted_class_message(name: str, gone: dict[str, int]) -> str:

@@ -1034,3 +1034,32 @@ def test_no_second_look_where_the_exemplars_are_drawn(predictor, tmp_path):
         batch.run(str(tmp_path / "imgs"), prompts, str(tmp_path / f"o{per_image}.json"), per_image=per_image,
                   progress=False, predictor=Recording(trex2.Predictor(predictor.model), sizes))
         assert sizes == [640]
+
+
+def test_refiner_check_scores_each_weights_on_the_kept_out_images(tmp_path):
+    """app.refiner_job.check_weights (the app's check of a fitted box refiner): the labelled images
+    listed in the check file, and only they, are labelled with the prompt file by each weights file
+    and scored against their labels: the shipped model finds the squares, an untrained one does not."""
+    from app.refiner_job import check_weights
+    rng = np.random.default_rng(7)
+    prompts = small_square_prompts(rng, tmp_path)
+    images, anns = [], []
+    for k in range(3):
+        img, boxes = draw_scene(rng, {"square": 5})
+        save_rgb(tmp_path / "imgs" / f"{k}.png", img)
+        if k == 2:
+            continue                                     # in the folder, not in the check file
+        images.append({"id": k + 1, "file_name": f"{k}.png", "width": SIZE, "height": SIZE})
+        anns += [{"id": len(anns) + j + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0,
+                  "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                  "area": float((x1 - x0) * (y1 - y0))} for j, (x0, y0, x1, y1) in enumerate(boxes["square"])]
+    check = tmp_path / "check.json"
+    check.write_text(json.dumps({"images": images, "annotations": anns,
+                                 "categories": [{"id": 1, "name": "square"}]}))
+    untrained = tmp_path / "untrained.safetensors"
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50)).eval().save(str(untrained))
+    r = check_weights(check, tmp_path / "imgs", Path(prompts), {"shipped": None, "untrained": str(untrained)},
+                      tmp_path / "work", print)
+    assert sorted(p.name for p in (tmp_path / "work" / "check-images").iterdir()) == ["0.png", "1.png"]
+    assert r["shipped"]["images"] == 2 and r["shipped"]["AP50"] >= 0.8, r["shipped"]
+    assert r["untrained"]["AP50"] < 0.3, r["untrained"]

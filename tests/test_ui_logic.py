@@ -7,6 +7,7 @@ tests are fast and exact; the real model runs in tests/test_ui_browser.py.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1138,3 +1139,56 @@ def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, 
     job.start(tmp_path / "missing.json", project.root, tmp_path / "x.safetensors", tmp_path / "x.log")
     st = wait()
     assert st.state == "failed" and "missing.json" in st.text and not (tmp_path / "x.safetensors").exists()
+
+
+def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path, engine, monkeypatch):
+    """With enough labelled images, a fifth of those without prompts (at least 2) are kept out of
+    the fit; the child labels them with the project's prompts before and after the refiner and
+    scores both against their accepted boxes; the result ends the status line."""
+    import time as _time
+
+    from app.refiner_job import RefinerJob
+    from app.ui import AppConfig, Session, build_app, refiner_split
+
+    d = tmp_path / "many"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(12):
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(d / f"{k:02d}.png")
+    project = Project(d, tmp_path / "proj" / "many.json")
+    project.add_class("cell")
+    project.add_class("dust")                                        # never prompted: not checked
+    for k in range(12):
+        project.goto(k)
+        project.add_box([10 + k, 10, 40 + k, 35], cls="cell")
+        project.add_box([50, 40, 60, 50], cls="dust")
+    monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 5)
+    listed, _ = project.export_images(with_boxes=True)
+    start = tmp_path / "start.safetensors"
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50,
+                                  image_size=256)).eval().save(str(start))
+    engine.start_weights = str(start)
+    job = RefinerJob(steps=2, extra=("--synthetic", "0", "--batch", "2", "--warmup", "2"))
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=job))
+    fn = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    msg = fn["on_fit_refiner"](Session(project, tmp_path))           # no prompt yet: nothing to check with
+    assert "24 accepted boxes on 12 images" in msg and "checked" not in msg
+    fn["on_refiner_stop"](Session(project, tmp_path))
+    project.goto(0)
+    project.add_prompt("box", [10, 10, 40, 35], cls="cell")
+    fit, check = refiner_split(project, listed)
+    assert len(check) == 2 and len(fit) == 10 and "00.png" not in {f for f, _, _ in check}
+    monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 11)
+    assert refiner_split(project, listed) == (listed, [])             # 11 must stay to fit: no check
+    monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 5)
+    msg = fn["on_fit_refiner"](Session(project, tmp_path))
+    assert "20 accepted boxes on 10 images" in msg and "checked on 2 other labelled images" in msg
+    for _ in range(600):
+        if not job.running():
+            break
+        _time.sleep(0.5)
+    st = job.status()
+    assert st.state == "done", st.text
+    assert re.search(r"on 2 of your labelled images not used for fitting \(2 boxes\), AP [\d.]+ -> [\d.]+", st.text)
+    labels = json.loads(sorted(tmp_path.glob("refiner-*/labels.coco.json"))[-1].read_text())
+    assert {im["file_name"] for im in labels["images"]}.isdisjoint(f for f, _, _ in check)
