@@ -147,10 +147,28 @@ class RefinerJob:
         if code == 0 and self._out is not None and self._out.is_file():
             check = [m.group(1) for m in map(_CHECK.search, lines) if m]
             return JobStatus("done", f"fitted in {minutes:.0f} min: {self._out}"
-                             + (f". {check[-1]}" if check else ""), 1.0)
+                             + (f". Check: {check[-1]}" if check else ""), 1.0)
         last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
         return JobStatus("failed", f"the fit failed (exit code {code}): {last.strip()[-300:]} "
                                    f"(full log: {self._log_path})")
+
+
+def check_path(weights: str | os.PathLike) -> Path:
+    """Where the check of a fitted refiner's weights file is kept (JSON beside it)."""
+    return Path(weights).with_suffix(".check.json")
+
+
+def read_check(weights: str | os.PathLike) -> str | None:
+    """The check's one-line result for this weights file, or None (never checked, or the check
+    was of an earlier file: the file's size and time are recorded with it)."""
+    try:
+        saved = json.loads(check_path(weights).read_text(encoding="utf-8"))
+        st = os.stat(weights)
+        if (saved["weights_mtime_ns"], saved["weights_size"]) == (st.st_mtime_ns, st.st_size):
+            return str(saved["result"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def check_weights(check: Path, images_dir: Path, prompts: Path, weights: dict[str, str | None], work: Path,
@@ -190,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", default=None, help="COCO labels of images kept out of --labels")
     ap.add_argument("--prompts", default=None, help="prompt file to label the --check images with")
     args, train_args = ap.parse_known_args(argv)
+    from exports._io import atomic_write_json
     from trex2.train import main as train_main
+
 
     code = train_main(["--refiner", "--labels", args.labels, "--images", args.images, "--out", args.out,
                        "--threads", "1", "--steps", str(args.steps)]
@@ -207,9 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         log(f"refiner check: not done ({type(e).__name__}: {e})")
         return 0
     b, a = r["before"], r["after"]
-    log(f"refiner check: on {len(gt['images'])} of your labelled images not used for fitting "
-        f"({len(gt['annotations'])} boxes), AP {b['AP']:.3f} -> {a['AP']:.3f}, "
-        f"AP50 {b['AP50']:.3f} -> {a['AP50']:.3f}, AP75 {b['AP75']:.3f} -> {a['AP75']:.3f}")
+    verdict = ("it helped there" if a["AP"] > b["AP"] else
+               "it did not help there: keep the weights you have")
+    result = (f"on {len(gt['images'])} of your labelled images not used for fitting "
+              f"({len(gt['annotations'])} boxes), AP {b['AP']:.3f} -> {a['AP']:.3f}, "
+              f"AP50 {b['AP50']:.3f} -> {a['AP50']:.3f}, AP75 {b['AP75']:.3f} -> {a['AP75']:.3f}: {verdict}")
+    st = os.stat(args.out)
+    atomic_write_json(check_path(args.out), {"weights_mtime_ns": st.st_mtime_ns, "weights_size": st.st_size,
+                                             "result": result})
+    log(f"refiner check: {result}")
     return 0
 
 

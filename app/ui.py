@@ -37,6 +37,7 @@ import gradio as gr  # noqa: E402
 from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
                          detect_in_folder, detect_in_image, search_images)
 from app.refiner_job import MIN_IMAGES as REFINER_MIN_IMAGES, RefinerJob  # noqa: E402
+from app.refiner_job import read_check as read_refiner_check  # noqa: E402
 from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -645,6 +646,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
             lines.append(f"A refiner fitted to this folder is saved ({when}): *Use fitted refiner* "
                          "to detect with it.")
+        if path.is_file() and st.state != "done":   # a finished fit says it above
+            check = read_refiner_check(path)
+            lines.append(f"Its check: {check}" if check else
+                         "It was not checked on labelled images kept out of its fit.")
         lines.append(f"Weights now: `{engine.weights or 'shipped (trex2/weights)'}`")
         return "  \n".join(lines)
 

@@ -7,6 +7,7 @@ tests are fast and exact; the real model runs in tests/test_ui_browser.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -1192,3 +1193,10 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     assert re.search(r"on 2 of your labelled images not used for fitting \(2 boxes\), AP [\d.]+ -> [\d.]+", st.text)
     labels = json.loads(sorted(tmp_path.glob("refiner-*/labels.coco.json"))[-1].read_text())
     assert {im["file_name"] for im in labels["images"]}.isdisjoint(f for f, _, _ in check)
+    # after a restart (no job in this process) the saved refiner comes with its check ...
+    again = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=RefinerJob()))
+    tick = next(f.fn for f in again.fns.values() if f.fn.__name__ == "on_refiner_tick")
+    shown = tick(Session(project, tmp_path))
+    assert "A refiner fitted to this folder is saved" in shown and "Its check: on 2 of your" in shown
+    os.utime(project.refiner_path, ns=(1, 1))                          # ... of that file only
+    assert "It was not checked" in tick(Session(project, tmp_path))
