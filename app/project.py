@@ -1110,6 +1110,7 @@ class Engine:
         self._predictor = predictor
         self.weights = str(weights) if weights else None
         self.start_weights = self.weights   # what the app was started with (use_weights(None))
+        self.weights_stamp: int | None = None   # modification time (ns) of the file use_weights loaded
         self._lock = threading.RLock()
         self.preview_dir = Path(preview_dir) if preview_dir else None
         self.preview_max_side = preview_max_side
@@ -1137,9 +1138,10 @@ class Engine:
         import trex2
         path = str(path) if path else self.start_weights
         model = trex2.load_model(path)
+        stamp = os.stat(path).st_mtime_ns if path else None
         with self._lock:
             self._predictor = trex2.Predictor(model, flip=True, cache_size=EMBEDDING_CACHE_IMAGES)
-            self.weights = path
+            self.weights, self.weights_stamp = path, stamp
 
     @property
     def recommended_threshold(self) -> float | None:

@@ -640,7 +640,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         elif st.state != "idle":
             lines.append(f"**Last fit {st.state}:** {st.text}")
         if engine.weights and Path(engine.weights) == path:
-            lines.append("Detection uses **the refiner fitted to this folder** "
+            newer = path.is_file() and path.stat().st_mtime_ns != engine.weights_stamp
+            lines.append("Detection uses **an earlier fit of this folder's refiner**: *Use fitted refiner* "
+                         "loads the new one." if newer else
+                         "Detection uses **the refiner fitted to this folder** "
                          "(*Back to start-up weights* to go back).")
         elif path.is_file():
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
@@ -816,10 +819,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                     "the background on one core (about 11 minutes; labeling goes on, a little slower) "
                     "and is saved beside this folder's project file. Measured (README, item 12 of "
                     "\"The shipped run\"): fitted to 20 labelled tomato images, AP75 on other tomato "
-                    f"images 0.11 -> 0.14; on blood cells it went both ways. So, with {REFINER_MIN_IMAGES + 2} or more labelled "
-                    "images, a fifth of those without prompts are kept out of the fit and labelled with "
-                    "your prompts before and after it: the result shows below when the fit ends. "
-                    "*Back to start-up weights* goes back.")
+                    "images 0.11 -> 0.14; on blood cells it went both ways. So, with "
+                    f"{REFINER_MIN_IMAGES + 2} or more labelled images, a fifth of those without prompts "
+                    "are kept out of the fit and labelled with your prompts before and after it: the "
+                    "result shows below when the fit ends. *Back to start-up weights* goes back.")
                 with gr.Row():
                     fit_btn = gr.Button("Fit refiner to accepted boxes", elem_id="tx-fit-refiner",
                                         variant="primary", size="sm")

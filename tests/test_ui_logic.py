@@ -1128,6 +1128,8 @@ def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, 
     assert engine.weights == str(project.refiner_path) and engine.predictor.model.cfg.refine_iters == 2
     assert "refiner fitted to this folder" in msg
     assert fn["on_refiner_tick"](sess) == gr.skip()                  # the timer sends changes only
+    os.utime(project.refiner_path, ns=(1, 1))                          # fitted again since it was loaded
+    assert "an earlier fit of this folder's refiner" in fn["on_refiner_tick"](sess)
     fn["on_use_start_weights"](sess)
     assert engine.weights == str(start) and engine.predictor.model.cfg.refine_iters == 0
 
