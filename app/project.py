@@ -1108,9 +1108,10 @@ class Engine:
     def __init__(self, predictor=None, preview_dir: str | os.PathLike | None = None,
                  preview_max_side: int = 1600, weights: str | os.PathLike | None = None):
         self._predictor = predictor
-        self.weights = str(weights) if weights else None
+        # absolute: a fit in the background (app.refiner_job) runs in the repository's folder
+        self.weights = str(Path(weights).resolve()) if weights else None
         self.start_weights = self.weights   # what the app was started with (use_weights(None))
-        self.weights_stamp: int | None = None   # modification time (ns) of the file use_weights loaded
+        self.weights_stamp: int | None = None   # modification time (ns) of the weights file loaded
         self._lock = threading.RLock()
         self.preview_dir = Path(preview_dir) if preview_dir else None
         self.preview_max_side = preview_max_side
@@ -1127,8 +1128,10 @@ class Engine:
         with self._lock:
             if self._predictor is None:
                 import trex2
+                stamp = os.stat(self.weights).st_mtime_ns if self.weights else None
                 self._predictor = trex2.Predictor(trex2.load_model(self.weights), flip=True,
                                                   cache_size=EMBEDDING_CACHE_IMAGES)
+                self.weights_stamp = stamp
             return self._predictor
 
     def use_weights(self, path: str | os.PathLike | None) -> None:
@@ -1136,9 +1139,9 @@ class Engine:
         ones the app started with). The new model is loaded before the old one is let go, so a
         file that does not load leaves the app as it was; cached image encodes are dropped."""
         import trex2
-        path = str(path) if path else self.start_weights
+        path = str(Path(path).resolve()) if path else self.start_weights
+        stamp = os.stat(path).st_mtime_ns if path else None   # before loading: a fit may replace it
         model = trex2.load_model(path)
-        stamp = os.stat(path).st_mtime_ns if path else None
         with self._lock:
             self._predictor = trex2.Predictor(model, flip=True, cache_size=EMBEDDING_CACHE_IMAGES)
             self.weights, self.weights_stamp = path, stamp

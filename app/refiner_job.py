@@ -29,9 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 MIN_IMAGES = 10     # accepted boxes on at least this many images before fitting is offered
 STEPS = 3000        # train_refiner's recipe (README, "The shipped run", item 12)
 
+# lines of the child's log (trex2/train_refiner.py and main() below) that tell its progress
 _STEP = re.compile(r"refiner step (\d+)")
 _SCENE = re.compile(r"synthetic scene (\d+) of (\d+)")
+_CHECKING = "refiner: checking"
 _CHECK = re.compile(r"refiner check: (.*)")
+CLEAR_CHANGE = 0.01   # the check calls an AP difference smaller than this "no clear change"
 
 
 @dataclass
@@ -43,8 +46,32 @@ class JobStatus:
     fraction: float | None = None
 
 
+def progress(lines: list[str], steps: int, minutes: float) -> JobStatus:
+    """A running fit's status from its log lines so far (steps: the fit's training steps;
+    minutes since it started)."""
+    so_far = f"({minutes:.0f} min so far)"
+    if any(_CHECKING in ln for ln in lines):
+        return JobStatus("running", f"fitted; now checking it on the labelled images kept out {so_far}", 1.0)
+    done = [int(m.group(1)) for m in map(_STEP.search, lines) if m]
+    if done:
+        return JobStatus("running", f"step {done[-1]} of {steps} {so_far}", min(1.0, done[-1] / steps))
+    scenes = [m for m in map(_SCENE.search, lines) if m]
+    if scenes:
+        return JobStatus("running", f"preparing: synthetic scene {scenes[-1].group(1)} of "
+                                    f"{scenes[-1].group(2)} {so_far}")
+    return JobStatus("running", f"preparing: reading your labelled images {so_far}")
+
+
+def _mtime_ns(path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except (OSError, TypeError):
+        return None
+
+
 class RefinerJob:
-    """One background fit at a time: start(), status() (polled by the UI), cancel()."""
+    """One background fit at a time, shared by the app's sessions: start(), status() (polled by
+    the UI), cancel(). The child exits when the app does (its stdin is a pipe from the app)."""
 
     def __init__(self, steps: int = STEPS, extra: tuple[str, ...] = ()):
         """steps: training steps; extra: more `train` options (tests make the run tiny)."""
@@ -53,8 +80,9 @@ class RefinerJob:
         self._proc: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self._out: Path | None = None
-        self._started = 0.0
-        self._ended: float | None = None
+        self._out_before: int | None = None   # the output file's mtime (ns) when the run started
+        self._started = 0.0                   # time.time() seconds at start()
+        self._ended: float | None = None      # ... when status() first saw the child gone
         self._cancelled = False
         self._lock = threading.Lock()
         self._exit_hook = False
@@ -65,6 +93,7 @@ class RefinerJob:
         return self._out
 
     def running(self) -> bool:
+        """Whether a fit started here is still running."""
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, labels: Path, images_dir: Path, out: Path, log_path: Path, init: str | None = None,
@@ -78,38 +107,41 @@ class RefinerJob:
             if self.running():
                 raise RuntimeError("a box refiner is already being fitted: wait for it or stop it")
             cmd = [sys.executable, "-m", "app.refiner_job", "--labels", str(labels),
-                   "--images", str(images_dir), "--out", str(out), "--steps", str(self.steps)]
+                   "--images", str(images_dir), "--out", str(out), "--steps", str(self.steps),
+                   "--exit-with-parent"]
             if init:
                 cmd += ["--init", str(init)]
             if check and prompts:
                 cmd += ["--check", str(check), "--prompts", str(prompts)]
             cmd += list(self.extra)
             Path(out).parent.mkdir(parents=True, exist_ok=True)
+            self._log_path, self._out, self._out_before = Path(log_path), Path(out), _mtime_ns(out)
+            self._started, self._ended, self._cancelled = time.time(), None, False
             with open(log_path, "w", encoding="utf-8") as log:
                 # its own process group, so that cancel() stops it and anything it started
                 self._proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, start_new_session=True)
-            self._log_path, self._out = Path(log_path), Path(out)
-            self._started, self._ended, self._cancelled = time.time(), None, False
+                                              stdin=subprocess.PIPE, start_new_session=True)
             if not self._exit_hook:     # never leave a fit running after the app stops
                 atexit.register(self.cancel)
                 self._exit_hook = True
 
     def cancel(self) -> bool:
-        """Stop a running fit (its output file is left as it was). True if one was stopped."""
+        """Stop a running fit. True if one was stopped. A fit stopped before it saved leaves the
+        output file as it was; one stopped during its check has saved it (status() says which)."""
         with self._lock:
             if not self.running():
                 return False
             self._cancelled = True
-            try:
-                os.killpg(self._proc.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(self._proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    self._proc.wait(timeout=10)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
             return True
 
     def _log_lines(self) -> list[str]:
@@ -119,38 +151,32 @@ class RefinerJob:
             return []
 
     def status(self) -> JobStatus:
-        if self._proc is None:
+        """Where the last fit started here stands (JobStatus)."""
+        with self._lock:
+            proc, out, log_path = self._proc, self._out, self._log_path
+        if proc is None:
             return JobStatus("idle", "")
         lines = self._log_lines()
-        code = self._proc.poll()
+        code = proc.poll()
         if code is not None and self._ended is None:
             self._ended = time.time()
         minutes = ((self._ended or time.time()) - self._started) / 60
         if code is None:
-            steps = [int(m.group(1)) for m in map(_STEP.search, lines) if m]
-            scenes = [m for m in map(_SCENE.search, lines) if m]
-            if any("refiner: checking" in ln for ln in lines):
-                return JobStatus("running", f"fitted; now checking it on the labelled images kept out "
-                                            f"({minutes:.0f} min so far)", 1.0)
-            if steps:
-                f = steps[-1] / self.steps
-                text = f"step {steps[-1]} of {self.steps} ({minutes:.0f} min so far)"
-                return JobStatus("running", text, f)
-            if scenes:
-                text = (f"preparing: synthetic scene {scenes[-1].group(1)} of {scenes[-1].group(2)} "
-                        f"({minutes:.0f} min so far)")
-            else:
-                text = f"preparing: reading your labelled images ({minutes:.0f} min so far)"
-            return JobStatus("running", text, None)
+            return progress(lines, self.steps, minutes)
+        saved = out is not None and out.is_file() and _mtime_ns(out) != self._out_before
         if self._cancelled:
-            return JobStatus("cancelled", "stopped; no refiner was saved by this run")
-        if code == 0 and self._out is not None and self._out.is_file():
+            return JobStatus("cancelled", "stopped during the check: the fitted refiner was saved, unchecked"
+                             if saved else "stopped; no refiner was saved by this run")
+        if code == 0 and saved:
             check = [m.group(1) for m in map(_CHECK.search, lines) if m]
-            return JobStatus("done", f"fitted in {minutes:.0f} min: {self._out}"
+            return JobStatus("done", f"fitted in {minutes:.0f} min: {out}"
                              + (f". Check: {check[-1]}" if check else ""), 1.0)
-        last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
-        return JobStatus("failed", f"the fit failed (exit code {code}): {last.strip()[-300:]} "
-                                   f"(full log: {self._log_path})")
+        if code < 0:
+            why = f"it was killed by signal {-code} (out of memory?)"
+        else:
+            last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
+            why = f"exit code {code}: {last.strip()[-300:]}"
+        return JobStatus("failed", f"the fit failed ({why}; full log: {log_path})")
 
 
 def check_path(weights: str | os.PathLike) -> Path:
@@ -207,28 +233,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--check", default=None, help="COCO labels of images kept out of --labels")
     ap.add_argument("--prompts", default=None, help="prompt file to label the --check images with")
+    ap.add_argument("--exit-with-parent", action="store_true",
+                    help="exit when standard input closes (the app that started it is gone)")
     args, train_args = ap.parse_known_args(argv)
     from exports._io import atomic_write_json
     from trex2.train import main as train_main
 
-
+    if args.exit_with_parent:
+        def watch():
+            sys.stdin.read()      # returns when the parent's end of the pipe closes
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    work = Path(args.check).parent / "check" if args.check else None
+    if work is not None and args.init:   # "before" must survive --out overwriting --init
+        work.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.init, work / "before.safetensors")
     code = train_main(["--refiner", "--labels", args.labels, "--images", args.images, "--out", args.out,
                        "--threads", "1", "--steps", str(args.steps)]
                       + (["--init", args.init] if args.init else []) + train_args)
     if code or not (args.check and args.prompts):
         return code
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    log("refiner: checking it on the labelled images kept out of the fit")
-    gt = json.loads(Path(args.check).read_text(encoding="utf-8"))
+    log(f"{_CHECKING} it on the labelled images kept out of the fit")
+    before = str(work / "before.safetensors") if args.init else None
     try:
+        gt = json.loads(Path(args.check).read_text(encoding="utf-8"))
+        if not gt["annotations"]:
+            raise ValueError("the images kept out have no boxes of a class with prompts")
         r = check_weights(Path(args.check), Path(args.images), Path(args.prompts),
-                          {"before": args.init, "after": args.out}, Path(args.check).parent / "check", log)
+                          {"before": before, "after": args.out}, work, log)
     except Exception as e:  # noqa: BLE001 - the refiner is saved; say why it could not be checked
         log(f"refiner check: not done ({type(e).__name__}: {e})")
         return 0
     b, a = r["before"], r["after"]
-    verdict = ("it helped there" if a["AP"] > b["AP"] else
-               "it did not help there: keep the weights you have")
+    verdict = ("it helped there" if a["AP"] >= b["AP"] + CLEAR_CHANGE else
+               "it did not help there: keep the weights you have" if a["AP"] <= b["AP"] - CLEAR_CHANGE else
+               f"no clear change (less than {CLEAR_CHANGE} AP)")
     result = (f"on {len(gt['images'])} of your labelled images not used for fitting "
               f"({len(gt['annotations'])} boxes), AP {b['AP']:.3f} -> {a['AP']:.3f}, "
               f"AP50 {b['AP50']:.3f} -> {a['AP50']:.3f}, AP75 {b['AP75']:.3f} -> {a['AP75']:.3f}: {verdict}")

@@ -673,14 +673,19 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 "more images have accepted boxes (it learns how you box; on fewer it learns noise)")
         prompted = {c for c, g in p.prompts_by_class(None).items() if g["pos"]}
         fit, check = refiner_split(p, listed) if prompted else (listed, [])   # the check needs prompts
-        folder = _out_dir(sess, "refiner")
-        data = p.export_coco(folder / "labels.coco.json", images=fit)
+        # the job is the app's, not this tab's: its files outlive the session (cfg.tmp_dir)
+        folder = Path(tempfile.mkdtemp(prefix=f"refiner-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.tmp_dir))
         note = f" (left out {len(skipped)} unreadable image(s))" if skipped else ""
         if check:   # the prompt file and the check's labels hold only classes with a positive prompt
-            ps = p.prompt_set()
-            write_prompts(folder / "prompts.json", PromptSet(
-                [c for c in ps.categories if c.name in prompted],
-                [q for q in ps.prompts if q.category in prompted], ps.image_sizes))
+            try:
+                ps = p.prompt_set()
+                write_prompts(folder / "prompts.json", PromptSet(
+                    [c for c in ps.categories if c.name in prompted],
+                    [q for q in ps.prompts if q.category in prompted], ps.image_sizes))
+            except (OSError, ValueError) as e:   # e.g. a prompt on an image that is gone
+                fit, check = listed, []
+                note += f"; it cannot be checked: the prompts cannot be saved ({e})"
+        if check:
             p.export_coco(folder / "check.coco.json", images=check)
             gt = json.loads((folder / "check.coco.json").read_text(encoding="utf-8"))
             names = {c["id"]: c["name"] for c in gt["categories"]}
@@ -688,6 +693,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             (folder / "check.coco.json").write_text(json.dumps(gt), encoding="utf-8")
             note += (f"; then it is checked on {len(check)} other labelled images without prompts "
                      "(with your prompts, before and after)")
+        data = p.export_coco(folder / "labels.coco.json", images=fit)
         cfg.refiner.start(folder / "labels.coco.json", p.root, p.refiner_path, folder / "fit.log",
                           init=engine.start_weights, check=folder / "check.coco.json" if check else None,
                           prompts=folder / "prompts.json" if check else None)
@@ -896,9 +902,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
 
 def refiner_split(p: Project, listed: list) -> tuple[list, list]:
-    """Images with accepted boxes (export_images' (file, W, H)) -> (fitted on, checked on): a fifth
-    of those without prompts, spread over the folder, are kept out to check the refiner on, while
-    at least REFINER_MIN_IMAGES are left to fit and at least 2 can be checked (else none is)."""
+    """Images with accepted boxes (export_images' (file, W, H)) -> (fitted on, checked on): up to a
+    fifth of them, taken from those without prompts and spread over the folder, are kept out to
+    check the refiner on, while at least REFINER_MIN_IMAGES are left to fit; fewer than 2 to check:
+    none is kept out."""
     prompted = {im.file for im in p.images if im.prompts}
     pool = [x for x in listed if x[0] not in prompted]
     n = min(len(pool), len(listed) // 5, len(listed) - REFINER_MIN_IMAGES)

@@ -1061,7 +1061,7 @@ def test_a_tab_shows_another_tabs_saves_on_its_own(project, engine, tmp_path, mo
         assert all(o == gr.skip() for o in tick.fn(sess))
 
 
-def test_engine_loads_the_weights_it_is_given(tmp_path, capsys):
+def test_engine_loads_the_weights_it_is_given(tmp_path, capsys, monkeypatch):
     """`app.py ui --weights PATH` (e.g. with a box refiner trained on the user's labels): the engine's
     model comes from that file; a missing file is refused before the app starts."""
     model = trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, image_size=256, score_threshold=0.37,
@@ -1072,6 +1072,8 @@ def test_engine_loads_the_weights_it_is_given(tmp_path, capsys):
     p = engine.predictor
     assert p.model.cfg.refine_iters == 2 and p.score_threshold == pytest.approx(0.37)
     assert Engine().weights is None
+    monkeypatch.chdir(tmp_path)                                        # a path relative to where the app starts
+    assert Engine(weights="mine.safetensors").weights == str(path.resolve())   # (a fit runs elsewhere)
     from app import ui
     assert ui.main(["--images", str(tmp_path), "--weights", str(tmp_path / "missing.safetensors")]) == 2
     assert "is not a file" in capsys.readouterr().err
@@ -1135,9 +1137,18 @@ def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, 
 
     saved = project.refiner_path.stat().st_mtime_ns
     job.steps = 10 ** 6                                                # runs until stopped
-    assert "Started" in fn["on_fit_refiner"](sess)
-    assert "Stopped the fit" in fn["on_refiner_stop"](sess) and not job.running()
-    assert job.status().state == "cancelled" and project.refiner_path.stat().st_mtime_ns == saved
+    try:
+        assert "Started" in fn["on_fit_refiner"](sess)
+        assert "Stopped the fit" in fn["on_refiner_stop"](sess) and not job.running()
+        st = job.status()
+        assert st.state == "cancelled" and "no refiner was saved" in st.text
+        assert project.refiner_path.stat().st_mtime_ns == saved
+        assert "Started" in fn["on_fit_refiner"](sess)
+        os.utime(project.refiner_path, ns=(2, 2))                      # as if it saved, then checked
+        fn["on_refiner_stop"](sess)
+        assert "the fitted refiner was saved, unchecked" in job.status().text
+    finally:
+        job.cancel()
 
     job.start(tmp_path / "missing.json", project.root, tmp_path / "x.safetensors", tmp_path / "x.log")
     st = wait()
@@ -1193,7 +1204,7 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     st = job.status()
     assert st.state == "done", st.text
     assert re.search(r"on 2 of your labelled images not used for fitting \(2 boxes\), AP [\d.]+ -> [\d.]+", st.text)
-    labels = json.loads(sorted(tmp_path.glob("refiner-*/labels.coco.json"))[-1].read_text())
+    labels = json.loads(max(tmp_path.glob("refiner-*/labels.coco.json"), key=lambda f: f.stat().st_mtime_ns).read_text())
     assert {im["file_name"] for im in labels["images"]}.isdisjoint(f for f, _, _ in check)
     # after a restart (no job in this process) the saved refiner comes with its check ...
     again = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=RefinerJob()))
@@ -1202,3 +1213,21 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     assert "A refiner fitted to this folder is saved" in shown and "Its check: on 2 of your" in shown
     os.utime(project.refiner_path, ns=(1, 1))                          # ... of that file only
     assert "It was not checked" in tick(Session(project, tmp_path))
+
+
+def test_refiner_progress_is_read_from_the_fits_log():
+    """The Box refiner tab's progress comes from the child's log lines (trex2/train_refiner.py)."""
+    from app.refiner_job import progress
+
+    log = ["[12:00:00] refiner views: 40 after labels.coco.json"]
+    assert "reading your labelled images (1 min so far)" in progress(log, 3000, 1.2).text
+    log.append("[12:00:20] refiner views: synthetic scene 200 of 600")
+    st = progress(log, 3000, 2.0)
+    assert "synthetic scene 200 of 600" in st.text and st.fraction is None
+    log += ["[12:01:00] refiner views: 640 with 600 synthetic scenes",
+            "[12:01:30] refiner step 200: reg 0.3 giou 0.2 iou 0.5 (lr 1.0e-03)",
+            "[12:02:00] refiner step 400: reg 0.3 giou 0.2 iou 0.5 (lr 1.0e-03)"]
+    st = progress(log, 3000, 3.0)
+    assert "step 400 of 3000" in st.text and st.fraction == pytest.approx(400 / 3000)
+    log.append("[12:09:00] refiner: checking it on the labelled images kept out of the fit")
+    assert "now checking it" in progress(log, 3000, 9.0).text
