@@ -366,6 +366,13 @@ def test_label_folder_in_browser(app_server):
                                  f"{box.input_value()!r}, toasts "
                                  f"{page.locator('.toast-body').all_inner_texts()!r}") from e
         assert keep.read_text() == '{"mine": 1}'
+
+        # the Box refiner tab: too few labelled images is refused in the tab's own message box
+        page.get_by_role("tab", name="Box refiner").click()
+        page.locator("#tx-fit-refiner").click()
+        page.locator("#tx-refiner-msg").get_by_text("fit the refiner once 10 or more images").wait_for(
+            timeout=30_000)
+        assert "Weights now" in page.locator("#tx-refiner-msg").inner_text()
         browser.close()
 
     # only the app's own files are served: previews yes; originals, /etc, traversal no
