@@ -355,8 +355,12 @@ def test_label_folder_in_browser(app_server):
         keep.write_text('{"mine": 1}')
         page.get_by_role("tab", name="Prompts & class embeddings").click()
         box = page.locator("#tx-prompt-path input, #tx-prompt-path textarea").first
-        box.fill(str(keep))
-        box.blur()   # the typed path reaches the app's state before the click reads it
+        for _ in range(20):   # a tab shown for the first time may mount after the first fill (under load)
+            box.fill(str(keep))
+            box.blur()   # the typed path reaches the app's state before the click reads it
+            time.sleep(0.5)
+            if box.input_value() == str(keep):
+                break
         page.get_by_role("button", name="Save prompt set").click()
         msg = page.locator("#tx-files-msg")
         try:   # the refusal stays in the tab's message box (the toast goes after a while)
