@@ -36,7 +36,8 @@ import gradio as gr  # noqa: E402
 
 from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
                          detect_in_folder, detect_in_image, search_images)
-from app.refiner_job import MIN_IMAGES as REFINER_MIN_IMAGES, RefinerJob  # noqa: E402
+from app.refiner_job import MAX_IMAGES as REFINER_MAX_IMAGES, MIN_IMAGES as REFINER_MIN_IMAGES  # noqa: E402
+from app.refiner_job import RefinerJob  # noqa: E402
 from app.refiner_job import read_check as read_refiner_check  # noqa: E402
 from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
@@ -693,6 +694,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             (folder / "check.coco.json").write_text(json.dumps(gt), encoding="utf-8")
             note += (f"; then it is checked on {len(check)} other labelled images without prompts "
                      "(with your prompts, before and after)")
+        if len(fit) > REFINER_MAX_IMAGES:   # memory: a spread-out subset of them
+            note += f"; {REFINER_MAX_IMAGES} of the {len(fit)} images spread over the folder are fitted on"
+            fit = [fit[int((k + 0.5) * len(fit) / REFINER_MAX_IMAGES)] for k in range(REFINER_MAX_IMAGES)]
         data = p.export_coco(folder / "labels.coco.json", images=fit)
         cfg.refiner.start(folder / "labels.coco.json", p.root, p.refiner_path, folder / "fit.log",
                           init=engine.start_weights, check=folder / "check.coco.json" if check else None,

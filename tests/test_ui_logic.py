@@ -1195,8 +1195,10 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 11)
     assert refiner_split(project, listed) == (listed, [])             # 11 must stay to fit: no check
     monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 5)
+    monkeypatch.setattr("app.ui.REFINER_MAX_IMAGES", 8)                 # memory cap: 8 of the 10 left
     msg = fn["on_fit_refiner"](Session(project, tmp_path))
-    assert "20 accepted boxes on 10 images" in msg and "checked on 2 other labelled images" in msg
+    assert "16 accepted boxes on 8 images" in msg and "8 of the 10 images" in msg
+    assert "checked on 2 other labelled images" in msg
     for _ in range(600):
         if not job.running():
             break
@@ -1206,6 +1208,7 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     assert re.search(r"on 2 of your labelled images not used for fitting \(2 boxes\), AP [\d.]+ -> [\d.]+", st.text)
     labels = json.loads(max(tmp_path.glob("refiner-*/labels.coco.json"), key=lambda f: f.stat().st_mtime_ns).read_text())
     assert {im["file_name"] for im in labels["images"]}.isdisjoint(f for f, _, _ in check)
+    assert len(labels["images"]) == 8
     # after a restart (no job in this process) the saved refiner comes with its check ...
     again = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=RefinerJob()))
     tick = next(f.fn for f in again.fns.values() if f.fn.__name__ == "on_refiner_tick")
