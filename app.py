@@ -7,6 +7,8 @@
     python app.py eval GT.json PRED.json [--exclude-exemplars PROMPTS.json]
     python app.py bench [...]                                              speed benchmark
     python app.py train [...]                                              retrain the model
+    python app.py refine --labels L.json --images DIR --out W [--prompts P --check-share 0.2]
+                                                                           fit + check a box refiner
 """
 import sys
 
@@ -15,6 +17,7 @@ COMMANDS = {
     "eval": ("app.evaluate", "Score a COCO prediction file against a COCO ground truth."),
     "bench": ("app.bench", "Print speed and memory figures beside the template-matching baseline."),
     "train": ("trex2.train", "Train the model (see README, 'Training')."),
+    "refine": ("app.refiner_job", "Fit the box refiner to your labels and check it on labelled images kept out."),
     "ui": ("app.ui", "Start the labeling UI (the default)."),
 }
 

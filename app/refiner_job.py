@@ -1,13 +1,15 @@
-"""Fitting the box refiner to the boxes accepted in the app, in a background process.
+"""Fitting the box refiner to your labels and checking it: in the app's background, or headless.
 
-The app exports the accepted boxes as COCO and runs this module as a child process on one thread
-(`python -m app.refiner_job --labels FIT.json --images DIR --out W [--check CHECK.json --prompts
-P.json]`), so labeling goes on meanwhile: `train --refiner --labels` (trex2/train_refiner.py), then,
-with --check, the check: the labelled images kept out of the fit are labelled like `label` does
-(cross-image, with the project's prompts) with the weights before and after, and scored against
-their accepted boxes (app.evaluate). Its log gives the progress and the check; the weights are
-written atomically (TRex2.save), so a cancelled or failed run leaves an earlier fitted file as it
-was. One job per app process (the model is shared too).
+    python app.py refine --labels L.json --images DIR --out W.safetensors [--prompts P.json --check-share 0.2]
+
+It runs `train --refiner --labels` (trex2/train_refiner.py) on one thread, then, with a check set,
+the check: the labelled images kept out of the fit are labelled like `label` does (cross-image,
+with the prompts given) with the weights before and after, and scored against their labels
+(app.evaluate); the result goes to the log and beside the weights (check_path). `--check-share`
+keeps a share of the labelled images without prompts out of the fit for that. The app's *Box
+refiner* tab runs it as a child process (RefinerJob, `--check CHECK.json`), so labeling goes on
+meanwhile, and reads its log for the progress. The weights are written atomically (TRex2.save),
+so a stopped or failed run leaves an earlier fitted file as it was. One job per app process.
 """
 from __future__ import annotations
 
@@ -182,6 +184,49 @@ class RefinerJob:
         return JobStatus("failed", f"the fit failed ({why}; full log: {log_path})")
 
 
+def split_for_check(items: list, prompted: set, min_fit: int = MIN_IMAGES, share: float = 0.2
+                    ) -> tuple[list, list]:
+    """Labelled images in folder order (each item a tuple, its file name first) -> (fitted on,
+    checked on): up to `share` of them, taken from those whose file is not in `prompted` (images
+    with prompts) and spread over the list, are kept out to check the refiner on, while at least
+    min_fit are left to fit; fewer than 2 to check: none is kept out."""
+    pool = [x for x in items if x[0] not in prompted]
+    n = min(len(pool), int(len(items) * share), len(items) - min_fit)
+    if n < 2:
+        return list(items), []
+    out = {pool[int((k + 0.5) * len(pool) / n)][0] for k in range(n)}
+    return [x for x in items if x[0] not in out], [x for x in items if x[0] in out]
+
+
+def split_labels(labels: Path, images_dir: Path, prompts: Path, share: float, work: Path) -> tuple[Path, Path | None]:
+    """`app.py refine --check-share`: the COCO file `labels` (file names relative to images_dir) ->
+    (COCO file to fit on, COCO file to check on or None), written into `work`. The check file holds
+    only the categories with a positive exemplar in the prompt file `prompts`."""
+    from exports.prompts import read_prompts
+
+    gt = json.loads(Path(labels).read_text(encoding="utf-8"))
+    ps = read_prompts(prompts)
+    cats = {q.category for q in ps.prompts if not q.negative}
+    on_prompts = {Path(q.image).resolve() for q in ps.prompts}
+    boxed = {a["image_id"] for a in gt["annotations"] if "score" not in a}
+    items = [(im["file_name"], im) for im in gt["images"] if im["id"] in boxed]
+    prompted = {f for f, _ in items if (Path(images_dir) / f).resolve() in on_prompts}
+    fit, check = split_for_check(items, prompted, min_fit=1, share=share)
+    if not check:
+        return Path(labels), None
+    work.mkdir(parents=True, exist_ok=True)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    paths = []
+    for part, keep_cats in ((fit, None), (check, cats)):
+        ids = {im["id"] for _, im in part}
+        anns = [a for a in gt["annotations"] if a["image_id"] in ids
+                and (keep_cats is None or names[a["category_id"]] in keep_cats)]
+        paths.append(work / ("fit.coco.json" if keep_cats is None else "check.coco.json"))
+        paths[-1].write_text(json.dumps({**gt, "images": [im for _, im in part], "annotations": anns}),
+                             encoding="utf-8")
+    return paths[0], paths[1]
+
+
 def check_path(weights: str | os.PathLike) -> Path:
     """Where the check of a fitted refiner's weights file is kept (JSON beside it)."""
     return Path(weights).with_suffix(".check.json")
@@ -227,20 +272,38 @@ def check_weights(check: Path, images_dir: Path, prompts: Path, weights: dict[st
 def main(argv: list[str] | None = None) -> int:
     """The child process RefinerJob starts (module docstring). Options it does not know go to
     `train --refiner`."""
-    ap = argparse.ArgumentParser(prog="python -m app.refiner_job", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", required=True)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--init", default=None)
+    ap = argparse.ArgumentParser(prog="app.py refine", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Other options go to 'app.py train --refiner' (e.g. --synthetic, "
+                                        "--batch, --lr, --seed).")
+    ap.add_argument("--labels", required=True, help="COCO file of your labels (boxes with a score are "
+                    "detections and are left out)")
+    ap.add_argument("--images", required=True, help="folder the --labels file names are relative to")
+    ap.add_argument("--out", required=True, help="weights file to write (with the fitted refiner)")
+    ap.add_argument("--init", default=None, help="weights to start from (default: the shipped ones)")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--check", default=None, help="COCO labels of images kept out of --labels")
-    ap.add_argument("--prompts", default=None, help="prompt file to label the --check images with")
+    ap.add_argument("--prompts", default=None, help="prompt file to label the check images with")
+    ap.add_argument("--check-share", type=float, default=None, metavar="F",
+                    help="with --prompts: keep up to this share of the labelled images (those without "
+                         "prompts, spread over the file) out of the fit and check on them, e.g. 0.2")
     ap.add_argument("--exit-with-parent", action="store_true",
                     help="exit when standard input closes (the app that started it is gone)")
     args, train_args = ap.parse_known_args(argv)
     from exports._io import atomic_write_json
     from trex2.train import main as train_main
+
+    if args.check_share is not None:
+        if not args.prompts or args.check:
+            ap.error("--check-share needs --prompts (and replaces --check)")
+        if not 0.0 < args.check_share < 1.0:
+            ap.error(f"--check-share is a share between 0 and 1, got {args.check_share}")
+        work = Path(args.out).with_name(Path(args.out).stem + "-check")
+        fit, check = split_labels(Path(args.labels), Path(args.images), Path(args.prompts), args.check_share, work)
+        if check is None:
+            print("app.py refine: too few labelled images without prompts to keep some out: no check",
+                  file=sys.stderr)
+        args.labels, args.check = str(fit), (str(check) if check else None)
 
     if args.exit_with_parent:
         def watch():

@@ -37,7 +37,7 @@ import gradio as gr  # noqa: E402
 from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
                          detect_in_folder, detect_in_image, search_images)
 from app.refiner_job import MAX_IMAGES as REFINER_MAX_IMAGES, MIN_IMAGES as REFINER_MIN_IMAGES  # noqa: E402
-from app.refiner_job import RefinerJob  # noqa: E402
+from app.refiner_job import RefinerJob, split_for_check  # noqa: E402
 from app.refiner_job import read_check as read_refiner_check  # noqa: E402
 from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
@@ -906,17 +906,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
 
 def refiner_split(p: Project, listed: list) -> tuple[list, list]:
-    """Images with accepted boxes (export_images' (file, W, H)) -> (fitted on, checked on): up to a
-    fifth of them, taken from those without prompts and spread over the folder, are kept out to
-    check the refiner on, while at least REFINER_MIN_IMAGES are left to fit; fewer than 2 to check:
-    none is kept out."""
-    prompted = {im.file for im in p.images if im.prompts}
-    pool = [x for x in listed if x[0] not in prompted]
-    n = min(len(pool), len(listed) // 5, len(listed) - REFINER_MIN_IMAGES)
-    if n < 2:
-        return listed, []
-    keep_out = {pool[int((k + 0.5) * len(pool) / n)][0] for k in range(n)}
-    return [x for x in listed if x[0] not in keep_out], [x for x in listed if x[0] in keep_out]
+    """Images with accepted boxes (export_images' (file, W, H)) -> (fitted on, checked on), see
+    app.refiner_job.split_for_check: images with prompts are never kept out."""
+    return split_for_check(listed, {im.file for im in p.images if im.prompts}, REFINER_MIN_IMAGES)
 
 
 def _deleted_class_message(name: str, gone: dict[str, int]) -> str:

@@ -2,6 +2,7 @@
 per-image vs cross-image prompts, negatives, class-embedding files. Uses the real trex2 model on CPU;
 images are small generated scenes of repeated shapes (red discs, blue squares, red squares)."""
 import json
+import re
 import os
 import signal
 import subprocess
@@ -1063,3 +1064,43 @@ def test_refiner_check_scores_each_weights_on_the_kept_out_images(tmp_path):
     assert sorted(p.name for p in (tmp_path / "work" / "check-images").iterdir()) == ["0.png", "1.png"]
     assert r["shipped"]["images"] == 2 and r["shipped"]["AP50"] >= 0.8, r["shipped"]
     assert r["untrained"]["AP50"] < 0.3, r["untrained"]
+
+
+def test_refine_command_keeps_labelled_images_out_and_checks_on_them(tmp_path, capsys):
+    """`app.py refine --check-share`: a share of the labelled images without prompts (never the
+    prompt image) is kept out of the fit, the refiner is fitted on the rest and checked on them
+    (before / after AP in the log and beside the weights); --check-share needs --prompts."""
+    from app.refiner_job import main as refine_main, read_check
+    rng = np.random.default_rng(3)
+    images, anns = [], []
+    for k in range(10):
+        img, boxes = draw_scene(rng, {"square": 4})
+        save_rgb(tmp_path / "imgs" / f"{k}.png", img)
+        images.append({"id": k + 1, "file_name": f"{k}.png", "width": SIZE, "height": SIZE})
+        anns += [{"id": len(anns) + j + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0,
+                  "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                  "area": float((x1 - x0) * (y1 - y0))} for j, (x0, y0, x1, y1) in enumerate(boxes["square"])]
+        anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": 2, "iscrowd": 0,   # never prompted
+                     "bbox": [2.0, 2.0, 6.0, 6.0], "area": 36.0})
+        if k == 5:
+            prompts = prompt_file(tmp_path / "p.json", [(tmp_path / "imgs" / "5.png", "square", b, None, False)
+                                                        for b in boxes["square"][:2]], categories=("square",))
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"images": images, "annotations": anns,
+                                  "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "dust"}]}))
+    init, out = tmp_path / "init.safetensors", tmp_path / "out.safetensors"
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50)).eval().save(str(init))
+    common = ["--labels", str(labels), "--images", str(tmp_path / "imgs"), "--out", str(out), "--init", str(init),
+              "--steps", "2", "--synthetic", "0", "--batch", "2", "--warmup", "2"]
+    with pytest.raises(SystemExit):
+        refine_main(common + ["--check-share", "0.3"])                # no prompt file to check with
+    assert "--check-share needs --prompts" in capsys.readouterr().err
+    assert refine_main(common + ["--prompts", prompts, "--check-share", "0.3"]) == 0
+    err = capsys.readouterr().err
+    fit = json.loads((tmp_path / "out-check" / "fit.coco.json").read_text())
+    check = json.loads((tmp_path / "out-check" / "check.coco.json").read_text())
+    assert len(check["images"]) == 3 and len(fit["images"]) == 7 and len(check["annotations"]) == 12
+    assert "5.png" in {im["file_name"] for im in fit["images"]}     # the prompt image is fitted on
+    assert trex2.load_model(str(out)).extra["refiner"]["labels"] == ["fit.coco.json"]
+    assert re.search(r"refiner check: on 3 of your labelled images not used for fitting \(12 boxes\), AP", err)
+    assert read_check(out).startswith("on 3 of your labelled images")
