@@ -1127,24 +1127,25 @@ class Engine:
     def predictor(self):
         with self._lock:
             if self._predictor is None:
-                import trex2
-                stamp = os.stat(self.weights).st_mtime_ns if self.weights else None
-                self._predictor = trex2.Predictor(trex2.load_model(self.weights), flip=True,
-                                                  cache_size=EMBEDDING_CACHE_IMAGES)
-                self.weights_stamp = stamp
+                self._predictor, self.weights_stamp = self._load(self.weights)
             return self._predictor
+
+    @staticmethod
+    def _load(path: str | None):
+        """(trex2.Predictor of the weights file `path` (None: shipped), the file's mtime in ns); the
+        time is read before loading, as a fit in the background may replace the file."""
+        import trex2
+        stamp = os.stat(path).st_mtime_ns if path else None
+        return trex2.Predictor(trex2.load_model(path), flip=True, cache_size=EMBEDDING_CACHE_IMAGES), stamp
 
     def use_weights(self, path: str | os.PathLike | None) -> None:
         """Switch every session to other weights (e.g. a box refiner fitted in the app; None: the
         ones the app started with). The new model is loaded before the old one is let go, so a
         file that does not load leaves the app as it was; cached image encodes are dropped."""
-        import trex2
         path = str(Path(path).resolve()) if path else self.start_weights
-        stamp = os.stat(path).st_mtime_ns if path else None   # before loading: a fit may replace it
-        model = trex2.load_model(path)
+        predictor, stamp = self._load(path)
         with self._lock:
-            self._predictor = trex2.Predictor(model, flip=True, cache_size=EMBEDDING_CACHE_IMAGES)
-            self.weights, self.weights_stamp = path, stamp
+            self._predictor, self.weights, self.weights_stamp = predictor, path, stamp
 
     @property
     def recommended_threshold(self) -> float | None:

@@ -92,11 +92,6 @@ class RefinerJob:
         self._lock = threading.Lock()
         self._exit_hook = False
 
-    @property
-    def out(self) -> Path | None:
-        """The weights file of the last run started (None: none started)."""
-        return self._out
-
     def running(self) -> bool:
         """Whether a fit started here is still running."""
         return self._proc is not None and self._proc.poll() is None
@@ -206,25 +201,31 @@ def split_labels(labels: Path, images_dir: Path, prompts: Path, share: float, wo
 
     gt = json.loads(Path(labels).read_text(encoding="utf-8"))
     ps = read_prompts(prompts)
-    cats = {q.category for q in ps.prompts if not q.negative}
     on_prompts = {Path(q.image).resolve() for q in ps.prompts}
     boxed = {a["image_id"] for a in gt["annotations"] if "score" not in a}
-    items = [(im["file_name"], im) for im in gt["images"] if im["id"] in boxed]
-    prompted = {f for f, _ in items if (Path(images_dir) / f).resolve() in on_prompts}
+    items = [(im["file_name"],) for im in gt["images"] if im["id"] in boxed]
+    prompted = {f for f, in items if (Path(images_dir) / f).resolve() in on_prompts}
     fit, check = split_for_check(items, prompted, min_fit=1, share=share)
     if not check:
         return Path(labels), None
     work.mkdir(parents=True, exist_ok=True)
+    parts = {work / "fit.coco.json": coco_subset(gt, {f for f, in fit}),
+             work / "check.coco.json": coco_subset(gt, {f for f, in check},
+                                                   {q.category for q in ps.prompts if not q.negative})}
+    for path, data in parts.items():
+        path.write_text(json.dumps(data), encoding="utf-8")
+    return tuple(parts)
+
+
+def coco_subset(gt: dict, files: set[str] | None = None, categories: set[str] | None = None) -> dict:
+    """A COCO dict cut down to the images named in `files` and the annotations, on them, of the
+    categories named in `categories` (None: all of either)."""
     names = {c["id"]: c["name"] for c in gt["categories"]}
-    paths = []
-    for part, keep_cats in ((fit, None), (check, cats)):
-        ids = {im["id"] for _, im in part}
-        anns = [a for a in gt["annotations"] if a["image_id"] in ids
-                and (keep_cats is None or names[a["category_id"]] in keep_cats)]
-        paths.append(work / ("fit.coco.json" if keep_cats is None else "check.coco.json"))
-        paths[-1].write_text(json.dumps({**gt, "images": [im for _, im in part], "annotations": anns}),
-                             encoding="utf-8")
-    return paths[0], paths[1]
+    images = [im for im in gt["images"] if files is None or im["file_name"] in files]
+    ids = {im["id"] for im in images}
+    return {**gt, "images": images, "annotations": [
+        a for a in gt["annotations"]
+        if a["image_id"] in ids and (categories is None or names[a["category_id"]] in categories)]}
 
 
 def check_path(weights: str | os.PathLike) -> Path:

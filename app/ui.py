@@ -37,7 +37,7 @@ import gradio as gr  # noqa: E402
 from app.project import (Engine, Project, ProjectError, default_project_path,  # noqa: E402
                          detect_in_folder, detect_in_image, search_images)
 from app.refiner_job import MAX_IMAGES as REFINER_MAX_IMAGES, MIN_IMAGES as REFINER_MIN_IMAGES  # noqa: E402
-from app.refiner_job import RefinerJob, split_for_check  # noqa: E402
+from app.refiner_job import RefinerJob, coco_subset, split_for_check  # noqa: E402
 from app.refiner_job import read_check as read_refiner_check  # noqa: E402
 from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
@@ -687,11 +687,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 fit, check = listed, []
                 note += f"; it cannot be checked: the prompts cannot be saved ({e})"
         if check:
-            p.export_coco(folder / "check.coco.json", images=check)
-            gt = json.loads((folder / "check.coco.json").read_text(encoding="utf-8"))
-            names = {c["id"]: c["name"] for c in gt["categories"]}
-            gt["annotations"] = [a for a in gt["annotations"] if names[a["category_id"]] in prompted]
-            (folder / "check.coco.json").write_text(json.dumps(gt), encoding="utf-8")
+            gt = p.export_coco(folder / "check.coco.json", images=check)
+            (folder / "check.coco.json").write_text(json.dumps(coco_subset(gt, categories=prompted)),
+                                                    encoding="utf-8")
             note += (f"; then it is checked on {len(check)} other labelled images without prompts "
                      "(with your prompts, before and after)")
         if len(fit) > REFINER_MAX_IMAGES:   # memory: a spread-out subset of them

@@ -1037,6 +1037,19 @@ def test_no_second_look_where_the_exemplars_are_drawn(predictor, tmp_path):
         assert sizes == [640]
 
 
+def coco_boxes(image_id: int, boxes, first_id: int, category_id: int = 1) -> list[dict]:
+    """COCO annotations (ids from first_id) of xyxy pixel boxes on one image."""
+    return [{"id": first_id + j, "image_id": image_id, "category_id": category_id, "iscrowd": 0,
+             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)], "area": float((x1 - x0) * (y1 - y0))}
+            for j, (x0, y0, x1, y1) in enumerate(boxes)]
+
+
+def tiny_weights(path: Path) -> Path:
+    """An untrained small model saved at path (fast to load and to fit a refiner on)."""
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50)).eval().save(str(path))
+    return path
+
+
 def test_refiner_check_scores_each_weights_on_the_kept_out_images(tmp_path):
     """app.refiner_job.check_weights (the app's check of a fitted box refiner): the labelled images
     listed in the check file, and only they, are labelled with the prompt file by each weights file
@@ -1051,14 +1064,12 @@ def test_refiner_check_scores_each_weights_on_the_kept_out_images(tmp_path):
         if k == 2:
             continue                                     # in the folder, not in the check file
         images.append({"id": k + 1, "file_name": f"{k}.png", "width": SIZE, "height": SIZE})
-        anns += [{"id": len(anns) + j + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0,
-                  "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                  "area": float((x1 - x0) * (y1 - y0))} for j, (x0, y0, x1, y1) in enumerate(boxes["square"])]
+        anns += coco_boxes(k + 1, boxes["square"], first_id=len(anns) + 1)
     check = tmp_path / "check.json"
     check.write_text(json.dumps({"images": images, "annotations": anns,
                                  "categories": [{"id": 1, "name": "square"}]}))
     untrained = tmp_path / "untrained.safetensors"
-    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50)).eval().save(str(untrained))
+    tiny_weights(untrained)
     r = check_weights(check, tmp_path / "imgs", Path(prompts), {"shipped": None, "untrained": str(untrained)},
                       tmp_path / "work", print)
     assert sorted(p.name for p in (tmp_path / "work" / "check-images").iterdir()) == ["0.png", "1.png"]
@@ -1077,9 +1088,7 @@ def test_refine_command_keeps_labelled_images_out_and_checks_on_them(tmp_path, c
         img, boxes = draw_scene(rng, {"square": 4})
         save_rgb(tmp_path / "imgs" / f"{k}.png", img)
         images.append({"id": k + 1, "file_name": f"{k}.png", "width": SIZE, "height": SIZE})
-        anns += [{"id": len(anns) + j + 1, "image_id": k + 1, "category_id": 1, "iscrowd": 0,
-                  "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-                  "area": float((x1 - x0) * (y1 - y0))} for j, (x0, y0, x1, y1) in enumerate(boxes["square"])]
+        anns += coco_boxes(k + 1, boxes["square"], first_id=len(anns) + 1)
         anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": 2, "iscrowd": 0,   # never prompted
                      "bbox": [2.0, 2.0, 6.0, 6.0], "area": 36.0})
         if k == 5:
@@ -1089,7 +1098,7 @@ def test_refine_command_keeps_labelled_images_out_and_checks_on_them(tmp_path, c
     labels.write_text(json.dumps({"images": images, "annotations": anns,
                                   "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "dust"}]}))
     init, out = tmp_path / "init.safetensors", tmp_path / "out.safetensors"
-    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50)).eval().save(str(init))
+    tiny_weights(init)
     common = ["--labels", str(labels), "--images", str(tmp_path / "imgs"), "--out", str(out), "--init", str(init),
               "--steps", "2", "--synthetic", "0", "--batch", "2", "--warmup", "2"]
     with pytest.raises(SystemExit):

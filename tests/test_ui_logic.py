@@ -1079,6 +1079,13 @@ def test_engine_loads_the_weights_it_is_given(tmp_path, capsys, monkeypatch):
     assert "is not a file" in capsys.readouterr().err
 
 
+def tiny_weights(path: Path) -> Path:
+    """An untrained small model (256 px canvas) saved at path: quick to load and to fit a refiner on."""
+    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50,
+                                  image_size=256)).eval().save(str(path))
+    return path
+
+
 def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, engine, tmp_path,
                                                                         monkeypatch):
     """The Box refiner tab: too few images with accepted boxes is refused with the count; otherwise
@@ -1093,8 +1100,7 @@ def test_box_refiner_tab_fits_in_the_background_and_switches_the_model(project, 
     from app.ui import AppConfig, Session, build_app
 
     start = tmp_path / "start.safetensors"
-    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50,
-                                  image_size=256)).eval().save(str(start))
+    tiny_weights(start)
     engine.start_weights = str(start)
     monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 2)
     job = RefinerJob(steps=3, extra=("--synthetic", "0", "--batch", "2", "--warmup", "2"))
@@ -1179,8 +1185,7 @@ def test_box_refiner_is_checked_on_labelled_images_kept_out_of_the_fit(tmp_path,
     monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 5)
     listed, _ = project.export_images(with_boxes=True)
     start = tmp_path / "start.safetensors"
-    trex2.TRex2(trex2.ModelConfig(d_model=32, d_ffn=64, dec_layers=2, num_queries=50,
-                                  image_size=256)).eval().save(str(start))
+    tiny_weights(start)
     engine.start_weights = str(start)
     job = RefinerJob(steps=2, extra=("--synthetic", "0", "--batch", "2", "--warmup", "2"))
     demo = build_app(AppConfig(project.root, project.path, engine, tmp_path, refiner=job))
