@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 import trex2  # noqa: E402
 from bench_common import add_model_args, load_model  # noqa: E402
+from bench_exemplars import average_precision, read_boxes  # noqa: E402
 from app import batch  # noqa: E402
 from app.evaluate import evaluate  # noqa: E402
 from trex2.box_ops import box_iou, greedy_match  # noqa: E402
@@ -79,13 +80,8 @@ def held_out_per_image(model, root: str, sets: list[str]) -> None:
     found = {m: ([], []) for m in preds}
     n_gt, rng = 0, random.Random(0)
     for name in sets:
-        gt = json.load(open(os.path.join(root, name, "gt.json")))
-        boxes: dict[int, dict[int, list]] = {}
-        for a in gt["annotations"]:
-            x, y, w, h = a["bbox"]
-            if w > 1 and h > 1:
-                boxes.setdefault(a["image_id"], {}).setdefault(a["category_id"], []).append([x, y, x + w, y + h])
-        for im in [im for im in gt["images"] if im["id"] in boxes][:HELD]:
+        boxes, images = read_boxes(os.path.join(root, name))
+        for im in images[:HELD]:
             image = load_image(os.path.join(root, name, "images", im["file_name"]))
             for _, b in sorted(boxes[im["id"]].items()):
                 b = np.array(b, np.float32)
@@ -105,8 +101,7 @@ def held_out_per_image(model, root: str, sets: list[str]) -> None:
         s, h = np.array(scores)[order], np.array(hits, bool)[order]
         tp, fp = np.cumsum(h), np.cumsum(~h)
         f1 = 2 * tp / (tp + fp + n_gt)
-        precision = np.maximum.accumulate((tp / (tp + fp))[::-1])[::-1]
-        ap50 = float(np.sum(np.diff(np.concatenate([[0.0], tp / n_gt])) * precision))
+        ap50 = average_precision([(x, y, y) for x, y in zip(s, h)], n_gt, 1)
         best, at = int(np.argmax(f1)), int((s >= thr).sum()) - 1
         print(f"{mode:8s} AP50 {ap50:.3f}  best F1 {f1[best]:.3f} at {s[best]:.3f}  "
               f"F1 at the threshold {f1[at] if at >= 0 else 0.0:.3f}")
