@@ -630,6 +630,22 @@ class Project:
             self._after_review()
         return rec
 
+    def box_to_prompt(self, item_id: int, negative: bool = False) -> PromptRec:
+        """A box of the current image becomes a box prompt of its class, in one undo step: an
+        exemplar ("more like this"; the box is accepted, it is a label) or, `negative`, a "not
+        this" example (the box is rejected). More exemplars help: 3 more labelled ones on an
+        image raised AP50 / AP75 of its other objects 0.756 / 0.397 -> 0.786 / 0.430 (the train
+        sets' held-out images, README "Labeling a folder in 5 minutes")."""
+        with self._edit(f"box to {'negative ' if negative else ''}prompt", scope=[self.index]):
+            kind, rec = self.find(item_id)
+            if kind != "box":
+                raise ProjectError("select a box (not a prompt) to turn it into a prompt")
+            prompt = PromptRec(self._new_id(), rec.cls, "box", list(rec.xyxy), bool(negative))
+            self.current.prompts.append(prompt)
+            rec.state = "rejected" if negative else "accepted"
+            self._after_review()
+        return prompt
+
     def find(self, item_id: int, image: int | None = None):
         """-> ("prompt" | "box", record) on the image (default: current)."""
         im = self.images[self._at(image)]

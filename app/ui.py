@@ -299,7 +299,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         p = sess.project
         op = data.get("op")
         iid = data.get("id")
-        prompt_op = op in ("add_prompt", "negative") or (
+        prompt_op = op in ("add_prompt", "negative", "promote") or (
             op in ("move", "delete") and iid is not None
             and any(q.id == iid for q in p.current.prompts))
         if op == "select":
@@ -327,6 +327,14 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             p.set_state(int(iid), "accepted" if op == "accept" else "rejected")
         elif op == "negative":
             p.set_negative(int(iid), bool(data.get("value")))
+        elif op == "promote":
+            neg = bool(data.get("negative"))
+            q = p.box_to_prompt(int(iid), negative=neg)
+            sess.selected = None
+            if not auto_detect:
+                return refresh(sess, op, f"the {q.cls} box is now a {'negative ' if neg else ''}prompt"
+                                         f"{' and rejected' if neg else ' and accepted'}: D detects "
+                                         f"again with it (Ctrl+Z undoes)")
         elif op == "set_class":
             p.set_active_class(data["cls"])
             if iid is not None:

@@ -271,6 +271,16 @@ def test_label_folder_in_browser(app_server):
         page.keyboard.press("1")
         _wait_view(page, f"v.seq > {seq} && v.action === 'set_class'")
         assert "relabelled the selected box" in _view(page)["message"]
+        # E turns the selected box into an exemplar prompt and accepts it, in one undo step
+        page.locator("#tx-canvas .tx-wrap").focus()
+        page.keyboard.press("Tab")
+        sel = page.evaluate("window.trexCanvas.getState().selected")
+        n_prompts = len(_view(page)["prompts"])
+        page.keyboard.press("e")
+        _wait_view(page, f"v.action === 'promote' && v.prompts.length === {n_prompts + 1}"
+                         f" && v.boxes.some(b => b.id === {sel['id']} && b.state === 'accepted')")
+        page.keyboard.press("Control+z")
+        _wait_view(page, f"v.action === 'undo' && v.prompts.length === {n_prompts}")
         # Space over the image pans; it must not press the focused 'Detect in all images'
         seq = _view(page)["seq"]
         page.focus("#tx-detect-all")

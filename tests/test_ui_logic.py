@@ -279,6 +279,25 @@ def test_review_edit_move_resize_relabel(project, engine):
         project.move(b.id, [5, 5, 5.5, 9])
 
 
+def test_a_box_becomes_an_exemplar_or_a_negative_prompt_in_one_undo_step(project, engine):
+    project.add_prompt("box", [5, 5, 25, 15])
+    detect_in_image(project, engine)
+    good, bad = project.visible_boxes()[:2]
+    q = project.box_to_prompt(good.id)
+    assert (q.cls, q.kind, q.coords, q.negative) == ("cell", "box", good.xyxy, False)
+    assert project.find(good.id)[1].state == "accepted"
+    n = project.box_to_prompt(bad.id, negative=True)
+    assert n.negative and n.coords == bad.xyxy and project.find(bad.id)[1].state == "rejected"
+    positives, negatives = project.exemplar_boxes()(str(project.image_path()))
+    assert len(positives["cell"]) == 2 and negatives["cell"].tolist() == [bad.xyxy]
+    assert project.undo() == "box to negative prompt"
+    assert len(project.current.prompts) == 2 and project.find(bad.id)[1].state == "pending"
+    assert project.undo() == "box to prompt"
+    assert len(project.current.prompts) == 1 and project.find(good.id)[1].state == "pending"
+    with pytest.raises(ProjectError, match="select a box"):
+        project.box_to_prompt(project.current.prompts[0].id)
+
+
 def test_redetect_keeps_decisions_and_drops_duplicates(project, engine):
     project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)

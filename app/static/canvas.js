@@ -5,7 +5,8 @@
 //   classes: [{name, color}], active_class, threshold, prompts: [{id, cls, kind, coords,
 //   negative}], boxes: [{id, cls, xyxy, score, state, source}], message, action}.
 // JS -> Python: trigger('op', {op, ...}) with op one of add_prompt, add_box, move, delete,
-//   accept, reject, relabel, set_class, negative, select, goto (index: the image to show),
+//   accept, reject, relabel, set_class, negative, promote (a box becomes a prompt), select,
+//   goto (index: the image to show),
 //   and file (the image it was made on).
 //   Coordinates are pixels of the original (EXIF-corrected) image; the preview may be smaller.
 const root = element.querySelector('.tx-wrap');
@@ -254,7 +255,7 @@ function updateChrome() {
   let s = '';
   if (sel && sel.type === 'box') {
     s = 'selected: ' + sel.rec.cls + (sel.rec.score === null ? ' (manual)' : ' ' + sel.rec.score.toFixed(2)) +
-        ' ' + sel.rec.state + ' - A accept, X reject, Del delete, 1-9 relabel';
+        ' ' + sel.rec.state + ' - A accept, X reject, E make it a prompt (Shift+E: negative), Del delete, 1-9 relabel';
   } else if (sel) {
     s = 'selected prompt: ' + sel.rec.cls + (sel.rec.negative ? ' (negative)' : '') + ' - Del delete, N toggle negative';
   }
@@ -458,6 +459,10 @@ function onKey(e) {
   else if (k === 'a' && !shift) decide('accepted');
   else if (k === 'a') clickButton('tx-accept-all');
   else if (k === 'x' || k === 'r') decide('rejected');
+  else if (k === 'e') {   // the selected box becomes a prompt: E exemplar, Shift+E negative
+    const sel = findSelected();
+    if (sel && sel.type === 'box') { send('promote', {id: sel.rec.id, negative: shift}); selected = null; }
+  }
   else if (k === 'Delete' || k === 'Backspace') {
     const sel = findSelected();
     if (sel) { send('delete', {id: sel.rec.id}); selected = null; }
