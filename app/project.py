@@ -131,9 +131,10 @@ def _box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _duplicates(boxes, cls: str, xyxy) -> bool:
-    """Whether a box of class `cls` among `boxes` (BoxRec) overlaps xyxy by IoU > DUPLICATE_IOU."""
-    return any(b.cls == cls and _box_iou(b.xyxy, xyxy) > DUPLICATE_IOU for b in boxes)
+def _duplicates(boxes, cls: str | None, xyxy) -> bool:
+    """Whether a box of class `cls` (None: of any class) among `boxes` (BoxRec) overlaps xyxy by
+    IoU > DUPLICATE_IOU."""
+    return any(cls in (None, b.cls) and _box_iou(b.xyxy, xyxy) > DUPLICATE_IOU for b in boxes)
 
 
 def _norm_box(coords, size=None) -> list[float]:
@@ -161,9 +162,14 @@ def _norm_point(coords, size=None) -> list[float]:
     return [round(p[0], 2), round(p[1], 2)]
 
 
+#: what each tab keeps for itself: its image, class and score threshold (another tab's choice
+#: of these never changes this tab's, and is no reason to reload the project)
+VIEW_KEYS = ("current", "active_class", "threshold")
+
+
 def _content(saved: dict) -> dict:
-    """A saved project without its current image (which each tab keeps for itself)."""
-    return {k: v for k, v in saved.items() if k != "current"}
+    """A saved project without the view settings each tab keeps for itself (VIEW_KEYS)."""
+    return {k: v for k, v in saved.items() if k not in VIEW_KEYS}
 
 
 def _relative_name(file_name: str) -> str:
@@ -350,14 +356,19 @@ class Project:
         before = self._state
         saved = self._read_saved()
         if _content(saved) == before:
-            return False    # the other only moved to another image: keep the undo history
+            self._stamp = stamp
+            return False    # the other only changed its view (VIEW_KEYS): keep the undo history
         current = self.images[self.index].file if self.images else None
+        active, threshold = self.active_class, self.threshold
         self.warnings = []   # (shown when a page opens; a reload must not pile them up)
         self._load(list_images(self.root), saved)
         self._load_embeddings()
         if current is not None:
             self.index = next((i for i, im in enumerate(self.images) if im.file == current),
                               min(self.index, max(len(self.images) - 1, 0)))
+        self.threshold = threshold
+        if active in self.class_names:
+            self.active_class = active
         self._undo.clear()
         self._redo.clear()
         return True
@@ -782,11 +793,14 @@ class Project:
         wrap this in one). Boxes are clipped to the image; per class, the KEEP_PER_CLASS best
         scoring >= KEEP_MIN_SCORE are kept. Pending model boxes are replaced; boxes the user accepted,
         rejected or drew are kept, and new detections duplicating them (same class,
-        IoU > DUPLICATE_IOU) are dropped. Returns how many new boxes were added."""
+        IoU > DUPLICATE_IOU) are dropped, as are those duplicating an accepted box of another class
+        (an object the user labelled, e.g. a box relabelled from the detection's class). Returns
+        how many new boxes were added."""
         im = self.images[i]
         w, h = self.image_size(i)
         kept = [b for b in im.boxes if b.state != "pending" or b.source == "manual"]
         decided = list(kept)
+        accepted = [b for b in kept if b.state == "accepted"]
         added = 0
         per_class: dict[str, int] = {}
         for cls, xyxy, score in sorted(boxes, key=lambda d: -d[2]):
@@ -798,7 +812,7 @@ class Project:
                     min(max(x2, 0.0), w), min(max(y2, 0.0), h)]
             if xyxy[2] - xyxy[0] < 1 or xyxy[3] - xyxy[1] < 1:
                 continue  # nothing left inside the image
-            if _duplicates(decided, cls, xyxy):
+            if _duplicates(decided, cls, xyxy) or _duplicates(accepted, None, xyxy):
                 continue
             kept.append(BoxRec(self._new_id(), cls, [round(float(v), 2) for v in xyxy],
                                round(float(score), 4)))
@@ -988,7 +1002,7 @@ class Project:
                 self.active_class = self.classes[0].name
         return n_in, n_ext
 
-    def import_coco(self, path: str | os.PathLike) -> dict:
+    def import_coco(self, path: str | os.PathLike, shown: str | None = None) -> dict:
         """Add the boxes of a COCO file to this folder's images (one undo step). Boxes with a score
         (the output of `python app.py label`) become pending model boxes, merged as
         apply_detections merges a detection run; boxes without one (existing labels) become
@@ -999,7 +1013,8 @@ class Project:
         else by the one path of the folder its file_name ends with, else by a file name that occurs
         once in the folder; an image whose size differs from the file's record is skipped (its
         boxes would be in another frame). Missing classes are created. Returns {"images", "labels", "detections": counts added, "unmatched",
-        "size_mismatch", "unreadable": file_names skipped}."""
+        "size_mismatch", "unreadable": file_names skipped}. `shown`: the name errors give the file
+        (an upload's own name rather than its temporary path)."""
         from app.evaluate import ImageMatcher
         from exports._io import read_json
         from exports.coco import parse_coco
@@ -1009,9 +1024,11 @@ class Project:
             for rec in raw.get("images", []) if isinstance(raw, dict) else []:
                 if isinstance(rec, dict) and isinstance(rec.get("file_name"), str):
                     rec["file_name"] = _relative_name(rec["file_name"])
-            data = parse_coco(raw, source=str(path))
+            data = parse_coco(raw, source=shown or str(path))
         except (OSError, ValueError) as e:
-            raise ProjectError(f"cannot import {path}: {e}") from e
+            msg = str(e).replace(str(path), shown or str(path))
+            raise ProjectError(f"cannot import {msg}" if msg.startswith(shown or str(path))
+                               else f"cannot import {shown or path}: {msg}") from e
         match = ImageMatcher([{"file_name": im.file, "id": i} for i, im in enumerate(self.images)])
         where, unmatched, mismatch, unreadable = {}, [], [], []
         for rec in data.images:
@@ -1080,19 +1097,28 @@ class Project:
         trex2.save_class_embeddings(str(self.embeddings_path), self.loaded_embeddings)
         return list(loaded)
 
-    def add_uploaded(self, files: list[str | os.PathLike], subdir: str = "uploaded") -> list[int]:
+    def add_uploaded(self, files: list[str | os.PathLike], subdir: str = "uploaded"
+                     ) -> tuple[list[int], list[str]]:
         """Copy uploaded image files into ``root/subdir`` (unique names) and add them to the
-        project. Each file is checked with trex2.image_io.load_image first (ImageLoadError
-        names the bad file). Returns the new image indices."""
+        project. Each file is checked with trex2.image_io.load_image first; files that fail are
+        skipped. Returns (the new image indices, a message per skipped file); ProjectError
+        naming every file when none could be added."""
         from trex2.image_io import is_image_file, load_image
 
         dest_dir = self.root / subdir
+        good, skipped = [], []
+        for f in map(Path, files):
+            try:
+                if not is_image_file(f.name):
+                    raise ProjectError(f"{f.name} is not an image file (by its extension)")
+                load_image(f)
+                good.append(f)
+            except (ProjectError, OSError, ValueError) as e:   # ImageLoadError is a ValueError
+                skipped.append(str(e))
+        if skipped and not good:
+            raise ProjectError("; ".join(skipped))
         added = []
-        for f in files:
-            f = Path(f)
-            if not is_image_file(f.name):
-                raise ProjectError(f"{f.name} is not an image file (by its extension)")
-            load_image(f)
+        for f in good:
             dest_dir.mkdir(parents=True, exist_ok=True)
             dest = dest_dir / f.name
             k = 1
@@ -1103,13 +1129,13 @@ class Project:
             shutil.copyfile(f, dest)
             added.append(dest.relative_to(self.root).as_posix())
         if not added:
-            return []
+            return [], skipped
         self.images = sorted(self.images + [ImageRec(r) for r in added], key=lambda im: im.file)
         self._undo.clear()  # image indices changed: old undo steps no longer line up
         self._redo.clear()
         self.index = self.index_of(added[0])
         self._autosave()
-        return [self.index_of(r) for r in added]
+        return [self.index_of(r) for r in added], skipped
 
 
 # --------------------------------------------------------------------------- engine

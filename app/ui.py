@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import functools
 import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -76,9 +78,37 @@ class Work:
     project (sessions on one file take turns, each syncing with the file first: see
     Project.sync), and the long run holding it, with its cancel flag."""
     lock: threading.Lock = field(default_factory=threading.Lock)
-    #: what the long run holding the lock does ("" when none)
+    #: what the long run holding the lock does ("" when none), and the session running it
     long_job: str = ""
+    owner: object = None
     cancel: bool = False
+    #: the run was cancelled from another tab than its own
+    cancelled_elsewhere: bool = False
+
+    @contextlib.contextmanager
+    def running(self, what: str, owner):
+        """Mark a long run of session `owner` (under the lock) for its duration."""
+        self.cancel = self.cancelled_elsewhere = False
+        self.long_job, self.owner = what, owner
+        try:
+            yield
+        finally:
+            self.long_job, self.owner = "", None
+
+    def busy_message(self, sess) -> str:
+        """What an edit refused during the long run is answered."""
+        whose = "this tab is" if self.owner is sess else "another tab is"
+        return f"not applied: {whose} {self.long_job}; wait for it to finish or press Cancel"
+
+    def stop(self, sess) -> str | None:
+        """Cancel the long run; a message when it is another tab's (None when nothing runs)."""
+        if not self.long_job:
+            return None
+        self.cancel = True
+        if self.owner is not sess:
+            self.cancelled_elsewhere = True
+            return f"stopped the run another tab started ({self.long_job})"
+        return None
 
 
 @dataclass
@@ -251,7 +281,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 if sess is None:
                     raise gr.Error("the session is not ready yet; reload the page")
                 if not _acquire(sess):
-                    return fail(sess, "busy", f"busy: {sess.work.long_job} (press Cancel to stop it)")
+                    return fail(sess, "busy", sess.work.busy_message(sess))
                 try:
                     return fn(sess, *args, **kwargs)
                 except (ProjectError, ValueError, OSError) as e:
@@ -401,12 +431,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     @guarded
     def on_detect_all(sess, flip, progress=gr.Progress()):
-        sess.work.cancel = False
-        sess.work.long_job = "detecting in all images"
-        try:
+        with sess.work.running("detecting in all images", sess):
             return _detect_all(sess, bool(flip), progress)
-        finally:
-            sess.work.long_job = ""
 
     def _detect_all(sess, flip, progress):
         p = sess.project
@@ -421,15 +447,20 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 failed.append(error)
                 gr.Warning(f"skipped: {error}")
         secs = time.perf_counter() - t
-        msg = (f"cancelled after {done}/{total} images" if sess.work.cancel and done < total
-               else f"detected in {done} images ({secs:.1f} s)")
+        if sess.work.cancel and done < len(p.images):
+            msg = (f"cancelled after {done}/{len(p.images)} images"
+                   + (" (Cancel was pressed in another tab)" if sess.work.cancelled_elsewhere else ""))
+        else:
+            msg = f"detected in {done - len(failed)} images ({secs:.1f} s)"
         if failed:
             msg += f"; {len(failed)} unreadable image(s) skipped"
         return refresh(sess, "detect_all", msg)
 
     def on_cancel(sess):
         if sess is not None:
-            sess.work.cancel = True
+            note = sess.work.stop(sess)
+            if note:
+                gr.Warning(note)
 
     @guarded
     def on_accept_all(sess, t=None):
@@ -488,9 +519,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
     # ------------------------------------------------------------------ files
     def _out_dir(sess, what):
-        d = sess.tmp_dir / f"{what}-{time.strftime('%Y%m%d-%H%M%S')}-{sess.seq}"
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+        sess.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # a new folder each time: two exports within a second must not meet
+        return Path(tempfile.mkdtemp(prefix=f"{what}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=sess.tmp_dir))
 
     @file_guard
     def on_export(sess, fmt, only_reviewed):
@@ -510,6 +541,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if skipped:
             notes += (f"  \nleft out {len(skipped)} missing or unreadable image(s): "
                       f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
+        files = {f for f, _, _ in listed}
+        if not any(f in files for f, _, _ in p.accepted_annotations()):
+            gr.Warning("no accepted box in what is exported: every image counts as having no objects")
+            notes += ("  \n**No accepted box yet**: only accepted boxes are exported (A accepts the "
+                      "selected box, Shift+A all boxes above the threshold on an image).")
         if fmt == "COCO":
             out = _out_dir(sess, "coco") / "annotations.coco.json"
             data = p.export_coco(out, images=listed)
@@ -528,7 +564,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             for f in sorted((folder / "yolo").rglob("*")):
                 if f.is_file():
                     z.write(f, f.relative_to(folder).as_posix())
-        files = {f for f, _, _ in listed}
         n_boxes = sum(f in files for f, _, _ in p.accepted_annotations())
         return str(zpath), (f"YOLO dataset: {len(listed)} images, {n_boxes} accepted boxes -> "
                             f"{zpath}" + notes)
@@ -580,7 +615,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     def on_import(sess, upload):
         if not upload:
             raise ProjectError("choose a COCO .json file first")
-        r = sess.project.import_coco(upload)
+        r = sess.project.import_coco(upload, shown=Path(upload).name)
         msg = (f"imported {r['labels']} labels (accepted) and {r['detections']} detections (pending) "
                f"on {r['images']} images")
         for key, what in (("unmatched", "not in this folder"), ("size_mismatch", "of another size here"),
@@ -594,8 +629,11 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     def on_upload(sess, files):
         if not files:
             return (sess,) + (gr.skip(),) * 5
-        new = sess.project.add_uploaded([f if isinstance(f, str) else f.name for f in files])
-        return refresh(sess, "upload", f"added {len(new)} image(s) to {sess.project.root / 'uploaded'}",
+        new, skipped = sess.project.add_uploaded([f if isinstance(f, str) else f.name for f in files])
+        for why in skipped:
+            gr.Warning(f"skipped: {why}")
+        return refresh(sess, "upload", f"added {len(new)} image(s) to {sess.project.root / 'uploaded'}"
+                       + (f"; skipped {len(skipped)}: {'; '.join(skipped[:3])}" if skipped else ""),
                        force=True)
 
     @file_guard
@@ -604,14 +642,10 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if not cls:
             raise ProjectError("pick a class to search for")
         progress(0, desc=f"ranking images by {cls}")
-        sess.work.cancel = False
-        sess.work.long_job = f"ranking images by {cls}"
-        try:
+        with sess.work.running(f"ranking images by {cls}", sess):
             ranked = search_images(p, engine, cls, should_stop=lambda: sess.work.cancel,
                                    on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"),
                                    flip=bool(flip))
-        finally:
-            sess.work.long_job = ""
         items = []
         shown = []
         for i, score in ranked:
@@ -1043,6 +1077,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights and not Path(args.weights).is_file():
         print(f"error: --weights {args.weights} is not a file", file=sys.stderr)
         return 2
+    if args.port is not None and not 0 < args.port < 65536:
+        print(f"error: --port {args.port} is not a port number (1-65535)", file=sys.stderr)
+        return 2
+    # `kill` (SIGTERM) ends the app as Ctrl+C does: the temp folder (previews, uploads,
+    # exports) is removed and a running refiner fit stopped (atexit)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     project = Path(args.project) if args.project else default_project_path(images)
     print(f"Labeling {images.resolve()}\nProject file (autosaved): {project.resolve()}", flush=True)
     launch(images, args.project, args.host, args.port, engine=Engine(weights=args.weights))

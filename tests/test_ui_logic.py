@@ -298,6 +298,18 @@ def test_a_box_becomes_an_exemplar_or_a_negative_prompt_in_one_undo_step(project
         project.box_to_prompt(project.current.prompts[0].id)
 
 
+def test_a_relabelled_box_is_not_detected_again_under_its_old_class(project, engine):
+    project.add_class("other")
+    project.set_active_class("cell")
+    project.add_prompt("box", [5, 5, 25, 15])
+    detect_in_image(project, engine)
+    b = next(x for x in project.visible_boxes() if x.score < 1)
+    project.relabel(b.id, "other")
+    detect_in_image(project, engine)
+    same_spot = [x for x in project.current.boxes if x.xyxy == b.xyxy]
+    assert [(x.cls, x.state) for x in same_spot] == [("other", "accepted")]
+
+
 def test_redetect_keeps_decisions_and_drops_duplicates(project, engine):
     project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
@@ -485,23 +497,30 @@ def test_search_ranks_images_by_class_strength(project, engine):
 def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
     src = tmp_path / "new.jpg"
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src)
-    idx = project.add_uploaded([src])
-    assert project.images[idx[0]].file == "uploaded/new.jpg"
+    idx, skipped = project.add_uploaded([src])
+    assert project.images[idx[0]].file == "uploaded/new.jpg" and skipped == []
     assert (project.root / "uploaded" / "new.jpg").exists()
     assert project.current.file == "uploaded/new.jpg"
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(Exception, match="broken.jpg"):
+    with pytest.raises(ProjectError, match="broken.jpg"):
         project.add_uploaded([bad])
     # an upload does not take the name of an image that is away but still holds labels
     project.add_box([2, 2, 12, 12])
     (project.root / "uploaded" / "new.jpg").rename(tmp_path / "away.jpg")
     again = Project(project.root, project.path)
-    new = again.add_uploaded([src])
+    new, _ = again.add_uploaded([src])
     assert again.images[new[0]].file == "uploaded/new-1.jpg"
     (tmp_path / "away.jpg").rename(project.root / "uploaded" / "new.jpg")
     back = Project(project.root, project.path)
     assert len(back.images[back.index_of("uploaded/new.jpg")].boxes) == 1
+    # a bad file beside a good one: the good one is added, the bad one named
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(other)
+    idx, skipped = back.add_uploaded([bad, other])
+    assert [back.images[i].file for i in idx] == ["uploaded/other.png"]
+    assert len(skipped) == 1 and "broken.jpg" in skipped[0]
+    assert not (back.root / "uploaded" / "broken.jpg").exists()
 
 
 def test_class_embeddings_save_load(project, engine, folder, tmp_path):
@@ -630,6 +649,39 @@ def test_cli_rejects_a_missing_folder(tmp_path, capsys):
 
     assert main(["--images", str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(["--images", str(tmp_path), "--port", "99999"]) == 2
+    assert "not a port number" in capsys.readouterr().err
+
+
+def test_kill_ends_the_app_and_removes_its_temp_folder(folder, tmp_path):
+    """SIGTERM (`kill`) cleans up as Ctrl+C does: previews, uploads and exports go with the app."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, str(repo / "app.py"), "--images", str(folder), "--project",
+                             str(tmp_path / "p.json"), "--port", str(port)], cwd=repo,
+                            env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:                          # the app prints its URL once it serves
+            if "Running on" in line:
+                break
+        assert list(tmp.glob("trex2-app-*")), "the app made no temp folder"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+    time.sleep(0.1)
+    assert not list(tmp.glob("trex2-app-*"))
 
 
 def test_detect_in_all_images_keeps_done_images_when_the_model_fails(project, engine, fake):
@@ -740,6 +792,13 @@ def test_import_coco_rejects_a_bad_file(project, tmp_path):
     bad.write_text('{"images": [], "annotations": [{"bbox": [0, 0, 1]}]}')
     with pytest.raises(ProjectError, match="bad.json"):
         project.import_coco(bad)
+    # an upload is named by its own name, not by its temporary path
+    with pytest.raises(ProjectError) as e:
+        project.import_coco(bad, shown="mine.json")
+    assert str(e.value).startswith("cannot import mine.json: ") and str(tmp_path) not in str(e.value)
+    with pytest.raises(ProjectError) as e:
+        project.import_coco(tmp_path / "gone.json", shown="gone.json")
+    assert str(tmp_path) not in str(e.value) and "not found" in str(e.value)
 
 
 def test_two_sessions_on_one_project_file_never_overwrite_each_other(folder, tmp_path):
@@ -776,6 +835,41 @@ def test_two_sessions_on_one_project_file_never_overwrite_each_other(folder, tmp
     assert not a.project.sync() and a.project.can_undo   # A keeps its undo history
     act(a, lambda: a.project.undo())
     assert len(Project(folder, path).images[2].boxes) == 0
+
+
+def test_each_tab_keeps_its_own_class_and_threshold(folder, tmp_path):
+    """Another tab's class pick or threshold never changes this tab's (nor clears its undo);
+    its real edits still reach this tab."""
+    path = tmp_path / "proj" / "project.json"
+    a = Project(folder, path)
+    a.add_class("cell")
+    a.add_class("dust")
+    a.set_active_class("cell")
+    a.set_threshold(0.3)
+    b = Project(folder, path)
+    b.set_active_class("dust")
+    b.set_threshold(0.6)
+    assert not a.sync() and a.can_undo                    # view settings only: no reload
+    assert (a.active_class, a.threshold) == ("cell", 0.3)
+    b.add_class("spore")
+    assert a.sync() and "spore" in a.class_names          # an edit: reloaded ...
+    assert (a.active_class, a.threshold) == ("cell", 0.3)  # ... keeping this tab's view
+    assert a.add_prompt("point", [5, 5]).cls == "cell"
+
+
+def test_a_run_says_whose_it_is_and_who_stopped_it(tmp_path):
+    from app.ui import Work
+
+    work, mine, other = Work(), object(), object()
+    assert work.stop(other) is None and not work.cancel   # nothing runs: nothing to stop
+    with work.running("detecting in all images", mine):
+        assert work.busy_message(mine).startswith("not applied: this tab is detecting")
+        assert work.busy_message(other).startswith("not applied: another tab is detecting")
+        assert work.stop(mine) is None and work.cancel and not work.cancelled_elsewhere
+    with work.running("detecting in all images", mine):
+        assert not work.cancel                            # a new run starts uncancelled
+        assert "another tab started" in work.stop(other) and work.cancelled_elsewhere
+    assert work.long_job == "" and work.owner is None
 
 
 def test_opening_a_session_does_not_rewrite_the_project_file(project):
@@ -970,9 +1064,13 @@ def test_export_lists_the_images_once(project, engine, tmp_path, monkeypatch):
         _, msg = on_export(Session(project, tmp_path), fmt, False)
         assert "3 images, 1 accepted boxes" in msg and len(calls) == 1
         assert "--refiner" not in msg                     # boxes on 1 image: too few to fit the refiner
+        assert "No accepted box yet" not in msg
     monkeypatch.setattr("app.ui.REFINER_MIN_IMAGES", 1)
     path, msg = on_export(Session(project, tmp_path), "COCO", False)
     assert f"--labels {Path(path).name} --images {project.root}" in msg
+    project.undo()                                        # nothing accepted: the export says so
+    for fmt in ("COCO", "YOLO"):
+        assert "No accepted box yet" in on_export(Session(project, tmp_path), fmt, False)[1]
 
 
 def test_search_gallery_opens_the_image_shown_after_images_were_added(project, engine, tmp_path):
