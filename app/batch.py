@@ -294,11 +294,12 @@ class PromptSource:
         return predictor.encode_image(pixels[image], key=file_key(str(image)), size=size)
 
     def class_sides(self) -> tuple[dict[str, float | None], dict[str, dict[str, float | None]]]:
-        """Typical exemplar size of each category in px (exemplar_sides; None without boxes, and for
-        a class-embedding file) -> ({category: side} over the whole file, {real path of an image:
-        {category: side} of the categories prompted there})."""
+        """Typical exemplar size of each category in px (exemplar_sides; None without boxes; for a
+        class-embedding file, the one it recorded, ClassEmbedding.object_side) -> ({category: side}
+        over the whole file, {real path of an image: {category: side} of the categories prompted
+        there})."""
         if self.kind != "prompts":
-            return {name: None for name in self.categories}, {}
+            return {name: self.embeddings[name].object_side for name in self.categories}, {}
         boxes: dict[str | None, list] = {None: [(name, ()) for name in self.categories]}
         for p in self.prompt_set.prompts:        # image (None: all) -> [(category, box)]
             if not p.negative:

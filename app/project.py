@@ -862,12 +862,19 @@ class Project:
     def exemplar_sides(self, images: list[int] | None = None,
                        classes: list[str] | None = None) -> dict[str, float]:
         """{class: typical positive exemplar box size in px} (trex2.predictor.object_side) over the
-        prompts of prompts_by_class(images), for the classes with a positive box there. Decides
-        the canvas each class is detected at (small objects: larger and tiled, Engine.canvas)."""
+        prompts of prompts_by_class(images), for the classes with a positive box there; with
+        images None, also the recorded size (ClassEmbedding.object_side) of a class that only
+        has a loaded class embedding (what Engine.class_embeddings then uses). Decides the
+        canvas each class is detected at (small objects: larger and tiled, Engine.canvas)."""
         from app.batch import exemplar_sides
 
-        sides = exemplar_sides((c, b) for c, g in self.prompts_by_class(images).items()
+        groups = self.prompts_by_class(images)
+        sides = exemplar_sides((c, b) for c, g in groups.items()
                                if classes is None or c in classes for _, b, _ in g["pos"])
+        if images is None:
+            for c, ce in self.loaded_embeddings.items():
+                if (classes is None or c in classes) and not groups.get(c, {}).get("pos"):
+                    sides.setdefault(c, ce.object_side)
         return {c: s for c, s in sides.items() if s is not None}   # points only: no size
 
     # ----------------------------------------------------------------- export

@@ -399,6 +399,9 @@ def test_points_and_class_embedding_file(dataset, clean_cross, predictor, tmp_pa
     assert batch.main([dataset["images"], "--prompts", str(emb_file), "--out", str(flipped), "--quiet"]) == 0
     got = json.loads(flipped.read_text())
     assert got["info"]["flip"] is True and got["annotations"] != clean_cross[0]["annotations"]
+    # the saved classes pick the canvas of each image as their prompt file does
+    from_file = batch.PromptSource.load(str(emb_file)).class_sides()[0]
+    assert from_file == pytest.approx(src.class_sides()[0], rel=1e-3) and None not in from_file.values()
     plain = tmp_path / "classes.bin"  # detected by content, not only by extension
     plain.write_bytes(emb_file.read_bytes())
     assert batch.PromptSource.load(str(plain)).kind == "embeddings"

@@ -663,11 +663,15 @@ def test_class_embeddings_from_predictor_round_trip(tmp_path):
     # the exemplars' size in canvas px travels with the embedding (files without it: unknown)
     sides = np.sqrt((boxes[:2, 2] - boxes[:2, 0]) * (boxes[:2, 3] - boxes[:2, 1])) * emb.scale
     assert cls.object_px == pytest.approx(float(np.median(sides)), rel=1e-4) and back["sq"].object_px == cls.object_px
+    # ... and in the prompt image's own px (what picks the canvas of a folder labelled with it)
+    assert cls.object_side == pytest.approx(float(np.median(sides)) / emb.scale, rel=1e-4)
+    assert back["sq"].object_side == cls.object_side
     with safe_open(path, "pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    del meta["object_px"]
+    del meta["object_px"], meta["object_side"]
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
-    assert trex2.load_class_embeddings(str(tmp_path / "old.safetensors"))["sq"].object_px is None
+    old = trex2.load_class_embeddings(str(tmp_path / "old.safetensors"))["sq"]
+    assert old.object_px is None and old.object_side is None
 
 
 def test_rescaled_size():

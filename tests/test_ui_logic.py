@@ -534,6 +534,11 @@ def test_class_embeddings_save_load(project, engine, folder, tmp_path):
     assert all(len(im.boxes) == 3 for im in q.images)
     assert q.embeddings_path.exists()
     assert "cell" in Project(folder, tmp_path / "q.json").loaded_embeddings
+    # a loaded class's recorded exemplar size picks its canvas, until it has prompts of its own
+    q.loaded_embeddings["cell"].object_side = 12.0
+    assert q.exemplar_sides() == {"cell": 12.0} and q.exemplar_sides([0]) == {}
+    q.add_prompt("box", [5, 5, 25, 25], cls="cell")
+    assert q.exemplar_sides() == {"cell": 20.0}
 
 
 def test_preview_is_exif_frame_and_downscaled(engine, tmp_path):

@@ -15,10 +15,13 @@ class ClassEmbedding:
     """embedding (d,): the class embedding (mean over prompt images, and with text if given);
     negatives (K, d): embeddings of "not this" examples, one per image they were drawn on;
     object_px: median side sqrt(w * h) of the exemplar boxes in canvas pixels, the size the model
-    saw them at (None: unknown, e.g. text only; see trex2.predictor.rescaled_size)."""
+    saw them at (None: unknown, e.g. text only; see trex2.predictor.rescaled_size);
+    object_side: the same median in the prompt images' own pixels (what picks the canvas of an
+    image searched with a saved class: trex2.predictor.canvas_groups)."""
     embedding: torch.Tensor
     negatives: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
     object_px: float | None = None
+    object_side: float | None = None
 
 
 def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None:
@@ -29,7 +32,8 @@ def save_class_embeddings(path: str, classes: dict[str, ClassEmbedding]) -> None
         if ce.negatives.numel():
             tensors[f"{i}.negatives"] = ce.negatives.detach().float().clone().contiguous()
     meta = {"format": "trex2-class-embeddings", "names": json.dumps(list(classes)),
-            "object_px": json.dumps([ce.object_px for ce in classes.values()])}
+            "object_px": json.dumps([ce.object_px for ce in classes.values()]),
+            "object_side": json.dumps([ce.object_side for ce in classes.values()])}
     tmp = f"{path}.tmp{os.getpid()}"
     save_file(tensors, tmp, metadata=meta)
     os.replace(tmp, path)
@@ -43,15 +47,19 @@ def load_class_embeddings(path: str) -> dict[str, ClassEmbedding]:
             if meta.get("format") != "trex2-class-embeddings":
                 raise ValueError(f"{path}: not a class-embedding file")
             names = json.loads(meta["names"])
-            sizes = json.loads(meta.get("object_px", "null")) or [None] * len(names)  # older files: unknown
-            if not isinstance(names, list) or not isinstance(sizes, list) or len(sizes) != len(names):
-                raise ValueError(f"{path}: damaged class-embedding file ({len(names)} names, "
-                                 f"{len(sizes) if isinstance(sizes, list) else 'no'} sizes)")
+            if not isinstance(names, list):
+                raise ValueError(f"{path}: damaged class-embedding file (names are not a list)")
+            # older files: sizes unknown
+            sizes = [json.loads(meta.get(k, "null")) or [None] * len(names) for k in ("object_px", "object_side")]
+            for v in sizes:
+                if not isinstance(v, list) or len(v) != len(names):
+                    raise ValueError(f"{path}: damaged class-embedding file ({len(names)} names, "
+                                     f"{len(v) if isinstance(v, list) else 'no'} sizes)")
             keys = set(f.keys())
             out = {}
             for i, name in enumerate(names):
                 neg = f.get_tensor(f"{i}.negatives") if f"{i}.negatives" in keys else torch.zeros(0, 0)
-                out[name] = ClassEmbedding(f.get_tensor(f"{i}.embedding"), neg, sizes[i])
+                out[name] = ClassEmbedding(f.get_tensor(f"{i}.embedding"), neg, sizes[0][i], sizes[1][i])
             return out
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read class embeddings: {e}") from e

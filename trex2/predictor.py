@@ -456,7 +456,7 @@ class Predictor:
     @torch.no_grad()
     def _visual_embeddings(self, prompts, sides: list | None = None) -> torch.Tensor:
         """[(emb, boxes, points?), ...] -> (n_images, d): one global-token output per image. `sides`
-        (a list) gets the side sqrt(w * h) in canvas px of every box."""
+        (a list) gets (side sqrt(w * h) in canvas px, in image px) of every box."""
         out = []
         for item in self._split_tiled(prompts):
             emb, boxes = item[0], item[1]
@@ -464,7 +464,8 @@ class Predictor:
             b = emb.to_canvas(np.zeros((0, 4)) if boxes is None else boxes)
             p = np.zeros((0, 2)) if points is None else np.asarray(points, np.float32).reshape(-1, 2)
             if sides is not None and len(b):
-                sides.extend((b[:, 2] * b[:, 3] * emb.canvas_hw[0] * emb.canvas_hw[1]).sqrt().tolist())
+                px = (b[:, 2] * b[:, 3] * emb.canvas_hw[0] * emb.canvas_hw[1]).sqrt().tolist()
+                sides.extend((s, s / emb.scale) for s in px)
             if len(p):
                 pb = emb.to_canvas(np.concatenate([p, p], 1))
                 b = torch.cat([b, pb], 0)
@@ -509,7 +510,8 @@ class Predictor:
         if not parts:
             raise ValueError("no prompt given: draw at least one box or point, or give a text phrase")
         neg = self._visual_embeddings(negatives or [])
-        return ClassEmbedding(torch.stack(parts).mean(0), neg, float(np.median(sides)) if sides else None)
+        px, side = (float(v) for v in np.median(sides, 0)) if sides else (None, None)
+        return ClassEmbedding(torch.stack(parts).mean(0), neg, px, side)
 
     def _decode(self, emb: ImageEmbedding, names, classes, cls, num_queries: int, floor: float):
         """Decoder + postprocess for the classes `names` (embeddings cls (C, d)) -> [(scores, boxes)]."""
