@@ -314,8 +314,22 @@ class PromptSource:
         try:
             return predictor.embed_prompts(pos, negatives=neg or None, text=text)
         except trex2.TextEncoderUnavailable as e:
-            raise LabelError(f"category {name!r} has the text prompt {text!r}, but {e}; "
-                             f"--ignore-text detects with the exemplars alone") from None
+            raise self._text_error(name, e) from None
+
+    def _text_error(self, name: str, e: Exception) -> LabelError:
+        return LabelError(f"category {name!r} has the text prompt {self.prompt_set.text_for(name)!r}, "
+                          f"but {e}; --ignore-text detects with the exemplars alone")
+
+    def check_text(self, predictor) -> None:
+        """LabelError now (before any image is labelled) if a category has a text prompt and the
+        model cannot encode text (no CLIP checkpoint): --per-image embeds its classes image by image."""
+        import trex2
+        needs = [n for n in self.categories if self.kind == "prompts" and self.prompt_set.text_for(n)]
+        if needs and predictor.model.text_encoder is None:
+            try:
+                predictor.model.attach_text_encoder()
+            except trex2.TextEncoderUnavailable as e:
+                raise self._text_error(needs[0], e) from None
 
     @staticmethod
     def _prompts_on(ps, image, emb, name: str, negative: bool) -> list:
@@ -627,6 +641,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
         except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, too
             raise LabelError(f"cannot load the model from {weights or 'the shipped weights'}: {e}") from None
     sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
+    prompts.check_text(predictor)
     classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
     try:
         side_f = _open_progress(out, options, records)

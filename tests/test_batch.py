@@ -439,6 +439,15 @@ def test_ignore_text_detects_with_the_exemplars_alone(dataset, clean_cross, pred
     pf.write_text(json.dumps(src))
     with pytest.raises(batch.LabelError, match="text prompt 'a red disc'.*--ignore-text"):
         batch.run(dataset["images"], str(pf), str(tmp_path / "o.json"), predictor=predictor, progress=False)
+    # --per-image embeds image by image: it stops before the first image, leaving no progress file
+    per = json.loads(Path(dataset["per"]).read_text())
+    per["categories"][0]["text"] = "a red disc"
+    pf_per = Path(dataset["per"]).with_name("per_with_text.json")
+    pf_per.write_text(json.dumps(per))
+    with pytest.raises(batch.LabelError, match="text prompt 'a red disc'.*--ignore-text"):
+        batch.run(dataset["images"], str(pf_per), str(tmp_path / "p.json"), per_image=True, predictor=predictor,
+                  progress=False, warn=lambda m: None)
+    assert not os.path.exists(batch.sidecar_path(str(tmp_path / "p.json")))
     out = tmp_path / "ignored.json"
     batch.run(dataset["images"], str(pf), str(out), predictor=predictor, progress=False, ignore_text=True)
     assert json.loads(out.read_text())["annotations"] == clean_cross[0]["annotations"]
