@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -562,21 +561,16 @@ def _check_out(out: str, prompts_path: str) -> None:
     """LabelError unless OUT.json can be written: its folder exists and takes new files, and it is
     not a folder, the prompt file or an image (checked before any work, so a bad --out neither
     wastes a run nor overwrites the user's files)."""
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise LabelError(f"output folder does not exist: {out_dir}")
+    from exports._io import output_file_problem
     if os.path.isdir(out):
         raise LabelError(f"--out {out} is a folder; give the name of the COCO file to write")
     if os.path.realpath(out) == os.path.realpath(prompts_path):
         raise LabelError(f"--out {out} would overwrite the prompt file; give another name for the COCO file")
     if is_image_file(out):
         raise LabelError(f"--out {out} has an image file's extension; the COCO file is JSON: give a .json name")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".trex2-label-", dir=out_dir)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise LabelError(f"cannot write to the output folder {out_dir}: {e}") from None
+    problem = output_file_problem(out)
+    if problem:
+        raise LabelError(problem)
 
 
 def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,

@@ -7,10 +7,27 @@ import stat
 import tempfile
 from pathlib import Path, PurePosixPath
 
-__all__ = ["atomic_write_json", "atomic_write_text", "check_relative_posix"]
+__all__ = ["atomic_write_json", "atomic_write_text", "check_relative_posix", "output_file_problem"]
 
 _UMASK = os.umask(0o022)   # read once, at import (os.umask can only be read by setting it)
 os.umask(_UMASK)
+
+
+def output_file_problem(path: str | os.PathLike) -> str | None:
+    """Why a file could not be written at ``path`` (its folder is missing or takes no new file,
+    or ``path`` is a folder), or None: checked before long work whose result goes there."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(out_dir):
+        return f"output folder does not exist: {out_dir}"
+    if os.path.isdir(path):
+        return f"{path} is a folder; give the name of the file to write"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".trex2-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write to the output folder {out_dir}: {e}"
+    return None
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

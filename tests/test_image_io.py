@@ -317,6 +317,18 @@ def test_list_images(tmp_path):
     assert list_images(str(tmp_path / "sub")) == ["a.png", "c.jpeg", "deeper/d.webp"]
 
 
+def test_list_images_follows_linked_folders_once(tmp_path):
+    root, other = tmp_path / "root", tmp_path / "elsewhere"
+    (root / "real").mkdir(parents=True)
+    other.mkdir()
+    for d in (root / "real", other):
+        Image.new("RGB", (4, 4)).save(d / "x.png")
+    (root / "linked").symlink_to(other, target_is_directory=True)     # a folder kept elsewhere
+    (root / "again").symlink_to(root / "real", target_is_directory=True)  # the same folder twice
+    (root / "real" / "up").symlink_to(root, target_is_directory=True)     # a loop
+    assert list_images(root) == ["linked/x.png", "real/x.png"]
+
+
 def test_list_images_bad_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         list_images(tmp_path / "nope")

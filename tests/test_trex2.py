@@ -1556,11 +1556,23 @@ def test_train_refiner_on_own_labels(tmp_path, capsys):
     trained = trex2.load_model(out)
     assert trained.cfg.refine_iters == 2 and trained.extra["refiner"]["labels"] == ["gt.json"]
 
-    for a in gt["annotations"]:
-        a["score"] = 0.5
+    for im in gt["images"]:
+        im["width"] += 10                                           # every image skipped: nothing to fit
     gt_path.write_text(json.dumps(gt))
     with pytest.raises(SystemExit, match="no labelled boxes"):
         train_main(common + ["--labels", str(gt_path), "--images", str(tmp_path / "mine" / "images")])
+    capsys.readouterr()
+    for a in gt["annotations"]:
+        a["score"] = 0.5
+    gt_path.write_text(json.dumps(gt))
+    # refused before any work: only detections (also with synthetic scenes), nowhere to save, no steps
+    for bad, said in (([], "has no labels: every box in it has a score"),
+                      (["--out", str(tmp_path / "nodir" / "w.safetensors")], "output folder does not exist"),
+                      (["--steps", "0"], "must be positive")):
+        with pytest.raises(SystemExit):
+            train_main(common + ["--synthetic", "600", "--labels", str(gt_path), "--images",
+                                 str(tmp_path / "mine" / "images")] + bad)
+        assert said in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_main(common[1:] + ["--labels", str(gt_path)])        # without --refiner
     assert "add --refiner" in capsys.readouterr().err

@@ -232,7 +232,8 @@ def list_images(root: str | os.PathLike) -> list[str]:
     """Image files under ``root``, recursively, as sorted POSIX paths relative to ``root``.
 
     Only files with :data:`IMAGE_EXTENSIONS` are listed; hidden files and folders
-    (names starting with ".", e.g. macOS "._x.jpg" resource forks) are skipped.
+    (names starting with ".", e.g. macOS "._x.jpg" resource forks) are skipped. Linked folders
+    are followed, each real folder once (a link back up the tree is not a loop).
     Raises ``FileNotFoundError`` / ``NotADirectoryError`` if ``root`` is not a folder.
     """
     root = Path(root)
@@ -241,8 +242,15 @@ def list_images(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    seen = {os.path.realpath(root)}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        keep = []
+        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):  # real first
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
         rel_dir = Path(dirpath).relative_to(root)
         for name in filenames:
             if name.startswith(".") or not is_image_file(name):

@@ -361,14 +361,23 @@ def main(argv=None) -> int:
         if args.labels:
             ap.error("with --labels, say where to save the weights with your refiner: --out FILE.safetensors")
         args.out = DEFAULT_WEIGHTS
+    if args.steps < 1 or args.minutes <= 0:
+        ap.error(f"--steps and --minutes must be positive (got {args.steps} and {args.minutes})")
     from exports import read_coco   # dataset formats live in exports/
+    from exports._io import output_file_problem
+    problem = output_file_problem(args.out)
+    if problem:
+        ap.error(f"--out: {problem}")
     for path in args.labels:
         if not os.path.isfile(path):
             ap.error(f"--labels: no such file: {path}")
         try:
-            read_coco(path)
+            labels = read_coco(path)
         except ValueError as e:   # also json.JSONDecodeError
             ap.error(f"--labels: {e}")
+        if not any(a.score is None for a in labels.annotations):
+            ap.error(f"--labels: {path} has no labels: every box in it has a score, so all are "
+                     f"detections (e.g. 'label' output); accept boxes in the app and export them")
     if args.images and not os.path.isdir(args.images):
         ap.error(f"--images: no such folder: {args.images}")
     if args.refiner_cache is None:
