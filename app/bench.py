@@ -268,20 +268,21 @@ def bench_memory(a) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from app.evaluate import positive_int_arg
     ap = argparse.ArgumentParser(prog="app.py bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", metavar="DIR", help="image folder (default: see above)")
     ap.add_argument("--prompts", metavar="PROMPTS.json", help="cross-image prompt file for --images")
-    ap.add_argument("--n-images", type=int, default=20, help="images for the end-to-end figures (default 20)")
-    ap.add_argument("--repeat", type=int, default=5, help="runs per timing; medians are reported (default 5)")
+    ap.add_argument("--n-images", type=positive_int_arg, default=20, help="images for the end-to-end figures (default 20)")
+    ap.add_argument("--repeat", type=positive_int_arg, default=5, help="runs per timing; medians are reported (default 5)")
     ap.add_argument("--baseline", default=str(DEFAULT_BASELINE), metavar="PATH",
                     help="baseline_template.py (default: ../shared/tools/baseline_template.py from the repo root)")
     ap.add_argument("--weights", metavar="PATH", default=None, help="model weights (default: shipped)")
-    ap.add_argument("--threads", type=int, default=None, metavar="N",
+    ap.add_argument("--threads", type=positive_int_arg, default=None, metavar="N",
                     help="torch CPU threads, here and in the label runs (default: torch's)")
     ap.add_argument("--memory", action="store_true", help="memory-flatness run instead of the speed figures")
-    ap.add_argument("--memory-images", type=int, default=2000, help="images in the --memory folder (default 2000)")
-    ap.add_argument("--memory-size", type=int, default=256, help="side of the --memory images in px (default 256)")
+    ap.add_argument("--memory-images", type=positive_int_arg, default=2000, help="images in the --memory folder (default 2000)")
+    ap.add_argument("--memory-size", type=positive_int_arg, default=256, help="side of the --memory images in px (default 256)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     a = ap.parse_args(argv)
     if bool(a.images) != bool(a.prompts):

@@ -170,8 +170,8 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
     gt_cat = {_norm_name(c["name"]): c["id"] for c in gt["categories"]}
     img_map, by_gt = {}, {}
     gt_size = {im["id"]: (im.get("width"), im.get("height")) for im in gt["images"]}
-    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0, "pred_images_merged": [],
-             "size_mismatches": []}
+    stats = {"pred_images_unmatched": 0, "unknown_categories": [], "dets_dropped": 0, "dets_unscored": 0,
+             "pred_images_merged": [], "size_mismatches": []}
     for im in pred["images"]:
         gid = match(im.get("file_name", ""))
         if gid is None:
@@ -198,6 +198,7 @@ def predictions(gt: dict, pred: dict) -> tuple[list[tuple[int, int, list[float],
             stats["dets_dropped"] += 1
             continue
         score = a.get("score")
+        stats["dets_unscored"] += score is None
         dets.append((gid, cid, [float(v) for v in b], 1.0 if score is None else float(score)))
     stats["images_matched"] = len(set(img_map.values()))
     stats["gt_images_missing"] = len(gt["images"]) - stats["images_matched"]
@@ -378,6 +379,9 @@ def warnings(r: dict) -> list[str]:
         out.append(f"{r['gt_images_missing']} GT image(s) not in PRED, scored as holding no detection")
     if "exemplars_excluded" in r and not r["exemplars_excluded"]:
         out.append("no exemplar of the prompt file matches a GT object")
+    if r.get("dets_unscored"):
+        out.append(f"{r['dets_unscored']} PRED box(es) have no 'score' and count as score 1: AP then "
+                   f"follows the file's order, not the model's confidence (labels rather than detections?)")
     return out
 
 
@@ -412,7 +416,8 @@ def score_arg(text: str) -> float:
     return v
 
 
-def _positive_int_arg(text: str) -> int:
+def positive_int_arg(text: str) -> int:
+    """argparse type of a count: a whole number >= 1."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"a whole number >= 1, got {text!r}")
     return int(text)
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-image prompt file whose exemplar objects are left out of AP")
     ap.add_argument("--score-threshold", type=score_arg, default=None,
                     help="counting threshold (default: PRED info.score_threshold, else 0.5)")
-    ap.add_argument("--max-dets", type=_positive_int_arg, default=1000, help="detections per image and category (default 1000)")
+    ap.add_argument("--max-dets", type=positive_int_arg, default=1000, help="detections per image and category (default 1000)")
     ap.add_argument("--errors", action="store_true",
                     help="also break the AP50 misses down: localisation, background boxes, missed objects")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of a table")

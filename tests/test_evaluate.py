@@ -115,8 +115,14 @@ def test_cli_prints_metrics_and_rejects_bad_files(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "AP " in out and "AP50" in out and "AP75" in out and "count error" in out
     assert main([gt, pred, "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    r = json.loads(out)
     assert r["AP50_per_category"]["cell"] == pytest.approx(34 / 101, abs=1e-6)
+    assert r["dets_unscored"] == 0 and "no 'score'" not in err
+    unscored = _pred([("images/a.jpg", "cell", A, 0.9), ("b.jpg", "other", D, 0.5)])
+    del unscored["annotations"][0]["score"]                # labels, not detections: said so
+    assert main([gt, _write(tmp_path, "labels.json", unscored)]) == 0
+    assert "1 PRED box(es) have no 'score'" in capsys.readouterr().err
     assert main([gt, str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
     assert main([gt, _write(tmp_path, "notcoco.json", {"images": 1})]) == 2

@@ -105,6 +105,15 @@ def test_app_help_works():
         assert command in r.stdout
 
 
+def test_bench_refuses_counts_below_one(capsys):
+    from app.bench import main
+
+    for option in ("--repeat", "--n-images", "--memory-images"):
+        with pytest.raises(SystemExit):
+            main([option, "0"])
+        assert f"argument {option}: a whole number >= 1, got '0'" in capsys.readouterr().err
+
+
 def test_demo_folder():
     from pycocotools.coco import COCO
 
