@@ -939,7 +939,7 @@ def test_negative_prompts_lower_scores():
 
     base = predictor.detect(emb, {"x": cls})
     assert len(base) > 0
-    for neg_cls, ratio in ((same, 0.5), (other, None)):
+    for neg_cls, ratio in ((same, 1.0), (other, None)):
         dets = predictor.detect(emb, {"x": neg_cls})
         assert len(dets) <= len(base)
         iou = box_iou(torch.as_tensor(dets.xyxy), torch.as_tensor(base.xyxy))[0]
@@ -947,7 +947,7 @@ def test_negative_prompts_lower_scores():
             j = int(iou[i].argmax())
             assert iou[i, j] > 0.999, "a negative prompt must not create new detections"
             assert dets.confidence[i] <= base.confidence[j] + 1e-6
-            if ratio is not None:   # negative == positive: every score is halved (sigmoid(0))
+            if ratio is not None:   # negative == positive: no query is closer to it than to the class
                 assert dets.confidence[i] == pytest.approx(ratio * base.confidence[j], rel=1e-4)
     # the formula itself
     logits = torch.tensor([2.0, 0.0, -1.0])
@@ -956,7 +956,8 @@ def test_negative_prompts_lower_scores():
     k0, s0, _ = postprocess(logits, bx, 0.7, 0.0)
     k1, s1, _ = postprocess(logits, bx, 0.7, 0.0, neg_logits=neg)
     assert sorted(k0.tolist()) == sorted(k1.tolist()) == [0, 1, 2]
-    assert torch.allclose(s1, (torch.sigmoid(logits) * torch.sigmoid(logits - neg))[k1])
+    want = torch.sigmoid(logits) * torch.tensor([1.0, 2 * torch.sigmoid(torch.tensor(-1.0)).item(), 1.0])
+    assert torch.allclose(s1, want[k1])   # only the query closer to the negative (logit 0 < 1) loses
     assert (s1[k1.argsort()] <= s0[k0.argsort()]).all()
 
 
