@@ -95,10 +95,13 @@ class Work:
         finally:
             self.long_job, self.owner = "", None
 
+    def doing(self, sess) -> str:
+        """The long run, as seen from session `sess`: "this tab is ..." or "another tab is ..."."""
+        return f"{'this tab is' if self.owner is sess else 'another tab is'} {self.long_job}"
+
     def busy_message(self, sess) -> str:
         """What an edit refused during the long run is answered."""
-        whose = "this tab is" if self.owner is sess else "another tab is"
-        return f"not applied: {whose} {self.long_job}; wait for it to finish or press Cancel"
+        return f"not applied: {self.doing(sess)}; wait for it to finish or press Cancel"
 
     def stop(self, sess) -> str | None:
         """Cancel the long run; a message when it is another tab's (None when nothing runs)."""
@@ -323,8 +326,22 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         return refresh(sess, "load", msg, force=True)
 
     # ------------------------------------------------------------------ canvas ops
-    @guarded
     def on_op(sess, auto_detect, flip, evt: gr.EventData):
+        """Canvas operations. While a long run holds the project (detect in all images), moving
+        through the folder and selecting still work, read-only: the images can be looked at."""
+        data = dict(evt._data or {})
+        if sess is not None and sess.work.long_job and data.get("op") in ("goto", "select"):
+            if data["op"] == "select":
+                sess.selected = data.get("id")
+                return (sess,) + (gr.skip(),) * 5
+            sess.project.goto(int(data["index"]))
+            sess.selected = None
+            note = f"viewing only: {sess.work.doing(sess)}; edits wait until it finishes"
+            return (sess, build_view(sess, engine, "nav", note)) + (gr.skip(),) * 4
+        return _canvas_op(sess, auto_detect, flip, evt)
+
+    @guarded
+    def _canvas_op(sess, auto_detect, flip, evt: gr.EventData):
         data = dict(evt._data or {})
         p = sess.project
         op = data.get("op")

@@ -877,6 +877,29 @@ def test_a_run_says_whose_it_is_and_who_stopped_it(tmp_path):
     assert work.long_job == "" and work.owner is None
 
 
+def test_during_a_run_the_folder_can_be_browsed_but_not_edited(project, engine, tmp_path):
+    """While 'detect in all images' holds the project, moving through the folder still answers
+    (read-only, and says so); an edit is refused with a message saying whose run it is."""
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    on_op = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_op")
+    sess = Session(project, tmp_path)
+    box = project.add_box([10, 10, 30, 30])
+    op = lambda **d: on_op(sess, False, False, SimpleNamespace(_data=d))  # noqa: E731
+    with sess.work.lock, sess.work.running("detecting in all images", object()):   # another tab's run
+        out = op(op="goto", index=2)
+        assert project.index == 2 and out[1]["action"] == "nav" and out[1]["image"]["index"] == 2
+        assert out[1]["message"].startswith("viewing only: another tab is detecting in all images")
+        assert op(op="select", id=None)[0] is sess
+        project.goto(0)
+        out = op(op="reject", id=box.id, file=project.current.file)
+        assert out[1]["action"] == "busy" and "not applied: another tab is detecting" in out[1]["message"]
+        assert project.find(box.id)[1].state == "accepted"
+    op(op="reject", id=box.id, file=project.current.file)   # the run is over: edits apply again
+    assert project.find(box.id)[1].state == "rejected"
+
+
 def test_opening_a_session_does_not_rewrite_the_project_file(project):
     """Setting the threshold to its current value (what the slider does when a page opens)
     must not save: a stale tab would otherwise write on open."""
