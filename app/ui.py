@@ -334,11 +334,16 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if data["op"] == "select":
                 sess.selected = data.get("id")
                 return (sess,) + (gr.skip(),) * 5
-            sess.project.goto(int(data["index"]))
-            sess.selected = None
-            note = f"viewing only: {sess.work.doing(sess)}; edits wait until it finishes"
-            return (sess, build_view(sess, engine, "nav", note)) + (gr.skip(),) * 4
+            return _browse(sess, int(data["index"]))
         return _canvas_op(sess, auto_detect, flip, evt)
+
+    def _browse(sess, index: int):
+        """Show image `index` without the project lock (a long run holds it): read-only."""
+        sess.project.goto(index)
+        sess.selected = None
+        note = f"viewing only: {sess.work.doing(sess)}; edits wait until it finishes"
+        return (sess, build_view(sess, engine, "nav", note), gr.skip(), gr.skip(), _images_update(sess),
+                gr.skip())
 
     @guarded
     def _canvas_op(sess, auto_detect, flip, evt: gr.EventData):
@@ -431,8 +436,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         sess.selected = None
         return refresh(sess, "nav")
 
-    @guarded
     def on_goto(sess, index):
+        if sess is not None and sess.work.long_job and index is not None:
+            return _browse(sess, int(index))
+        return _goto(sess, index)
+
+    @guarded
+    def _goto(sess, index):
         if index is None or index == sess.project.index:
             return (sess,) + (gr.skip(),) * 5
         sess.project.goto(int(index))

@@ -892,6 +892,8 @@ def test_during_a_run_the_folder_can_be_browsed_but_not_edited(project, engine, 
         assert project.index == 2 and out[1]["action"] == "nav" and out[1]["image"]["index"] == 2
         assert out[1]["message"].startswith("viewing only: another tab is detecting in all images")
         assert op(op="select", id=None)[0] is sess
+        on_goto = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_goto")
+        assert on_goto(sess, 1)[1]["image"]["index"] == 1 and project.index == 1   # the Image list too
         project.goto(0)
         out = op(op="reject", id=box.id, file=project.current.file)
         assert out[1]["action"] == "busy" and "not applied: another tab is detecting" in out[1]["message"]
