@@ -720,7 +720,8 @@ def test_bad_out_is_refused_before_any_work(dataset, predictor, tmp_path, monkey
 
     def refused(*a, **k):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(batch.tempfile, "mkstemp", refused)
+    import exports._io
+    monkeypatch.setattr(exports._io.tempfile, "mkstemp", refused)
     with pytest.raises(batch.LabelError, match="cannot write to the output folder .*Permission denied"):
         batch.run(str(folder), dataset["cross"], str(tmp_path / "o.json"), predictor=predictor, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
