@@ -468,19 +468,32 @@ def _options(image_dir: str, prompts: "PromptSource", per_image: bool, canvas: s
             "weights_sha256": _sha256(weights) if os.path.isfile(weights) else weights}
 
 
-def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int) -> Callable:
+def canvas_policy(prompts: "PromptSource", per_image: bool, canvas: str, base: int,
+                  warn: Callable[[str], None] | None = None) -> Callable:
     """canvas(abs_path, (H, W)) -> canvas long side, or {canvas: [categories]}. "auto": each
     category at the model's size, or larger and tiled (up to trex2.predictor.MAX_CANVAS) where its
     exemplars would be too small to see, or smaller where they would be too large
     (trex2.predictor.canvas_groups; with --per-image from that image's own exemplars); a number:
-    that size for every image and category."""
-    from trex2.predictor import canvas_groups
+    that size for every image and category. `warn` is told once per category whose objects stay
+    under trex2.predictor.MIN_OBJECT_PX even at MAX_CANVAS (too small for the model on images
+    that large)."""
+    from trex2.predictor import MAX_CANVAS, MIN_OBJECT_PX, canvas_groups
     if canvas != "auto":
         return lambda path, hw: int(canvas)
     pooled, by_image = prompts.class_sides()
-    if per_image:
-        return lambda path, hw: canvas_groups(hw, by_image.get(os.path.realpath(path), {}), base)
-    return lambda path, hw: canvas_groups(hw, pooled, base)
+    told: set[str] = set()
+
+    def groups(path, hw):
+        sides = by_image.get(os.path.realpath(path), {}) if per_image else pooled
+        for name, side in sides.items():
+            seen = side * MAX_CANVAS / max(hw) if side else None
+            if warn is not None and seen is not None and seen < MIN_OBJECT_PX / 2 and name not in told:
+                told.add(name)
+                warn(f"category {name!r}: its exemplars (about {side:.0f} px) on {hw[1]}x{hw[0]} images "
+                     f"are {seen:.0f} px even at the largest canvas ({MAX_CANVAS} px, tiled), under the "
+                     f"{MIN_OBJECT_PX} px the model needs: expect misses; cut the images into smaller ones")
+        return canvas_groups(hw, sides, base)
+    return groups
 
 
 def _check_progress(out: str, options: dict, resume: bool) -> dict[str, dict] | None:
@@ -634,7 +647,7 @@ def run(image_dir: str, prompts_path: str, out: str, *, per_image: bool = False,
             predictor = trex2.Predictor(trex2.load_model(weights), flip=flip)
         except Exception as e:  # noqa: BLE001 - safetensors' own error type for a damaged file, too
             raise LabelError(f"cannot load the model from {weights or 'the shipped weights'}: {e}") from None
-    sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size)
+    sizes = policy or canvas_policy(prompts, per_image, canvas, predictor.model.cfg.image_size, warn)
     prompts.check_text(predictor)
     classes = prompts.per_image_classes(predictor) if per_image else prompts.cross_image_classes(predictor, sizes)
     try:

@@ -700,6 +700,18 @@ def test_prompts_must_be_in_the_displayed_frame_of_the_file(predictor, tmp_path)
     assert not (tmp_path / ("x.json" + batch.SIDECAR_SUFFIX)).exists()
 
 
+def test_objects_too_small_even_at_the_largest_canvas_are_warned_about_once():
+    from types import SimpleNamespace
+    told = []
+    source = SimpleNamespace(class_sides=lambda: ({"dot": 5.0, "cell": 100.0}, {}))
+    policy = batch.canvas_policy(source, False, "auto", 640, told.append)
+    for _ in range(2):
+        assert policy("a.jpg", (9000, 12000))                # still detected, at the largest canvas
+    assert len(told) == 1 and "'dot'" in told[0] and "expect misses" in told[0]   # once, and not 'cell'
+    policy("small.jpg", (480, 640))
+    assert len(told) == 1
+
+
 def test_bad_out_is_refused_before_any_work(dataset, predictor, tmp_path, monkeypatch, capsys):
     """--out naming a folder, the prompt file, an image, or a folder that takes no new file is a clear
     error up front (a folder used to end the whole run in an IsADirectoryError traceback; the prompt
