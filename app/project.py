@@ -1020,7 +1020,8 @@ class Project:
         else by the one path of the folder its file_name ends with, else by a file name that occurs
         once in the folder; an image whose size differs from the file's record is skipped (its
         boxes would be in another frame). Missing classes are created. Returns {"images", "labels", "detections": counts added, "unmatched",
-        "size_mismatch", "unreadable": file_names skipped}. `shown`: the name errors give the file
+        "size_mismatch", "unreadable": file_names skipped, "bad_boxes": why each annotation that
+        fails its checks was left out (the rest is imported)}. `shown`: the name errors give the file
         (an upload's own name rather than its temporary path)."""
         from app.evaluate import ImageMatcher
         from exports._io import read_json
@@ -1031,7 +1032,8 @@ class Project:
             for rec in raw.get("images", []) if isinstance(raw, dict) else []:
                 if isinstance(rec, dict) and isinstance(rec.get("file_name"), str):
                     rec["file_name"] = _relative_name(rec["file_name"])
-            data = parse_coco(raw, source=shown or str(path))
+            bad_boxes: list[str] = []
+            data = parse_coco(raw, source=shown or str(path), skipped=bad_boxes)
         except (OSError, ValueError) as e:
             msg = str(e).replace(str(path), shown or str(path))
             raise ProjectError(f"cannot import {msg}" if msg.startswith(shown or str(path))
@@ -1081,7 +1083,7 @@ class Project:
                     self._after_review(i)   # labels are decisions, as a box drawn here is
                 counts["images"] += bool(anns)
         return {**counts, "unmatched": unmatched, "size_mismatch": mismatch,
-                "unreadable": unreadable}
+                "unreadable": unreadable, "bad_boxes": bad_boxes}
 
     def load_class_embeddings(self, path: str | os.PathLike) -> list[str]:
         """Load a class-embedding file (trex2.save_class_embeddings format): its classes are

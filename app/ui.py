@@ -650,6 +650,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if r[key]:
                 msg += (f"; skipped {len(r[key])} image(s) {what}: {', '.join(r[key][:3])}"
                         f"{' ...' if len(r[key]) > 3 else ''}")
+        if r["bad_boxes"]:
+            msg += (f"; left out {len(r['bad_boxes'])} malformed annotation(s), e.g. {r['bad_boxes'][0]}")
+            gr.Warning(f"left out {len(r['bad_boxes'])} malformed annotation(s) of the file")
         return refresh(sess, "import", msg, force=True)
 
     @guarded

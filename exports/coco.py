@@ -227,13 +227,16 @@ def _need(d: dict, key: str, typ, where: str):
     return d[key]
 
 
-def parse_coco(data: dict, source: str = "<dict>", *, strict_names: bool = True) -> CocoDataset:
+def parse_coco(data: dict, source: str = "<dict>", *, strict_names: bool = True,
+               skipped: list[str] | None = None) -> CocoDataset:
     """Validate a loaded COCO dict and convert it to a :class:`CocoDataset` (boxes -> xyxy).
 
     ``source`` names the file in error messages. Annotations without ``bbox`` (e.g. point
     prompts) are an error here; read prompt files with :mod:`exports.prompts`.
     ``strict_names=False`` (files of other tools, e.g. for scoring): a ``file_name`` may be any
     non-empty string (absolute, Windows or "./" paths) and width/height may be missing (0).
+    ``skipped`` (a list): an annotation that fails its checks is left out and its error message
+    appended there, instead of failing the whole file (images and categories stay strict).
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: top level must be a JSON object")
@@ -280,35 +283,44 @@ def parse_coco(data: dict, source: str = "<dict>", *, strict_names: bool = True)
 
     annotations = []
     for n, a in enumerate(anns_raw):
-        where = f"{source}: annotations[{n}]"
-        if not isinstance(a, dict):
-            raise ValueError(f"{where}: must be an object")
-        iid = _need(a, "image_id", int, where)
-        cid = _need(a, "category_id", int, where)
-        if iid not in by_id:
-            raise ValueError(f"{where}: image_id {iid} is not in images")
-        if cid not in cat_by_id:
-            raise ValueError(f"{where}: category_id {cid} is not in categories")
-        bbox = _need(a, "bbox", list, where)
-        b = np.asarray(bbox, dtype=np.float64) if all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox) else None
-        if b is None or b.shape != (4,) or not np.all(np.isfinite(b)):
-            raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-        if b[2] < 0 or b[3] < 0:
-            raise ValueError(f"{where}: bbox {bbox} has negative width or height")
-        score = a.get("score")
-        if score is not None:
-            if isinstance(score, bool) or not isinstance(score, (int, float)) \
-                    or not math.isfinite(score):
-                raise ValueError(f"{where}: score must be a finite number, got {score!r}")
-            score = float(score)
-        box = tuple(float(v) for v in xywh_to_xyxy(b)[0])
-        annotations.append(Annotation(by_id[iid].file_name, cat_by_id[cid], box, score))
+        try:
+            annotations.append(_annotation(a, f"{source}: annotations[{n}]", by_id, cat_by_id))
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
 
     info = data.get("info") or {}
     licenses = data.get("licenses") or []
     return CocoDataset(images, categories, annotations, info=info, licenses=licenses,
                        image_ids=image_ids, category_ids=category_ids, raw=data)
+
+
+def _annotation(a, where: str, by_id: dict, cat_by_id: dict) -> Annotation:
+    """One raw COCO annotation, checked (ValueError naming `where`) -> Annotation (box xyxy)."""
+    if not isinstance(a, dict):
+        raise ValueError(f"{where}: must be an object")
+    iid = _need(a, "image_id", int, where)
+    cid = _need(a, "category_id", int, where)
+    if iid not in by_id:
+        raise ValueError(f"{where}: image_id {iid} is not in images")
+    if cid not in cat_by_id:
+        raise ValueError(f"{where}: category_id {cid} is not in categories")
+    bbox = _need(a, "bbox", list, where)
+    b = np.asarray(bbox, dtype=np.float64) if all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox) else None
+    if b is None or b.shape != (4,) or not np.all(np.isfinite(b)):
+        raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    if b[2] < 0 or b[3] < 0:
+        raise ValueError(f"{where}: bbox {bbox} has negative width or height")
+    score = a.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)) \
+                or not math.isfinite(score):
+            raise ValueError(f"{where}: score must be a finite number, got {score!r}")
+        score = float(score)
+    box = tuple(float(v) for v in xywh_to_xyxy(b)[0])
+    return Annotation(by_id[iid].file_name, cat_by_id[cid], box, score)
 
 
 def read_coco(path: str | os.PathLike) -> CocoDataset:

@@ -777,7 +777,13 @@ def test_import_coco_labels_and_detections_then_undo(project, tmp_path):
                 ("c.jpg", "cell", (60, 40, 200, 200)),       # by unique file name (sub/c.jpg), clipped
                 ("b.png", "cell", (1, 1, 9, 9)),             # size differs from b.png: skipped
                 ("gone.jpg", "cell", (1, 1, 9, 9))])
+    raw = json.loads(src.read_text())                     # one malformed box: left out, and said
+    raw["annotations"].append({"id": 99, "image_id": raw["images"][0]["id"], "category_id": 1,
+                               "bbox": [5, 5, -3, 4], "area": 0, "iscrowd": 0})
+    src.write_text(json.dumps(raw))
     r = project.import_coco(src)
+    bad = r.pop("bad_boxes")
+    assert len(bad) == 1 and "annotations[6]" in bad[0] and "negative width" in bad[0]
     assert r == {"images": 2, "labels": 2, "detections": 1, "unmatched": ["gone.jpg"],
                  "size_mismatch": ["b.png"], "unreadable": []}
     assert project.class_names == ["cell", "nucleus"]
