@@ -952,12 +952,14 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         cls_del.click(on_class_delete, [state], main)
         export_btn.click(on_export, [state, fmt, only_rev], [export_file, export_msg])
         prompt_save.click(on_save_prompts, [state, prompt_path], [files_out, files_msg])
-        prompt_load.click(on_load_prompts, [state, prompt_path], main)
+        # a load answers on the canvas line: the Files message of an earlier save must not stay
+        prompt_load.click(on_load_prompts, [state, prompt_path], main).then(
+            lambda: "", None, files_msg, show_progress="hidden")
         emb_save.click(on_save_embeddings, [state], [files_out, files_msg],
                        concurrency_id="model")
-        emb_upload.upload(on_load_embeddings, [state, emb_upload], main)
-        upload.upload(on_upload, [state, upload], main)
-        coco_upload.upload(on_import, [state, coco_upload], main)
+        # each upload box is emptied once read, so the next file (or the same again) can be dropped in
+        for box, handler in ((emb_upload, on_load_embeddings), (upload, on_upload), (coco_upload, on_import)):
+            box.upload(handler, [state, box], main).then(lambda: None, None, box, show_progress="hidden")
         def search_classes(sess):
             names = sess.project.class_names if sess else []
             return gr.update(choices=names, value=names[0] if names else None)

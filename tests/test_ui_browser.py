@@ -359,6 +359,10 @@ def test_label_folder_in_browser(app_server):
         _wait_view(page, "v.action === 'import' && v.boxes.some(b => b.cls === 'nucleus'"
                          " && b.state === 'pending' && b.score === 0.9)")
         assert "1 detections" in _view(page)["message"]
+        # the upload box is emptied once read: the same file can go in again at once (merged, no new box)
+        seq = _view(page)["seq"]
+        page.locator("#tx-import input[type=file]").set_input_files(str(dets), timeout=30_000)
+        _wait_view(page, f"v.action === 'import' && v.seq > {seq}")
 
         # 'Save prompt set' does not replace a file the session never loaded or saved
         keep = root / "keep.json"
