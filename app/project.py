@@ -463,28 +463,31 @@ class Project:
     def current(self) -> ImageRec:
         return self.images[self._at()]
 
-    def goto(self, index: int) -> ImageRec:
-        """Show image ``index`` (clamped to the folder); saved so a restart resumes here."""
+    def goto(self, index: int, save: bool = True) -> ImageRec:
+        """Show image ``index`` (clamped to the folder); saved so a restart resumes here (not with
+        ``save`` False: browsing without the project lock must never write the file)."""
         if not self.images:
             raise ProjectError(f"no images in {self.root}")
         self.index = int(min(max(index, 0), len(self.images) - 1))
-        self._autosave()
+        if save:
+            self._autosave()
         return self.current
 
-    def step(self, delta: int) -> ImageRec:
-        """Next (+1) / previous (-1) image, wrapping around the folder."""
+    def step(self, delta: int, save: bool = True) -> ImageRec:
+        """Next (+1) / previous (-1) image, wrapping around the folder (``save``: see goto)."""
         if not self.images:
             raise ProjectError(f"no images in {self.root}")
-        return self.goto((self.index + delta) % len(self.images))
+        return self.goto((self.index + delta) % len(self.images), save)
 
-    def next_to_review(self) -> ImageRec:
-        """Go to the next image (after the current one, wrapping) that is not reviewed yet."""
+    def next_to_review(self, save: bool = True) -> ImageRec:
+        """Go to the next image (after the current one, wrapping) that is not reviewed yet
+        (``save``: see goto)."""
         n = len(self.images)
         self._at()
         for k in range(1, n + 1):
             i = (self.index + k) % n
             if self.images[i].status != "reviewed":
-                return self.goto(i)
+                return self.goto(i, save)
         raise ProjectError("every image is reviewed: export when ready")
 
     def index_of(self, file: str) -> int:
@@ -651,8 +654,11 @@ class Project:
             kind, rec = self.find(item_id)
             if kind != "box":
                 raise ProjectError("select a box (not a prompt) to turn it into a prompt")
-            prompt = PromptRec(self._new_id(), rec.cls, "box", list(rec.xyxy), bool(negative))
-            self.current.prompts.append(prompt)
+            prompt = next((q for q in self.current.prompts if (q.cls, q.kind, q.coords, q.negative)
+                           == (rec.cls, "box", list(rec.xyxy), bool(negative))), None)
+            if prompt is None:   # (pressed twice: one prompt)
+                prompt = PromptRec(self._new_id(), rec.cls, "box", list(rec.xyxy), bool(negative))
+                self.current.prompts.append(prompt)
             rec.state = "rejected" if negative else "accepted"
             self._after_review()
         return prompt
@@ -1123,7 +1129,7 @@ class Project:
                 load_image(f)
                 good.append(f)
             except (ProjectError, OSError, ValueError) as e:   # ImageLoadError is a ValueError
-                skipped.append(str(e))
+                skipped.append(str(e).replace(str(f), f.name))   # an upload's name, not its temp path
         if skipped and not good:
             raise ProjectError("; ".join(skipped))
         added = []

@@ -334,12 +334,18 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             if data["op"] == "select":
                 sess.selected = data.get("id")
                 return (sess,) + (gr.skip(),) * 5
-            return _browse(sess, int(data["index"]))
+            return _browse(sess, lambda p: p.goto(int(data["index"]), save=False))
         return _canvas_op(sess, auto_detect, flip, evt)
 
-    def _browse(sess, index: int):
-        """Show image `index` without the project lock (a long run holds it): read-only."""
-        sess.project.goto(index)
+    def _browse(sess, move):
+        """Move through the folder (move(project), called with save=False) without the project
+        lock, which a long run holds: read-only, and nothing is saved (this tab's copy may be
+        older than the file, and the run may be changing it)."""
+        try:
+            move(sess.project)
+        except ProjectError as e:
+            gr.Warning(str(e))
+            return (sess,) + (gr.skip(),) * 5
         sess.selected = None
         note = f"viewing only: {sess.work.doing(sess)}; edits wait until it finishes"
         return (sess, build_view(sess, engine, "nav", note), gr.skip(), gr.skip(), _images_update(sess),
@@ -403,7 +409,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             t = time.perf_counter()
             n = detect_in_image(p, engine, flip=bool(flip))
             ms = (time.perf_counter() - t) * 1000
-            return refresh(sess, "detect", _detect_message(p, n, ms))
+            done = "the box is now a prompt (Ctrl+Z twice undoes it); " if op == "promote" else ""
+            return refresh(sess, "detect", done + _detect_message(p, n, ms))
         return refresh(sess, op)
 
     def on_sync_tick(sess):
@@ -425,20 +432,30 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             sess.work.lock.release()
 
     @guarded
-    def on_nav(sess, delta):
+    def _nav(sess, delta):
         sess.project.step(delta)
         sess.selected = None
         return refresh(sess, "nav")
 
+    def on_nav(sess, delta):
+        if sess is not None and sess.work.long_job:
+            return _browse(sess, lambda p: p.step(delta, save=False))
+        return _nav(sess, delta)
+
     @guarded
-    def on_next_to_review(sess):
+    def _next_to_review(sess):
         sess.project.next_to_review()
         sess.selected = None
         return refresh(sess, "nav")
 
+    def on_next_to_review(sess):
+        if sess is not None and sess.work.long_job:
+            return _browse(sess, lambda p: p.next_to_review(save=False))
+        return _next_to_review(sess)
+
     def on_goto(sess, index):
         if sess is not None and sess.work.long_job and index is not None:
-            return _browse(sess, int(index))
+            return _browse(sess, lambda p: p.goto(int(index), save=False))
         return _goto(sess, index)
 
     @guarded
@@ -927,11 +944,13 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                        trigger_mode="multiple")
         review_btn.click(on_next_to_review, [state], main, show_progress="hidden")
         image_dd.input(on_goto, [state, image_dd], main, show_progress="hidden")
+        # no queue slot to wait in: the project lock orders these (Engine's lock the model), so
+        # one pressed during a long run is answered "not applied" at once instead of running later
         det_btn.click(on_detect_this, [state, flip_cb], main, show_progress="hidden",
-                      concurrency_id="model")
+                      concurrency_limit=None)
         det_all_btn.click(on_detect_all, [state, flip_cb], main, show_progress="full",
-                          show_progress_on=[progress_box], concurrency_id="model")
-        cancel_btn.click(on_cancel, [state], None, queue=False)
+                          show_progress_on=[progress_box], concurrency_limit=None)
+        cancel_btn.click(on_cancel, [state], None, concurrency_limit=None)   # queued: its toast shows
         accept_btn.click(on_accept_all, [state, threshold], main, show_progress="hidden")
         undo_btn.click(on_undo, [state], main, show_progress="hidden")
         redo_btn.click(on_redo, [state], main, show_progress="hidden")
@@ -966,7 +985,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
 
         search_tab.select(search_classes, [state], [search_cls], show_progress="hidden")
         search_btn.click(on_search, [state, search_cls, flip_cb], [gallery, search_msg],
-                         concurrency_id="model")
+                         concurrency_limit=None)
         gallery.select(on_search_pick, [state], main, show_progress="hidden")
         refiner_tab.select(on_refiner_tick, [state], [refiner_msg], show_progress="hidden")
         gr.Timer(2.0).tick(on_refiner_tick, [state], [refiner_msg], show_progress="hidden")

@@ -282,9 +282,14 @@ def test_review_edit_move_resize_relabel(project, engine):
 def test_a_box_becomes_an_exemplar_or_a_negative_prompt_in_one_undo_step(project, engine):
     project.add_prompt("box", [5, 5, 25, 15])
     detect_in_image(project, engine)
-    good, bad = project.visible_boxes()[:2]
+    mine, good = project.visible_boxes()[:2]
+    bad = project.current.boxes[-1]
+    assert mine.score == 1.0 and project.box_to_prompt(mine.id).id == project.current.prompts[0].id
+    project.undo()                                        # the exemplar's own box: already a prompt
     q = project.box_to_prompt(good.id)
     assert (q.cls, q.kind, q.coords, q.negative) == ("cell", "box", good.xyxy, False)
+    assert project.box_to_prompt(good.id) is q and len(project.current.prompts) == 2   # pressed twice
+    project.undo()
     assert project.find(good.id)[1].state == "accepted"
     n = project.box_to_prompt(bad.id, negative=True)
     assert n.negative and n.coords == bad.xyxy and project.find(bad.id)[1].state == "rejected"
@@ -519,7 +524,7 @@ def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(other)
     idx, skipped = back.add_uploaded([bad, other])
     assert [back.images[i].file for i in idx] == ["uploaded/other.png"]
-    assert len(skipped) == 1 and "broken.jpg" in skipped[0]
+    assert len(skipped) == 1 and "broken.jpg" in skipped[0] and str(tmp_path) not in skipped[0]
     assert not (back.root / "uploaded" / "broken.jpg").exists()
 
 
@@ -893,14 +898,20 @@ def test_during_a_run_the_folder_can_be_browsed_but_not_edited(project, engine, 
     sess = Session(project, tmp_path)
     box = project.add_box([10, 10, 30, 30])
     op = lambda **d: on_op(sess, False, False, SimpleNamespace(_data=d))  # noqa: E731
+    fn = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    saved = project.path.read_bytes()
     with sess.work.lock, sess.work.running("detecting in all images", object()):   # another tab's run
         out = op(op="goto", index=2)
         assert project.index == 2 and out[1]["action"] == "nav" and out[1]["image"]["index"] == 2
         assert out[1]["message"].startswith("viewing only: another tab is detecting in all images")
         assert op(op="select", id=None)[0] is sess
-        on_goto = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_goto")
-        assert on_goto(sess, 1)[1]["image"]["index"] == 1 and project.index == 1   # the Image list too
-        project.goto(0)
+        assert fn["on_goto"](sess, 1)[1]["image"]["index"] == 1                 # the Image list,
+        assert fn["on_nav"](sess, 1)[1]["image"]["index"] == 2                  # Prev / Next
+        assert fn["on_next_to_review"](sess)[1]["image"]["index"] == 1          # and U (a.jpg is reviewed)
+        # browsing saves nothing: this tab's copy may be older than the file (another tab's
+        # edits would be lost), and the run may be changing it
+        assert project.path.read_bytes() == saved
+        project.goto(0, save=False)
         out = op(op="reject", id=box.id, file=project.current.file)
         assert out[1]["action"] == "busy" and "not applied: another tab is detecting" in out[1]["message"]
         assert project.find(box.id)[1].state == "accepted"

@@ -462,6 +462,7 @@ function onKey(e) {
   else if (k === 'e') {   // the selected box becomes a prompt: E exemplar, Shift+E negative
     const sel = findSelected();
     if (sel && sel.type === 'box') { send('promote', {id: sel.rec.id, negative: shift}); selected = null; }
+    else root.querySelector('.tx-message').textContent = 'E: select a box first (Tab or a click), then press E';
   }
   else if (k === 'Delete' || k === 'Backspace') {
     const sel = findSelected();
