@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -346,8 +347,9 @@ class Project:
     def sync(self) -> bool:
         """Reload the project file if another Project (another browser tab or process) saved it
         since this one last read or wrote it, so that a stale copy never overwrites newer work
-        when it saves next. Keeps this object's current image; clears undo/redo (their snapshots
-        predate the other's changes). Returns whether it reloaded."""
+        when it saves next. Keeps this object's view (current image, class and threshold:
+        VIEW_KEYS); clears undo/redo (their snapshots predate the other's changes). Returns
+        whether it reloaded (not when only the other's view changed)."""
         from trex2.image_io import list_images
 
         stamp = self._disk_stamp()
@@ -356,7 +358,6 @@ class Project:
         before = self._state
         saved = self._read_saved()
         if _content(saved) == before:
-            self._stamp = stamp
             return False    # the other only changed its view (VIEW_KEYS): keep the undo history
         current = self.images[self.index].file if self.images else None
         active, threshold = self.active_class, self.threshold
@@ -654,11 +655,14 @@ class Project:
             kind, rec = self.find(item_id)
             if kind != "box":
                 raise ProjectError("select a box (not a prompt) to turn it into a prompt")
-            prompt = next((q for q in self.current.prompts if (q.cls, q.kind, q.coords, q.negative)
-                           == (rec.cls, "box", list(rec.xyxy), bool(negative))), None)
-            if prompt is None:   # (pressed twice: one prompt)
+            # a box prompt of the class already on it (E pressed twice, or E then Shift+E) is
+            # reused, with the sign asked for: one prompt per object, never two that contradict
+            prompt = next((q for q in self.current.prompts if q.cls == rec.cls and q.kind == "box"
+                           and _box_iou(q.coords, rec.xyxy) > DUPLICATE_IOU), None)
+            if prompt is None:
                 prompt = PromptRec(self._new_id(), rec.cls, "box", list(rec.xyxy), bool(negative))
                 self.current.prompts.append(prompt)
+            prompt.negative = bool(negative)
             rec.state = "rejected" if negative else "accepted"
             self._after_review()
         return prompt
@@ -879,7 +883,8 @@ class Project:
                                if classes is None or c in classes for _, b, _ in g["pos"])
         if images is None:
             for c, ce in self.loaded_embeddings.items():
-                if (classes is None or c in classes) and not groups.get(c, {}).get("pos"):
+                if ((classes is None or c in classes) and not groups.get(c, {}).get("pos")
+                        and c in self.class_names and not self.get_class(c).text):
                     sides.setdefault(c, ce.object_side)
         return {c: s for c, s in sides.items() if s is not None}   # points only: no size
 
@@ -1258,9 +1263,14 @@ class Engine:
         self.preview_dir.mkdir(parents=True, exist_ok=True)
         name = hashlib.sha1(repr(key).encode()).hexdigest()[:16] + ".jpg"
         out = self.preview_dir / name
-        tmp = out.with_suffix(".tmp")
-        im.save(tmp, "JPEG", quality=90)
-        os.replace(tmp, out)
+        fd, tmp = tempfile.mkstemp(prefix=name, suffix=".tmp", dir=self.preview_dir)   # tabs may race
+        try:
+            with os.fdopen(fd, "wb") as f:
+                im.save(f, "JPEG", quality=90)
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         self._previews[key] = (out, w, h)
         return self._previews[key]
 

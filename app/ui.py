@@ -57,6 +57,8 @@ SHORTCUTS = [
     ("Tab / Shift+Tab", "select next / previous pending box (canvas focused)"),
     ("A", "accept the selected box (then jumps to the next)"),
     ("X or R", "reject the selected box (then jumps to the next)"),
+    ("E / Shift+E", "the selected box becomes a box prompt of its class and is accepted / becomes "
+                    "a negative prompt and is rejected"),
     ("Shift+A", "accept all boxes above the threshold on this image (marks it reviewed, "
                 "also when it has nothing to label)"),
     ("Del / Backspace", "delete the selected prompt or box (a model box is rejected: detecting "
@@ -97,7 +99,8 @@ class Work:
 
     def doing(self, sess) -> str:
         """The long run, as seen from session `sess`: "this tab is ..." or "another tab is ..."."""
-        return f"{'this tab is' if self.owner is sess else 'another tab is'} {self.long_job}"
+        owner, job = self.owner, self.long_job or "running a long job"   # (it may end meanwhile)
+        return f"{'this tab is' if owner is sess else 'another tab is'} {job}"
 
     def busy_message(self, sess) -> str:
         """What an edit refused during the long run is answered."""
@@ -347,7 +350,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             gr.Warning(str(e))
             return (sess,) + (gr.skip(),) * 5
         sess.selected = None
-        note = f"viewing only: {sess.work.doing(sess)}; edits wait until it finishes"
+        note = f"viewing only: {sess.work.doing(sess)}; edits are not applied until it finishes"
         return (sess, build_view(sess, engine, "nav", note), gr.skip(), gr.skip(), _images_update(sess),
                 gr.skip())
 
@@ -482,7 +485,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         p = sess.project
         t = time.perf_counter()
         progress((0, len(p.images)), desc="detecting in all images")
-        done = total = 0
+        done = 0
         failed = []
         for done, total, file, error in detect_in_folder(p, engine, flip=flip,
                                                          should_stop=lambda: sess.work.cancel):
@@ -689,19 +692,19 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         if not cls:
             raise ProjectError("pick a class to search for")
         progress(0, desc=f"ranking images by {cls}")
-        with sess.work.running(f"ranking images by {cls}", sess):
+        items = []
+        shown = []
+        with sess.work.running(f"ranking images by {cls}", sess):   # (its gallery too: other tabs browse)
             ranked = search_images(p, engine, cls, should_stop=lambda: sess.work.cancel,
                                    on_progress=lambda d, n: progress((d, n), desc=f"ranking by {cls}"),
                                    flip=bool(flip))
-        items = []
-        shown = []
-        for i, score in ranked:
-            try:
-                prev, _, _ = engine.preview(p.image_path(i))
-            except (ValueError, OSError):
-                continue  # unreadable: it scored 0 and has nothing to show
-            items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
-            shown.append((p.images[i].file, score))
+            for i, score in ranked:
+                try:
+                    prev, _, _ = engine.preview(p.image_path(i))
+                except (ValueError, OSError):
+                    continue  # unreadable: it scored 0 and has nothing to show
+                items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
+                shown.append((p.images[i].file, score))
         sess.search = shown
         return items, f"{len(ranked)} images ranked by the max score of {cls!r}"
 

@@ -708,8 +708,8 @@ def test_objects_too_small_even_at_the_largest_canvas_are_warned_about_once():
     for _ in range(2):
         assert policy("a.jpg", (9000, 12000))                # still detected, at the largest canvas
     assert len(told) == 1 and "'dot'" in told[0] and "expect misses" in told[0]   # once, and not 'cell'
-    policy("small.jpg", (480, 640))
-    assert len(told) == 1
+    batch.canvas_policy(source, False, "auto", 640, told.append)("small.jpg", (480, 640))
+    assert len(told) == 1                                 # on small images the model sees them
 
 
 def test_bad_out_is_refused_before_any_work(dataset, predictor, tmp_path, monkeypatch, capsys):

@@ -326,7 +326,10 @@ def test_list_images_follows_linked_folders_once(tmp_path):
     (root / "linked").symlink_to(other, target_is_directory=True)     # a folder kept elsewhere
     (root / "again").symlink_to(root / "real", target_is_directory=True)  # the same folder twice
     (root / "real" / "up").symlink_to(root, target_is_directory=True)     # a loop
-    assert list_images(root) == ["linked/x.png", "real/x.png"]
+    (root / "real" / "deep").mkdir()
+    Image.new("RGB", (4, 4)).save(root / "real" / "deep" / "y.png")
+    (root / "a_link").symlink_to(root / "real" / "deep", target_is_directory=True)  # to a deeper real one
+    assert list_images(root) == ["linked/x.png", "real/deep/y.png", "real/x.png"]
 
 
 def test_list_images_bad_root(tmp_path):

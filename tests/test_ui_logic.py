@@ -301,6 +301,11 @@ def test_a_box_becomes_an_exemplar_or_a_negative_prompt_in_one_undo_step(project
     assert len(project.current.prompts) == 1 and project.find(good.id)[1].state == "pending"
     with pytest.raises(ProjectError, match="select a box"):
         project.box_to_prompt(project.current.prompts[0].id)
+    # E then Shift+E on one box: one prompt, now negative (never two that contradict each other)
+    e = project.box_to_prompt(good.id)
+    assert project.box_to_prompt(good.id, negative=True) is e and e.negative
+    assert [q.coords for q in project.current.prompts].count(good.xyxy) == 1
+    assert project.find(good.id)[1].state == "rejected"
 
 
 def test_a_relabelled_box_is_not_detected_again_under_its_old_class(project, engine):
@@ -904,7 +909,8 @@ def test_during_a_run_the_folder_can_be_browsed_but_not_edited(project, engine, 
         out = op(op="goto", index=2)
         assert project.index == 2 and out[1]["action"] == "nav" and out[1]["image"]["index"] == 2
         assert out[1]["message"].startswith("viewing only: another tab is detecting in all images")
-        assert op(op="select", id=None)[0] is sess
+        out = op(op="select", id=box.id)
+        assert sess.selected == box.id and "action" not in out[1]      # kept, without a ("busy") view
         assert fn["on_goto"](sess, 1)[1]["image"]["index"] == 1                 # the Image list,
         assert fn["on_nav"](sess, 1)[1]["image"]["index"] == 2                  # Prev / Next
         assert fn["on_next_to_review"](sess)[1]["image"]["index"] == 1          # and U (a.jpg is reviewed)
@@ -912,6 +918,10 @@ def test_during_a_run_the_folder_can_be_browsed_but_not_edited(project, engine, 
         # edits would be lost), and the run may be changing it
         assert project.path.read_bytes() == saved
         project.goto(0, save=False)
+    with sess.work.lock, sess.work.running("detecting in all images", sess):        # this tab's own run
+        assert fn["on_nav"](sess, 1)[1]["message"].startswith("viewing only: this tab is detecting")
+        project.goto(0, save=False)
+    with sess.work.lock, sess.work.running("detecting in all images", object()):
         out = op(op="reject", id=box.id, file=project.current.file)
         assert out[1]["action"] == "busy" and "not applied: another tab is detecting" in out[1]["message"]
         assert project.find(box.id)[1].state == "accepted"

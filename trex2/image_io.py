@@ -242,18 +242,31 @@ def list_images(root: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
     found: list[str] = []
-    seen = {os.path.realpath(root)}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        keep = []
-        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):  # real first
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if not d.startswith(".") and real not in seen:
-                seen.add(real)
-                keep.append(d)
-        dirnames[:] = keep
-        rel_dir = Path(dirpath).relative_to(root)
-        for name in filenames:
-            if name.startswith(".") or not is_image_file(name):
-                continue
-            found.append((rel_dir / name).as_posix())
+    seen: set[str] = set()
+    links: list[Path] = []
+
+    def walk(top: Path, follow: bool) -> None:
+        """List `top`'s images; folders already seen (by real path) are skipped; without
+        `follow`, linked folders are kept in `links` for later."""
+        if os.path.realpath(top) in seen:
+            return
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=follow):
+            seen.add(os.path.realpath(dirpath))
+            keep = []
+            for d in sorted(dirnames):
+                sub = os.path.join(dirpath, d)
+                if d.startswith(".") or os.path.realpath(sub) in seen:
+                    continue
+                if not follow and os.path.islink(sub):
+                    links.append(Path(sub))
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            rel_dir = Path(dirpath).relative_to(root)
+            found.extend((rel_dir / name).as_posix() for name in filenames
+                         if not name.startswith(".") and is_image_file(name))
+
+    walk(root, follow=False)   # the real folders first: their own paths win over links to them
+    for link in links:
+        walk(link, follow=True)
     return sorted(found)

@@ -375,6 +375,8 @@ def main(argv=None) -> int:
             labels = read_coco(path)
         except ValueError as e:   # also json.JSONDecodeError
             ap.error(f"--labels: {e}")
+        if not labels.annotations:
+            ap.error(f"--labels: {path} has no boxes")
         if not any(a.score is None for a in labels.annotations):
             ap.error(f"--labels: {path} has no labels: every box in it has a score, so all are "
                      f"detections (e.g. 'label' output); accept boxes in the app and export them")
