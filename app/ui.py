@@ -643,7 +643,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
     @file_guard
     def on_save_embeddings(sess):
         import trex2
-        embs = engine.class_embeddings(sess.project, None)
+        # prompt images encoded at the canvas "detect in all images" uses, so that the saved
+        # exemplar sizes (object_px, object_side) agree when a folder is labelled with them
+        embs = engine.class_embeddings(sess.project, None, sides=sess.project.exemplar_sides())
         if not embs:
             raise ProjectError("no class has prompts yet: nothing to save")
         out = _out_dir(sess, "embeddings") / "classes.safetensors"

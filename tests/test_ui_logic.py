@@ -544,6 +544,15 @@ def test_class_embeddings_save_load(project, engine, folder, tmp_path):
     assert all(len(im.boxes) == 3 for im in q.images)
     assert q.embeddings_path.exists()
     assert "cell" in Project(folder, tmp_path / "q.json").loaded_embeddings
+    # the Save button encodes the prompt images at the canvas detect-in-all uses
+    from app.ui import AppConfig, Session, build_app
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    seen = []
+    real = engine.class_embeddings
+    engine.class_embeddings = lambda *a, **k: seen.append(k.get("sides")) or real(*a, **k)
+    path_out, _ = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_save_embeddings")(
+        Session(project, tmp_path))
+    assert seen == [project.exemplar_sides()] and seen[0] and Path(path_out).exists()
     # a loaded class's recorded exemplar size picks its canvas, until it has prompts of its own
     q.loaded_embeddings["cell"].object_side = 12.0
     assert q.exemplar_sides() == {"cell": 12.0} and q.exemplar_sides([0]) == {}
