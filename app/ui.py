@@ -708,6 +708,9 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 items.append((str(prev), f"{score:.2f}  {p.images[i].file}"))
                 shown.append((p.images[i].file, score))
         sess.search = shown
+        n = len(sess.project.images)
+        if sess.work.cancel and len(ranked) < n:
+            return items, f"cancelled: {len(ranked)} of {n} images ranked by the max score of {cls!r}"
         return items, f"{len(ranked)} images ranked by the max score of {cls!r}"
 
     @guarded

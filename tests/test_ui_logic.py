@@ -504,6 +504,22 @@ def test_search_ranks_images_by_class_strength(project, engine):
     assert engine.predictor.flips_seen[-3:] == [True] * 3 and engine.predictor.flip is False
 
 
+def test_a_cancelled_search_says_so(project, engine, tmp_path, monkeypatch):
+    from app.ui import AppConfig, Session, build_app
+
+    demo = build_app(AppConfig(project.root, project.path, engine, tmp_path))
+    on_search = next(f.fn for f in demo.fns.values() if f.fn.__name__ == "on_search")
+    sess = Session(project, tmp_path)
+    project.add_prompt("box", [5, 5, 25, 15])
+
+    def stopped_after_one(p, e, cls, should_stop, **kw):
+        sess.work.cancel = True                           # Cancel pressed after the first image
+        return [(0, 0.9)]
+    monkeypatch.setattr("app.ui.search_images", stopped_after_one)
+    items, msg = on_search(sess, "cell", False, progress=lambda *a, **k: None)
+    assert len(items) == 1 and msg.startswith("cancelled: 1 of 3 images ranked")
+
+
 def test_upload_copies_into_folder_and_rejects_bad_files(project, tmp_path):
     src = tmp_path / "new.jpg"
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(src)
