@@ -323,7 +323,9 @@ class PromptSource:
         """LabelError now (before any image is labelled) if a category has a text prompt and the
         model cannot encode text (no CLIP checkpoint): --per-image embeds its classes image by image."""
         import trex2
-        needs = [n for n in self.categories if self.kind == "prompts" and self.prompt_set.text_for(n)]
+        if self.kind != "prompts":
+            return
+        needs = [n for n in self.categories if self.prompt_set.text_for(n)]
         if needs and predictor.model.text_encoder is None:
             try:
                 predictor.model.attach_text_encoder()

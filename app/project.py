@@ -882,11 +882,18 @@ class Project:
         sides = exemplar_sides((c, b) for c, g in groups.items()
                                if classes is None or c in classes for _, b, _ in g["pos"])
         if images is None:
-            for c, ce in self.loaded_embeddings.items():
-                if ((classes is None or c in classes) and not groups.get(c, {}).get("pos")
-                        and c in self.class_names and not self.get_class(c).text):
-                    sides.setdefault(c, ce.object_side)
+            for c in self.classes:
+                ce = self.stand_in_embedding(c, groups)
+                if ce is not None and (classes is None or c.name in classes):
+                    sides.setdefault(c.name, ce.object_side)
         return {c: s for c, s in sides.items() if s is not None}   # points only: no size
+
+    def stand_in_embedding(self, c: ClassInfo, groups: dict):
+        """The loaded class embedding that stands in for class `c`'s prompts (it has no positive
+        prompt in `groups`, prompts_by_class(None), and no text phrase), or None."""
+        if groups.get(c.name, {}).get("pos") or c.text:
+            return None
+        return self.loaded_embeddings.get(c.name)
 
     # ----------------------------------------------------------------- export
     def accepted_annotations(self) -> list[tuple[str, str, list[float]]]:
@@ -1046,9 +1053,10 @@ class Project:
             bad_boxes: list[str] = []
             data = parse_coco(raw, source=shown or str(path), skipped=bad_boxes)
         except (OSError, ValueError) as e:
-            msg = str(e).replace(str(path), shown or str(path))
-            raise ProjectError(f"cannot import {msg}" if msg.startswith(shown or str(path))
-                               else f"cannot import {shown or path}: {msg}") from e
+            name = shown or str(path)
+            msg = str(e).replace(str(path), name)
+            raise ProjectError(f"cannot import {msg}" if msg.startswith(name)
+                               else f"cannot import {name}: {msg}") from e
         match = ImageMatcher([{"file_name": im.file, "id": i} for i, im in enumerate(self.images)])
         where, unmatched, mismatch, unreadable = {}, [], [], []
         for rec in data.images:
@@ -1374,8 +1382,9 @@ class Engine:
                 continue
             g = groups.get(c.name, {"pos": [], "neg": []})
             if not g["pos"] and not c.text:
-                if c.name in project.loaded_embeddings and images is None:
-                    out[c.name] = project.loaded_embeddings[c.name]
+                loaded = project.stand_in_embedding(c, groups) if images is None else None
+                if loaded is not None:
+                    out[c.name] = loaded
                 continue
             with self._lock:
                 at = lambda p: self.embedding(p, self.class_canvas(p, sides, c.name))  # noqa: E731

@@ -197,6 +197,7 @@ def split_labels(labels: Path, images_dir: Path, prompts: Path, share: float, wo
     """`app.py refine --check-share`: the COCO file `labels` (file names relative to images_dir) ->
     (COCO file to fit on, COCO file to check on or None), written into `work`. The check file holds
     only the categories with a positive exemplar in the prompt file `prompts`."""
+    from exports._io import atomic_write_json
     from exports.prompts import read_prompts
 
     gt = json.loads(Path(labels).read_text(encoding="utf-8"))
@@ -213,7 +214,7 @@ def split_labels(labels: Path, images_dir: Path, prompts: Path, share: float, wo
              work / "check.coco.json": coco_subset(gt, {f for f, in check},
                                                    {q.category for q in ps.prompts if not q.negative})}
     for path, data in parts.items():
-        path.write_text(json.dumps(data), encoding="utf-8")
+        atomic_write_json(path, data)
     return tuple(parts)
 
 

@@ -15,7 +15,6 @@ import argparse
 import atexit
 import contextlib
 import functools
-import json
 import os
 import shlex
 import shutil
@@ -41,6 +40,7 @@ from app.project import (Engine, Project, ProjectError, default_project_path,  #
 from app.refiner_job import MAX_IMAGES as REFINER_MAX_IMAGES, MIN_IMAGES as REFINER_MIN_IMAGES  # noqa: E402
 from app.refiner_job import RefinerJob, coco_subset, split_for_check  # noqa: E402
 from app.refiner_job import read_check as read_refiner_check  # noqa: E402
+from exports._io import atomic_write_json  # noqa: E402
 from exports.prompts import PromptSet, write_prompts  # noqa: E402
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -434,35 +434,35 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
         finally:
             sess.work.lock.release()
 
+    def browsable(move):
+        """Decorator over a guarded navigation handler (sess, *args): while a long run holds the
+        project, move(project, *args) browses read-only instead (_browse)."""
+        def decorate(fn):
+            @functools.wraps(fn)
+            def wrapper(sess, *args):
+                if sess is not None and sess.work.long_job:
+                    return _browse(sess, lambda p: move(p, *args))
+                return fn(sess, *args)
+            return wrapper
+        return decorate
+
+    @browsable(lambda p, delta: p.step(delta, save=False))
     @guarded
-    def _nav(sess, delta):
+    def on_nav(sess, delta):
         sess.project.step(delta)
         sess.selected = None
         return refresh(sess, "nav")
 
-    def on_nav(sess, delta):
-        if sess is not None and sess.work.long_job:
-            return _browse(sess, lambda p: p.step(delta, save=False))
-        return _nav(sess, delta)
-
+    @browsable(lambda p: p.next_to_review(save=False))
     @guarded
-    def _next_to_review(sess):
+    def on_next_to_review(sess):
         sess.project.next_to_review()
         sess.selected = None
         return refresh(sess, "nav")
 
-    def on_next_to_review(sess):
-        if sess is not None and sess.work.long_job:
-            return _browse(sess, lambda p: p.next_to_review(save=False))
-        return _next_to_review(sess)
-
-    def on_goto(sess, index):
-        if sess is not None and sess.work.long_job and index is not None:
-            return _browse(sess, lambda p: p.goto(int(index), save=False))
-        return _goto(sess, index)
-
+    @browsable(lambda p, index: index is None or p.goto(int(index), save=False))
     @guarded
-    def _goto(sess, index):
+    def on_goto(sess, index):
         if index is None or index == sess.project.index:
             return (sess,) + (gr.skip(),) * 5
         sess.project.goto(int(index))
@@ -589,7 +589,8 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             notes += (f"  \nleft out {len(skipped)} missing or unreadable image(s): "
                       f"{', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}")
         files = {f for f, _, _ in listed}
-        if not any(f in files for f, _, _ in p.accepted_annotations()):
+        n_boxes = sum(f in files for f, _, _ in p.accepted_annotations())
+        if not n_boxes:
             gr.Warning("no accepted box in what is exported: every image counts as having no objects")
             notes += ("  \n**No accepted box yet**: only accepted boxes are exported (A accepts the "
                       "selected box, Shift+A all boxes above the threshold on an image).")
@@ -611,7 +612,6 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
             for f in sorted((folder / "yolo").rglob("*")):
                 if f.is_file():
                     z.write(f, f.relative_to(folder).as_posix())
-        n_boxes = sum(f in files for f, _, _ in p.accepted_annotations())
         return str(zpath), (f"YOLO dataset: {len(listed)} images, {n_boxes} accepted boxes -> "
                             f"{zpath}" + notes)
 
@@ -785,8 +785,7 @@ def build_app(cfg: AppConfig) -> gr.Blocks:
                 note += f"; it cannot be checked: the prompts cannot be saved ({e})"
         if check:
             gt = p.export_coco(folder / "check.coco.json", images=check)
-            (folder / "check.coco.json").write_text(json.dumps(coco_subset(gt, categories=prompted)),
-                                                    encoding="utf-8")
+            atomic_write_json(folder / "check.coco.json", coco_subset(gt, categories=prompted))
             note += (f"; then it is checked on {len(check)} other labelled images without prompts "
                      "(with your prompts, before and after)")
         if len(fit) > REFINER_MAX_IMAGES:   # memory: a spread-out subset of them
